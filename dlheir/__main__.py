@@ -1,0 +1,5 @@
+import sys
+
+from dlheir.cli import main
+
+sys.exit(main())
