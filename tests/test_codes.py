@@ -45,3 +45,13 @@ def test_hex_roundtrip_checks_length():
     np.testing.assert_array_equal(codes.from_hex(codes.to_hex(c), 48), c)
     with pytest.raises(UserError, match="6 bytes"):
         codes.from_hex("0102", 48)
+
+
+def test_item_id_stable_and_positive():
+    from dlheir.ids import item_id, rank
+
+    assert item_id("3/0042.png") == item_id("3/0042.png")
+    assert item_id("3/0042.png") != item_id("3/0043.png")
+    assert 0 <= item_id("a") < 2**63
+    order = rank(np.array([2, 1, 1, 0]), np.array([5, 9, 3, 7]))
+    assert order.tolist() == [3, 2, 1, 0]
