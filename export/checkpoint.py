@@ -1,0 +1,53 @@
+"""Checkpoints carry everything needed to rebuild the model: bits, size, arch, class names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dlheir.errors import UserError
+from dlheir.export.model import DLHEIR
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: Path | str, model: DLHEIR, meta: dict) -> Path:
+    """Write atomically: a crash mid-save never leaves a truncated checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "state_dict": model.state_dict(),
+        "bits": model.bits,
+        "arch": model.arch,
+        "num_classes": model.num_classes,
+        **meta,
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_checkpoint(path: Path | str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UserError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} is not a dlheir checkpoint (format {FORMAT_VERSION})")
+    return payload
+
+
+def load_checkpoint(path: Path | str) -> tuple[DLHEIR, dict]:
+    """Rebuild the model in eval mode; returns (model, meta without the weights)."""
+    payload = read_checkpoint(path)
+    model = DLHEIR(payload["bits"], payload["num_classes"], payload["arch"])
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "optimizer")}
+    return model, meta

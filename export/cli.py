@@ -1,0 +1,126 @@
+"""CLI for the network: train, evaluate, model-stats, export (import-light: heavy imports inside)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dlheir.errors import UserError
+
+DEFAULT_ONNX = "model_repository/dlheir_onnx_cpu/1/model.onnx"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train DLHEIR on an image folder or the bundled digits",
+                       description="Train DLHEIR (or the baseline) with SGD; saves RUN_DIR/model.pt each epoch.")
+    p.add_argument("--data", default="digits", help="image folder (one sub-folder per class) or 'digits' (default)")
+    p.add_argument("--bits", type=int, default=48, help="code length N, a multiple of 4 from 8 to 256 (default 48)")
+    p.add_argument("--image-size", type=int, default=64, help="input side S; images are warped to SxS (paper: 384)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (paper: 0.01 with ImageNet weights)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weights", default="none", help="'imagenet' (torchvision download), 'none' or a state dict path")
+    p.add_argument("--arch", choices=("dlheir", "baseline"), default="dlheir",
+                   help="dlheir (inverted residual block) or baseline (original DenseNet201 + hash layer)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/model.pt")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="precision@k and mAP of a checkpoint (Hamming ranking)",
+                       description="Database = train split, queries = query split; ties broken by (distance, id).")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", default="digits")
+    p.add_argument("--json", dest="json_out", default=None, help="write the metrics here (default RUN_DIR/eval.json)")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("model-stats", help="parameters and FLOPs of DLHEIR vs the baseline, beside Table 2")
+    p.add_argument("--bits", type=int, default=48)
+    p.add_argument("--image-size", type=int, default=384)
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--json", dest="json_out", default=None)
+    p.set_defaults(func=_model_stats)
+
+    exp = sub.add_parser("export", help="export a checkpoint to ONNX or an ONNX graph to TensorRT")
+    esub = exp.add_subparsers(dest="format", metavar="FORMAT")
+    p = esub.add_parser("onnx", help="ONNX graph: IMAGE uint8 [B,S,S,3] -> PROBS, CODE")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default=DEFAULT_ONNX, help=f"default {DEFAULT_ONNX}")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=_export_onnx)
+    p = esub.add_parser("tensorrt", help="TensorRT engine (needs a CUDA GPU and the tensorrt package)")
+    p.add_argument("--onnx", default=DEFAULT_ONNX)
+    p.add_argument("--out", default="model_repository/dlheir_trt/1/model.plan")
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.set_defaults(func=_export_tensorrt)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dlheir.codes import validate_bits
+    from dlheir.export.train import TrainConfig, evaluate, format_metrics, train
+
+    validate_bits(args.bits)
+    if args.image_size < 32:
+        raise UserError(f"--image-size must be at least 32 (DenseNet downsamples 32x), got {args.image_size}")
+    cfg = TrainConfig(data=args.data, bits=args.bits, image_size=args.image_size, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weights=args.weights,
+                      arch=args.arch, seed=args.seed, out=args.out, resume=args.resume)
+    path = train(cfg)
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dlheir.export.train import evaluate, format_metrics
+
+    out = args.json_out or str(Path(args.checkpoint).parent / "eval.json")
+    result = evaluate(args.checkpoint, args.data, out)
+    print(f"{result['arch']} {result['bits']} bits, {result['image_size']}px: "
+          f"{result['queries']} queries against {result['database']} database images")
+    print(format_metrics(result))
+    print(f"written: {out}")
+    return 0
+
+
+def _model_stats(args: argparse.Namespace) -> int:
+    from dlheir.codes import validate_bits
+    from dlheir.export.stats import format_stats, model_stats
+
+    validate_bits(args.bits)
+    rows = model_stats(args.bits, args.image_size, args.num_classes)
+    print(format_stats(rows))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from dlheir.export.checkpoint import load_checkpoint
+    from dlheir.export.onnx_export import export_onnx
+
+    model, meta = load_checkpoint(args.checkpoint)
+    path = export_onnx(model, args.out, meta["image_size"], args.opset)
+    print(f"ONNX written: {path} (IMAGE uint8 [B,{meta['image_size']},{meta['image_size']},3] -> "
+          f"PROBS [B,{meta['bits']}], CODE [B,{(meta['bits'] + 7) // 8}])")
+    try:
+        from dlheir.triton.repository import install_onnx
+    except ImportError:
+        return 0
+    repo = Path(args.out).resolve().parents[2]
+    if (repo / "dlheir_onnx_cpu").is_dir():
+        for line in install_onnx(path, repo):
+            print(line)
+    return 0
+
+
+def _export_tensorrt(args: argparse.Namespace) -> int:
+    from dlheir.export.tensorrt_export import build_engine
+
+    if not Path(args.onnx).is_file():
+        raise UserError(f"ONNX file not found: {args.onnx} (run 'dlheir export onnx' first)")
+    facts = build_engine(args.onnx, args.out, args.fp16, args.max_batch)
+    print(json.dumps(facts, indent=2))
+    return 0

@@ -1,0 +1,104 @@
+"""Data sets as image folders, and the paper's per-class split.
+
+A data set is a folder with one sub-folder per class (as Corel10K is distributed).
+``--data digits`` materializes scikit-learn's bundled digits (real, labelled, 10
+classes, 8x8 grey) once as RGB PNG files of a chosen size in that layout, so every
+later step (training, evaluation, the owner's upload) reads real image files.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dlheir.errors import UserError
+from dlheir.ids import item_id
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+DEFAULT_CACHE = Path("runs/data")
+
+
+@dataclass(frozen=True)
+class Record:
+    relpath: str  # posix path relative to the data set root, e.g. "3/0042.png"
+    path: Path  # absolute path
+    label: int
+    id: int  # dlheir.ids.item_id(relpath)
+
+
+def materialize_digits(size: int = 64, cache_dir: Path | str = DEFAULT_CACHE) -> Path:
+    """Write sklearn's digits as RGB PNGs ``<cache>/digits_<size>/<class>/<nnnn>.png``; return the root."""
+    root = Path(cache_dir) / f"digits_{size}"
+    done = root / ".complete"
+    if done.exists():
+        return root
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+        pixels = np.clip(img * (255.0 / 16.0), 0, 255).astype(np.uint8)
+        out = root / str(int(label)) / f"{i:04d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels, "L").resize((size, size), Image.Resampling.BILINEAR).convert("RGB").save(out)
+    done.touch()
+    return root
+
+
+def resolve_data(spec: str | Path, size: int = 64, cache_dir: Path | str = DEFAULT_CACHE) -> Path:
+    """'digits' -> the materialized digits folder; anything else must be an image folder."""
+    if str(spec) == "digits":
+        return materialize_digits(size, cache_dir)
+    root = Path(spec)
+    if not root.is_dir():
+        raise UserError(f"data folder not found: {root} (give an image folder with one sub-folder per class, or 'digits')")
+    return root
+
+
+def list_images(root: Path | str) -> list[tuple[str, Path]]:
+    """All image files under ``root`` (recursive), sorted, as (relative posix path, absolute path)."""
+    root = Path(root).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return [(p.relative_to(root).as_posix(), p) for p in files]
+
+
+def split_dataset(
+    root: Path | str, seed: int = 0, train_fraction: float = 0.8
+) -> tuple[list[Record], list[Record], list[str]]:
+    """Per class, a seeded ``train_fraction`` goes to the database (training set), the rest to queries.
+
+    Returns (database, queries, class_names), each list sorted by relative path.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise UserError(f"data folder not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    per_class = {c: [f for f in list_images(root / c)] for c in classes}
+    per_class = {c: files for c, files in per_class.items() if files}
+    if len(per_class) < 2:
+        raise UserError(
+            f"{root} has {len(per_class)} class folder(s) with images; need at least 2 "
+            "(one sub-folder of images per class)"
+        )
+    class_names = sorted(per_class)
+    database: list[Record] = []
+    queries: list[Record] = []
+    rng = random.Random(seed)
+    for label, name in enumerate(class_names):
+        files = per_class[name]
+        if len(files) < 2:
+            raise UserError(f"class {name!r} in {root} has {len(files)} image; need at least 2 to split")
+        order = list(range(len(files)))
+        rng.shuffle(order)
+        n_train = min(len(files) - 1, max(1, round(train_fraction * len(files))))
+        for rank, idx in enumerate(order):
+            rel, path = files[idx]
+            rel = f"{name}/{rel}"
+            rec = Record(rel, path, label, item_id(rel))
+            (database if rank < n_train else queries).append(rec)
+    database.sort(key=lambda r: r.relpath)
+    queries.sort(key=lambda r: r.relpath)
+    return database, queries, class_names

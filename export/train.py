@@ -1,0 +1,194 @@
+"""Training and evaluation of DLHEIR on an image-folder data set."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dlheir.codes import probs_to_codes
+from dlheir.errors import UserError
+from dlheir.export import metrics
+from dlheir.export.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from dlheir.export.data import Record, resolve_data, split_dataset
+from dlheir.export.model import DLHEIR, build_model
+from dlheir.preprocess import ImageDecodeError, MEAN, STD, preprocess
+
+# Pushes hash values away from the 0.5 threshold so the codes are stable (weight of
+# the term 1 - (2p - 1)^2, which is 0 at p in {0, 1} and 1 at p = 0.5).
+QUANTIZATION_WEIGHT = 0.1
+
+
+@dataclass
+class TrainConfig:
+    data: str = "digits"
+    bits: int = 48
+    image_size: int = 64
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    weights: str = "none"
+    arch: str = "dlheir"
+    seed: int = 0
+    out: str = "runs/train"
+    resume: bool = False
+
+
+def load_pixels(records: Sequence[Record], image_size: int, desc: str | None = None) -> np.ndarray:
+    """Preprocess files to uint8 [N, S, S, 3]; an unreadable file is a UserError naming it."""
+    out = np.empty((len(records), image_size, image_size, 3), dtype=np.uint8)
+    for i, rec in enumerate(tqdm(records, desc=desc, leave=False, disable=desc is None)):
+        try:
+            out[i] = preprocess(rec.path, image_size)
+        except (ImageDecodeError, OSError) as exc:
+            raise UserError(f"unreadable image {rec.path}: {exc}") from exc
+    return out
+
+
+def to_input(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 [B, S, S, 3] -> normalized float [B, 3, S, S] (torch twin of dlheir.preprocess.normalize)."""
+    x = torch.as_tensor(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def loss_fn(probs: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    quant = (1 - (2 * probs - 1) ** 2).mean()
+    return F.cross_entropy(logits, labels) + QUANTIZATION_WEIGHT * quant
+
+
+def train_step(model: DLHEIR, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    model.train()
+    probs, logits = model(x)
+    loss = loss_fn(probs, logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss), float((logits.argmax(1) == y).float().mean())
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Small random translation (up to 1/16 of the side), the only augmentation."""
+    s = x.shape[-1]
+    pad = max(1, s // 16)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+    return padded[..., dy : dy + s, dx : dx + s]
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train and save ``<out>/model.pt``; returns its path. Resumable with ``cfg.resume``."""
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.out)
+    ckpt_path = out_dir / "model.pt"
+    root = resolve_data(cfg.data, cfg.image_size)
+    database, _queries, class_names = split_dataset(root, seed=cfg.seed)
+    start_epoch = 0
+    if cfg.resume and ckpt_path.exists():
+        payload = read_checkpoint(ckpt_path)
+        for key in ("bits", "image_size", "arch"):
+            if payload[key] != getattr(cfg, key):
+                raise UserError(f"--resume: checkpoint has {key}={payload[key]}, asked for {getattr(cfg, key)}")
+        model = DLHEIR(payload["bits"], payload["num_classes"], payload["arch"])
+        model.load_state_dict(payload["state_dict"])
+        start_epoch = payload["epoch"]
+    else:
+        model = build_model(cfg.bits, len(class_names), cfg.arch, cfg.weights)
+        payload = None
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
+    if payload is not None and "optimizer" in payload:
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+    if start_epoch >= cfg.epochs:
+        print(f"{ckpt_path} already trained for {start_epoch} epochs")
+        return ckpt_path
+
+    pixels = torch.from_numpy(load_pixels(database, cfg.image_size, desc="loading images"))
+    labels = torch.tensor([r.label for r in database])
+    gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
+    history = []
+    for epoch in range(start_epoch, cfg.epochs):
+        perm = torch.randperm(len(database), generator=gen)
+        bar = tqdm(range(0, len(perm), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
+        tot_loss = tot_acc = seen = 0.0
+        t0 = time.time()
+        for start in bar:
+            idx = perm[start : start + cfg.batch_size]
+            if len(idx) < 2:  # BatchNorm needs 2+ samples
+                continue
+            x = _augment(to_input(pixels[idx]), gen)
+            loss, acc = train_step(model, optimizer, x, labels[idx])
+            tot_loss += loss * len(idx)
+            tot_acc += acc * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{tot_acc / seen:.3f}")
+        scheduler.step()
+        history.append({"epoch": epoch + 1, "loss": tot_loss / seen, "acc": tot_acc / seen, "seconds": time.time() - t0})
+        meta = {
+            "image_size": cfg.image_size,
+            "class_names": class_names,
+            "epoch": epoch + 1,
+            "config": cfg.__dict__,
+            "history": history,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        }
+        save_checkpoint(ckpt_path, model, meta)
+    return ckpt_path
+
+
+@torch.no_grad()
+def compute_codes(model: DLHEIR, pixels: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch model on uint8 [N, S, S, 3] -> (probs float32 [N, bits], packed codes uint8 [N, L])."""
+    model.eval()
+    probs = [model(to_input(pixels[i : i + batch_size]))[0].numpy() for i in range(0, len(pixels), batch_size)]
+    p = np.concatenate(probs) if probs else np.zeros((0, model.bits), np.float32)
+    return p, probs_to_codes(p)
+
+
+def evaluate(checkpoint: Path | str, data: str, json_out: Path | str | None = None, batch_size: int = 64) -> dict:
+    """Offline retrieval evaluation: database = train split, queries = query split (same seed)."""
+    model, meta = load_checkpoint(checkpoint)
+    size = meta["image_size"]
+    root = resolve_data(data, size)
+    seed = meta.get("config", {}).get("seed", 0)
+    database, queries, class_names = split_dataset(root, seed=seed)
+    if class_names != meta["class_names"]:
+        raise UserError(f"{root} has classes {class_names[:5]}..., the checkpoint was trained on {meta['class_names'][:5]}...")
+    _, db_codes = compute_codes(model, load_pixels(database, size, desc="database"), batch_size)
+    _, q_codes = compute_codes(model, load_pixels(queries, size, desc="queries"), batch_size)
+    order, _ = metrics.rankings(q_codes, db_codes, np.array([r.id for r in database]))
+    db_labels = np.array([r.label for r in database])
+    rel = metrics.relevance(db_labels[order], np.array([r.label for r in queries]))
+    result = {
+        "checkpoint": str(checkpoint),
+        "data": str(root),
+        "bits": meta["bits"],
+        "image_size": size,
+        "arch": meta["arch"],
+        "database": len(database),
+        "queries": len(queries),
+        **metrics.summarize(rel),
+    }
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_metrics(result: dict) -> str:
+    keys = [k for k in result if k.startswith("P@")] + ["mAP"]
+    head = " | ".join(f"{k:>6}" for k in keys)
+    vals = " | ".join(f"{result[k]:6.4f}" for k in keys)
+    return f"{head}\n{vals}"
