@@ -45,8 +45,11 @@ def load_image(source: ImageSource) -> Image.Image:
                 img = Image.open(source)
             img.load()
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            where = "bytes" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
-            raise ImageDecodeError(f"cannot decode image {where}: {exc}") from exc
+            if isinstance(source, (bytes, bytearray, memoryview)):
+                raise ImageDecodeError(
+                    f"cannot decode image bytes ({len(source)} bytes): not an image format Pillow can read"
+                ) from exc
+            raise ImageDecodeError(f"cannot decode image {source}: {exc}") from exc
     return img.convert("RGB")
 
 

@@ -1,0 +1,105 @@
+"""Hash codes from Triton: images (paths, bytes or pixel arrays) -> (PROBS, CODE).
+
+Sends batches to the ``dlheir`` ensemble (encoded bytes; Triton decodes and warps) or
+to ``dlheir_onnx_cpu`` directly (pre-resized uint8 pixels), with several requests in
+flight so Triton's dynamic batcher stays busy.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from dlheir.errors import UserError
+
+ENSEMBLE = "dlheir"
+ONNX_MODEL = "dlheir_onnx_cpu"
+
+
+class HashError(UserError):
+    """Triton refused an image (e.g. it cannot be decoded); names the image."""
+
+
+def _read(source) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    path = Path(source)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise HashError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+class TritonHasher:
+    """Client of the Triton hash service (gRPC)."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", batch_size: int = 16, max_in_flight: int = 4,
+                 model: str = ENSEMBLE, pixel_model: str = ONNX_MODEL) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self._grpc = grpcclient
+        self.url, self.batch_size, self.max_in_flight = url, batch_size, max_in_flight
+        self.model, self.pixel_model = model, pixel_model
+        self.client = grpcclient.InferenceServerClient(url)
+        try:
+            ready = self.client.is_model_ready(model)
+        except Exception as exc:
+            raise UserError(f"cannot reach Triton at {url}: {exc}") from exc
+        if not ready:
+            raise UserError(f"Triton at {url} has no ready model '{model}' (start it with 'dlheir triton start')")
+        meta = self.client.get_model_metadata(pixel_model)
+        shapes = {t.name: list(t.shape) for t in [*meta.inputs, *meta.outputs]}
+        self.image_size = int(shapes["IMAGE"][1])
+        self.bits = int(shapes["PROBS"][1])
+
+    def _infer(self, model: str, name: str, array: np.ndarray, datatype: str, labels: Sequence[str]):
+        inp = self._grpc.InferInput(name, list(array.shape), datatype)
+        inp.set_data_from_numpy(array)
+        outputs = [self._grpc.InferRequestedOutput("PROBS"), self._grpc.InferRequestedOutput("CODE")]
+        try:
+            result = self.client.infer(model, [inp], outputs=outputs)
+        except self._grpc.InferenceServerException as exc:
+            where = labels[0] if len(labels) == 1 else f"one of {', '.join(labels)}"
+            raise HashError(f"Triton could not hash {where}: {exc.message()}") from exc
+        return result.as_numpy("PROBS"), result.as_numpy("CODE")
+
+    def _run(self, model, name, chunks, datatype, labels_of) -> tuple[np.ndarray, np.ndarray]:
+        with ThreadPoolExecutor(self.max_in_flight) as pool:
+            results = list(pool.map(lambda c: self._infer(model, name, c[1], datatype, labels_of(c[0], len(c[1]))), chunks))
+        if not results:
+            return np.zeros((0, self.bits), np.float32), np.zeros((0, (self.bits + 7) // 8), np.uint8)
+        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+    def hash_images(self, sources: Iterable) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded images (paths or bytes) -> (probs float32 [B, N], codes uint8 [B, L])."""
+        sources = list(sources)
+        labels = [str(s) if not isinstance(s, (bytes, bytearray)) else f"image #{i}" for i, s in enumerate(sources)]
+        data = [_read(s) for s in sources]
+        chunks = [(i, np.array([[d] for d in data[i:i + self.batch_size]], dtype=object))
+                  for i in range(0, len(data), self.batch_size)]
+        return self._run(self.model, "IMAGE_BYTES", chunks, "BYTES", lambda i, n: labels[i:i + n])
+
+    def hash_one(self, source) -> tuple[np.ndarray, np.ndarray]:
+        """One image -> (probs [N], code [L]) in a single request (the trapdoor path)."""
+        probs, codes = self.hash_images([source])
+        return probs[0], codes[0]
+
+    def hash_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [B, S, S, 3] already warped -> (probs, codes), calling the ONNX model directly."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+        if pixels.ndim != 4 or pixels.shape[1:] != (self.image_size, self.image_size, 3):
+            raise UserError(f"pixels must be uint8 [B, {self.image_size}, {self.image_size}, 3], got {pixels.shape}")
+        chunks = [(i, pixels[i:i + self.batch_size]) for i in range(0, len(pixels), self.batch_size)]
+        return self._run(self.pixel_model, "IMAGE", chunks, "UINT8", lambda i, n: [f"pixels[{i}:{i + n}]"])
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "TritonHasher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

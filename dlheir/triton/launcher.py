@@ -1,0 +1,176 @@
+"""Start and stop the real ``tritonserver`` shipped in the ``nvidia-pytriton`` wheel.
+
+The wheel carries the binary (``pytriton/tritonserver/bin/tritonserver``), the python
+backend and one backend stub per Python version. We never write into site-packages:
+a backend directory the project owns (``.dlheir/triton_backends``) links to those files.
+The python-backend models import ``dlheir`` and onnxruntime from this interpreter's
+environment through PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dlheir
+from dlheir.errors import UserError
+from dlheir.triton.repository import CPU_MODELS, check_repository
+
+STATE_DIR = Path(".dlheir")
+
+
+def pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise UserError("nvidia-pytriton is not installed (it ships the tritonserver binary)") from exc
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def prepare_backends(state_dir: Path = STATE_DIR) -> Path:
+    """Create ``<state_dir>/triton_backends/python`` with links to the wheel's backend and stub."""
+    root = pytriton_root()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise UserError(f"nvidia-pytriton has no python backend stub for Python {version}")
+    backend_dir = Path(state_dir).resolve() / "triton_backends"
+    python_dir = backend_dir / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for src in [*(root / "backends" / "python").glob("*.so"), *(root / "backends" / "python").glob("*.py"), stub]:
+        link = python_dir / src.name
+        if link.is_symlink() or link.exists():
+            if link.resolve() == src.resolve():
+                continue
+            link.unlink()
+        link.symlink_to(src)
+    return backend_dir
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _python_path() -> str:
+    core_parent = str(Path(dlheir.__file__).resolve().parent.parent)
+    paths = [core_parent, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    return os.pathsep.join(dict.fromkeys(paths))
+
+
+@dataclass
+class TritonServer:
+    """A tritonserver process serving the CPU models of ``model_repository``.
+
+    Use as a context manager (tests, the demo) or call start/stop. ``log_path`` keeps
+    Triton's own output; its error lines are shown when startup or a model load fails.
+    """
+
+    model_repository: Path | str = "model_repository"
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    state_dir: Path | str = STATE_DIR
+    models: tuple[str, ...] = CPU_MODELS
+    startup_timeout: float = 180.0
+    log_path: Path | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def command(self, backend_dir: Path) -> list[str]:
+        cmd = [
+            str(pytriton_root() / "bin" / "tritonserver"),
+            f"--model-repository={Path(self.model_repository).resolve()}",
+            f"--backend-directory={backend_dir}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={m}" for m in self.models),
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0",
+        ]
+        return cmd
+
+    def start(self, detach: bool = False) -> "TritonServer":
+        check_repository(self.model_repository)
+        backend_dir = prepare_backends(Path(self.state_dir))
+        state = Path(self.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        if self.log_path is None:
+            self.log_path = state / f"tritonserver-{self.grpc_port}.log"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _python_path()
+        # the backend stub finds its Python environment through PATH, as pytriton does it
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
+        # one ORT/OpenMP pool per model instance, not one per core per process
+        env.setdefault("OMP_NUM_THREADS", "1")
+        log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            self.command(backend_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=detach,
+        )
+        log.close()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _error_lines(self) -> str:
+        if not self.log_path or not Path(self.log_path).exists():
+            return ""
+        lines = Path(self.log_path).read_text(errors="replace").splitlines()
+        errors = [l for l in lines if l.startswith("E") or "error" in l.lower() or "failed" in l.lower()]
+        return "\n".join((errors or lines)[-8:])
+
+    def wait_ready(self) -> None:
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + self.startup_timeout
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    raise UserError(f"tritonserver exited with code {self.process.returncode}:\n{self._error_lines()}")
+                try:
+                    if client.is_server_ready() and all(client.is_model_ready(m) for m in self.models):
+                        return
+                except Exception:
+                    pass
+                time.sleep(0.3)
+        finally:
+            client.close()
+        raise UserError(f"tritonserver not ready after {self.startup_timeout:.0f}s:\n{self._error_lines()}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
