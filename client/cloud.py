@@ -1,0 +1,116 @@
+"""Client of the cloud server (CloudStore gRPC service).
+
+Errors from the server surface as ``CloudError`` (a ``UserError`` carrying the gRPC
+status ``code`` and the server's message), so the CLI prints them as one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import grpc
+import numpy as np
+
+from dlheir.errors import UserError
+from dlheir.server.proto import dlheir_cloud_pb2 as pb
+from dlheir.server.proto import dlheir_cloud_pb2_grpc as pb_grpc
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class CloudError(UserError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"cloud server: {code.name}: {details}")
+        self.code, self.details = code, details
+
+
+def _wrap(exc: grpc.RpcError) -> CloudError:
+    return CloudError(exc.code(), exc.details())
+
+
+class CloudClient:
+    def __init__(self, address: str, token: str | None = None, tls_ca: str | None = None) -> None:
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if tls_ca:
+            creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(address, creds, options)
+        else:
+            self.channel = grpc.insecure_channel(address, options)
+        self.stub = pb_grpc.CloudStoreStub(self.channel)
+        self.address, self.token = address, token
+
+    def _md(self, token: str | None = None):
+        token = token or self.token
+        return [("authorization", f"Bearer {token}")] if token else []
+
+    def _call(self, method, request, token=None):
+        try:
+            return method(request, metadata=self._md(token))
+        except grpc.RpcError as exc:
+            raise _wrap(exc) from None
+
+    def create_collection(self, name: str, bits: int, admin_token: str) -> tuple[str, str]:
+        r = self._call(self.stub.CreateCollection, pb.CreateCollectionRequest(name=name, bits=bits), admin_token)
+        return r.owner_token, r.reader_token
+
+    def list_collections(self, token: str | None = None) -> list[pb.CollectionInfo]:
+        return list(self._call(self.stub.ListCollections, pb.ListCollectionsRequest(), token).collections)
+
+    def stats(self, name: str) -> pb.CollectionInfo:
+        return self._call(self.stub.CollectionStats, pb.CollectionRequest(collection=name)).info
+
+    def upload(self, name: str, items: Iterable[tuple[int, bytes, bytes, dict]], batch_size: int = 64,
+               replace: bool = False) -> Iterator[pb.UploadAck]:
+        """Stream (id, code, blob, metadata) items; yields one ack per durable batch."""
+
+        def requests():
+            pending = None
+            n = 0
+            for item_id, code, blob, metadata in items:
+                if pending is not None:
+                    yield pending
+                n += 1
+                pending = pb.UploadItem(collection=name, id=int(item_id), code=bytes(code), blob=bytes(blob),
+                                        metadata={str(k): str(v) for k, v in (metadata or {}).items()},
+                                        replace=replace, end_of_batch=(n % batch_size == 0))
+            if pending is not None:
+                pending.end_of_batch = True
+                yield pending
+
+        try:
+            yield from self.stub.Upload(requests(), metadata=self._md())
+        except grpc.RpcError as exc:
+            raise _wrap(exc) from None
+
+    def search(self, name: str, codes: np.ndarray, k: int, max_distance: int | None = None,
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
+        codes = np.atleast_2d(np.asarray(codes, dtype=np.uint8))
+        req = pb.SearchRequest(collection=name, codes=[c.tobytes() for c in codes], k=k)
+        if max_distance is not None:
+            req.max_distance = max_distance
+        r = self._call(self.stub.Search, req)
+        return [(np.array(x.ids, dtype=np.int64), np.array(x.distances, dtype=np.int32)) for x in r.results]
+
+    def fetch(self, name: str, ids: Iterable[int]) -> Iterator[tuple[int, bytes, dict]]:
+        try:
+            for item in self.stub.Fetch(pb.FetchRequest(collection=name, ids=[int(i) for i in ids]), metadata=self._md()):
+                yield item.id, item.blob, dict(item.metadata)
+        except grpc.RpcError as exc:
+            raise _wrap(exc) from None
+
+    def delete(self, name: str, ids: Iterable[int]) -> int:
+        return self._call(self.stub.Delete, pb.DeleteRequest(collection=name, ids=[int(i) for i in ids])).deleted
+
+    def contains(self, name: str, ids: Iterable[int]) -> set[int]:
+        return set(self._call(self.stub.Contains, pb.ContainsRequest(collection=name, ids=[int(i) for i in ids])).present)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "CloudClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,5 @@
+import sys
+
+from dlheir.server.app import main
+
+sys.exit(main())

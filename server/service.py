@@ -1,0 +1,213 @@
+"""The CloudStore gRPC service: auth, validation, durable uploads, exact search."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from dlheir.codes import MAX_BITS, MIN_BITS, code_bytes
+from dlheir.server.index import BinaryIndex
+from dlheir.server.proto import dlheir_cloud_pb2 as pb
+from dlheir.server.proto import dlheir_cloud_pb2_grpc as pb_grpc
+from dlheir.server.store import Store
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # one gRPC message (gRPC itself answers RESOURCE_EXHAUSTED above it)
+MAX_BLOB_BYTES = 32 * 1024 * 1024
+MAX_BATCH_ITEMS = 10_000
+MAX_K = 10_000
+MAX_QUERIES = 10_000
+MAX_IDS = 100_000
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class Collection:
+    name: str
+    bits: int
+    owner_hash: str
+    reader_hash: str
+    index: BinaryIndex
+
+
+class CloudStoreService(pb_grpc.CloudStoreServicer):
+    def __init__(self, store: Store, admin_token: str, n_shards: int | None = None) -> None:
+        self.store = store
+        self.admin_hash = token_hash(admin_token)
+        self.n_shards = n_shards
+        self.pool = ThreadPoolExecutor(n_shards or 2)
+        self.collections: dict[str, Collection] = {}
+        self.write_lock = threading.Lock()  # uploads/deletes are applied one batch at a time
+        for name, bits, owner_hash, reader_hash in store.collections():
+            col = self._open(name, bits, owner_hash, reader_hash)
+            ids, codes = store.codes(name)
+            if ids:
+                col.index.add(np.array(ids, dtype=np.int64), np.frombuffer(b"".join(codes), np.uint8))
+
+    def _open(self, name, bits, owner_hash, reader_hash) -> Collection:
+        col = Collection(name, bits, owner_hash, reader_hash, BinaryIndex(bits, self.n_shards, self.pool))
+        self.collections[name] = col
+        return col
+
+    # --- auth -------------------------------------------------------------------------
+    @staticmethod
+    def _token(context) -> str:
+        for key, value in context.invocation_metadata():
+            if key == "authorization":
+                return value[7:] if value.startswith("Bearer ") else value
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata")
+
+    def _collection(self, name: str, context, write: bool) -> Collection:
+        token = self._token(context)
+        col = self.collections.get(name)
+        if col is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no collection named {name!r}")
+        given = token_hash(token)
+        if hmac.compare_digest(given, col.owner_hash):
+            return col
+        if hmac.compare_digest(given, col.reader_hash):
+            if write:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"the reader token of {name!r} can search and fetch, not upload or delete")
+            return col
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, f"token not valid for collection {name!r}")
+
+    def _admin(self, context) -> None:
+        if not hmac.compare_digest(token_hash(self._token(context)), self.admin_hash):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "this call needs the server's admin token")
+
+    # --- collections --------------------------------------------------------------------
+    def CreateCollection(self, request, context):
+        self._admin(context)
+        if not NAME_RE.match(request.name):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"collection name {request.name!r}: 1-128 letters, digits, '_', '.', '-'")
+        if not (MIN_BITS <= request.bits <= MAX_BITS) or request.bits % 4:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"bits must be a multiple of 4 from {MIN_BITS} to {MAX_BITS}, got {request.bits}")
+        owner, reader = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        with self.write_lock:
+            if not self.store.create_collection(request.name, request.bits, token_hash(owner), token_hash(reader)):
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"collection {request.name!r} already exists")
+            self._open(request.name, request.bits, token_hash(owner), token_hash(reader))
+        return pb.CreateCollectionResponse(owner_token=owner, reader_token=reader)
+
+    def _info(self, col: Collection) -> pb.CollectionInfo:
+        n, size = self.store.stats(col.name)
+        return pb.CollectionInfo(name=col.name, bits=col.bits, items=n, blob_bytes=size)
+
+    def ListCollections(self, request, context):
+        given = token_hash(self._token(context))
+        if hmac.compare_digest(given, self.admin_hash):
+            cols = list(self.collections.values())
+        else:
+            cols = [c for c in self.collections.values() if given in (c.owner_hash, c.reader_hash)]
+            if not cols:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "token not valid for any collection")
+        return pb.ListCollectionsResponse(collections=[self._info(c) for c in cols])
+
+    def CollectionStats(self, request, context):
+        return pb.CollectionStatsResponse(info=self._info(self._collection(request.collection, context, write=False)))
+
+    # --- upload -------------------------------------------------------------------------
+    def _validate_item(self, col: Collection, item, seen: set, context) -> None:
+        if item.id < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"id must be >= 0, got {item.id}")
+        want = code_bytes(col.bits)
+        if len(item.code) != want:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"item {item.id}: code is {len(item.code)} bytes, collection {col.name!r} "
+                          f"({col.bits} bits) expects {want}")
+        if col.bits % 8 and item.code[-1] & (0xFF >> (col.bits % 8)):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"item {item.id}: padding bits after bit {col.bits} must be zero")
+        if len(item.blob) > MAX_BLOB_BYTES:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"item {item.id}: blob of {len(item.blob)} bytes exceeds the limit of {MAX_BLOB_BYTES} bytes")
+        if item.id in seen:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"id {item.id} appears twice in one batch")
+        seen.add(item.id)
+
+    def _commit(self, col: Collection, batch: list, replace: bool, context) -> int:
+        ids = [b[0] for b in batch]
+        with self.write_lock:
+            existing = self.store.existing_ids(col.name, ids)
+            if existing and not replace:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                              f"{len(existing)} id(s) already stored, e.g. {min(existing)}; set replace to overwrite")
+            self.store.write_batch(col.name, batch, replace)  # durable from here
+            codes = np.frombuffer(b"".join(b[1] for b in batch), np.uint8)
+            col.index.add(np.array(ids, dtype=np.int64), codes, replace_ids=sorted(existing) if existing else None)
+        return len(col.index)
+
+    def Upload(self, request_iterator, context):
+        col = None
+        batch, seen, replace, n_batch = [], set(), False, 0
+        for item in request_iterator:
+            if col is None:
+                col = self._collection(item.collection, context, write=True)
+            elif item.collection and item.collection != col.name:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "one upload stream goes to one collection")
+            self._validate_item(col, item, seen, context)
+            batch.append((item.id, bytes(item.code), bytes(item.blob), dict(item.metadata)))
+            replace = replace or item.replace
+            if len(batch) > MAX_BATCH_ITEMS:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"a batch holds at most {MAX_BATCH_ITEMS} items; set end_of_batch sooner")
+            if item.end_of_batch:
+                total = self._commit(col, batch, replace, context)
+                yield pb.UploadAck(batch=n_batch, ids=[b[0] for b in batch], total_items=total)
+                batch, seen, replace, n_batch = [], set(), False, n_batch + 1
+        if batch:
+            total = self._commit(col, batch, replace, context)
+            yield pb.UploadAck(batch=n_batch, ids=[b[0] for b in batch], total_items=total)
+
+    # --- search, fetch, delete ----------------------------------------------------------
+    def Search(self, request, context):
+        col = self._collection(request.collection, context, write=False)
+        if not 1 <= request.k <= MAX_K:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k must be from 1 to {MAX_K}, got {request.k}")
+        if not 1 <= len(request.codes) <= MAX_QUERIES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"give 1 to {MAX_QUERIES} query codes per request, got {len(request.codes)}")
+        want = code_bytes(col.bits)
+        for i, code in enumerate(request.codes):
+            if len(code) != want:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"query {i}: code is {len(code)} bytes, collection {col.name!r} ({col.bits} bits) expects {want}")
+        queries = np.frombuffer(b"".join(request.codes), np.uint8).reshape(-1, want)
+        max_d = request.max_distance if request.HasField("max_distance") else None
+        results = col.index.search(queries, request.k, max_d)
+        return pb.SearchResponse(results=[pb.SearchResult(ids=i.tolist(), distances=d.tolist()) for i, d in results])
+
+    def Fetch(self, request, context):
+        col = self._collection(request.collection, context, write=False)
+        if len(request.ids) > MAX_IDS:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"fetch at most {MAX_IDS} ids per call")
+        for item_id, blob, metadata in self.store.fetch(col.name, list(request.ids)):
+            yield pb.FetchedItem(id=item_id, blob=blob, metadata=metadata)
+
+    def Delete(self, request, context):
+        col = self._collection(request.collection, context, write=True)
+        ids = list(request.ids)
+        with self.write_lock:
+            n = self.store.delete(col.name, ids)  # durable first, then the index
+            col.index.remove(ids)
+        return pb.DeleteResponse(deleted=n)
+
+    def Contains(self, request, context):
+        col = self._collection(request.collection, context, write=False)
+        if len(request.ids) > MAX_IDS:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"ask about at most {MAX_IDS} ids per call")
+        return pb.ContainsResponse(present=sorted(self.store.existing_ids(col.name, request.ids)))

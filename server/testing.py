@@ -1,0 +1,71 @@
+"""Run a real cloud server in a subprocess on a free loopback port (tests, demo, benchmarks)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from dlheir.server.cli import wait_healthy
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CloudServerProcess:
+    def __init__(self, data_dir: Path | str, port: int | None = None, extra_args: list[str] | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.extra_args = extra_args or []
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin.token").read_text().strip()
+
+    def start(self) -> "CloudServerProcess":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "server.log", "ab")
+        env = {k: v for k, v in os.environ.items() if k != "DLHEIR_ADMIN_TOKEN"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dlheir.server", "--data-dir", str(self.data_dir), "--port", str(self.port),
+             *self.extra_args], stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        wait_healthy(self.address, self.process)
+        return self
+
+    def kill(self) -> None:
+        """kill -9: no chance to flush or clean up."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@contextlib.contextmanager
+def run_cloud_server(data_dir: Path | str, **kwargs) -> Iterator[CloudServerProcess]:
+    server = CloudServerProcess(data_dir, **kwargs).start()
+    try:
+        yield server
+    finally:
+        server.stop()
