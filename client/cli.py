@@ -1,0 +1,187 @@
+"""CLI for data owners (`dlheir owner ...`) and query users (`dlheir user ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from dlheir.errors import UserError
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_TRITON = "127.0.0.1:8001"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    own = sub.add_parser("owner", help="data owner: keys, collection, encrypted upload, grants")
+    osub = own.add_subparsers(dest="action", metavar="ACTION")
+    p = osub.add_parser("init", help="KeyGen: create owner.key (AES-256 image key + code-transform secret), mode 0600")
+    p.add_argument("--out", default="owner.key")
+    p.set_defaults(func=_owner_init)
+
+    p = osub.add_parser("create-collection", help="create a collection on the cloud server (needs the admin token)")
+    p.add_argument("name")
+    p.add_argument("--bits", type=int, default=48)
+    p.add_argument("--server", default=DEFAULT_SERVER)
+    p.add_argument("--admin-token-file", required=True, help="the server's admin token (e.g. DATA_DIR/admin.token)")
+    p.add_argument("--out", help="where to keep the owner/reader tokens (default NAME.tokens.json, mode 0600)")
+    p.set_defaults(func=_owner_create)
+
+    p = osub.add_parser("upload", help="hash (Triton), encrypt and upload every image of a folder; resumable")
+    p.add_argument("images_dir", metavar="IMAGES_DIR")
+    p.add_argument("--key", default="owner.key")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--tokens", help="tokens file from create-collection (default COLLECTION.tokens.json)")
+    p.add_argument("--server", default=None, help=f"cloud server (default: from the tokens file, else {DEFAULT_SERVER})")
+    p.add_argument("--triton", default=DEFAULT_TRITON)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_owner_upload)
+
+    p = osub.add_parser("grant", help="seal the collection's keys and reader token for one user's RSA public key")
+    p.add_argument("--key", default="owner.key")
+    p.add_argument("--user-pub", required=True, help="the user's public key (user.pub.pem)")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--reader-token", help="default: from the tokens file")
+    p.add_argument("--tokens", help="tokens file from create-collection (default COLLECTION.tokens.json)")
+    p.add_argument("--server", default=None, help="server address recorded in the grant for the user's convenience")
+    p.add_argument("--bits", type=int, default=None)
+    p.add_argument("--out", default="grant.bin")
+    p.set_defaults(func=_owner_grant)
+
+    usr = sub.add_parser("user", help="query user: RSA key pair, encrypted search")
+    usub = usr.add_subparsers(dest="action", metavar="ACTION")
+    p = usub.add_parser("keygen", help="create an RSA-3072 key pair: user.pem (0600) and user.pub.pem")
+    p.add_argument("--out", default="user.pem")
+    p.add_argument("--passphrase-env", help="name of an environment variable holding a passphrase for the private key")
+    p.set_defaults(func=_user_keygen)
+
+    p = usub.add_parser("search", help="TrapGen via Triton, search, fetch and decrypt the top k")
+    p.add_argument("query", metavar="QUERY_IMAGE")
+    p.add_argument("--grant", default="grant.bin")
+    p.add_argument("--user-key", default="user.pem")
+    p.add_argument("--passphrase-env", help="environment variable holding the private key's passphrase")
+    p.add_argument("-k", type=int, default=20)
+    p.add_argument("--out", default="results", help="folder for the decrypted images (default results/)")
+    p.add_argument("--server", default=None, help="cloud server (default: from the grant)")
+    p.add_argument("--triton", default=DEFAULT_TRITON)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_user_search)
+
+
+def _passphrase(var: str | None) -> str | None:
+    if not var:
+        return None
+    if var not in os.environ:
+        raise UserError(f"environment variable {var} is not set")
+    return os.environ[var]
+
+
+def _owner_init(args):
+    from dlheir.client.crypto import OwnerKeys
+
+    OwnerKeys.generate().save(args.out)
+    print(f"owner key written to {args.out} (mode 0600): keep it secret, keep a backup")
+
+
+def _tokens_path(args, collection: str) -> Path:
+    return Path(args.tokens or f"{collection}.tokens.json")
+
+
+def _load_tokens(args, collection: str) -> dict:
+    path = _tokens_path(args, collection)
+    if not path.is_file():
+        raise UserError(f"tokens file not found: {path} (from 'dlheir owner create-collection', or give --tokens)")
+    return json.loads(path.read_text())
+
+
+def _owner_create(args):
+    from dlheir.client.cloud import CloudClient
+    from dlheir.client.crypto import write_private
+    from dlheir.codes import validate_bits
+
+    validate_bits(args.bits)
+    path = Path(args.admin_token_file)
+    if not path.is_file():
+        raise UserError(f"admin token file not found: {path}")
+    out = Path(args.out or f"{args.name}.tokens.json")
+    if out.exists():
+        raise UserError(f"{out} already exists; refusing to overwrite")
+    with CloudClient(args.server) as cloud:
+        owner, reader = cloud.create_collection(args.name, args.bits, path.read_text().strip())
+    doc = {"collection": args.name, "server": args.server, "bits": args.bits, "owner_token": owner, "reader_token": reader}
+    write_private(out, (json.dumps(doc, indent=2) + "\n").encode())
+    print(f"collection {args.name!r} ({args.bits} bits) created on {args.server}; tokens in {out} (mode 0600)")
+
+
+def _owner_upload(args):
+    from dlheir.client.cloud import CloudClient
+    from dlheir.client.crypto import OwnerKeys
+    from dlheir.client.owner import image_files, upload_images
+    from dlheir.client.triton import TritonHasher
+
+    keys = OwnerKeys.load(args.key)
+    tokens = _load_tokens(args, args.collection)
+    files = image_files(args.images_dir)
+    if not files:
+        raise UserError(f"no images found under {args.images_dir}")
+    server = args.server or tokens.get("server") or DEFAULT_SERVER
+    with CloudClient(server, tokens["owner_token"]) as cloud, TritonHasher(args.triton, batch_size=args.batch_size) as hasher:
+        report = upload_images(files, keys, args.collection, cloud, hasher, args.batch_size)
+    print(f"uploaded {report.uploaded} images ({report.bytes_uploaded / 1e6:.2f} MB) in {report.seconds:.1f}s: "
+          f"{report.images_per_s:.1f} images/s, {report.mb_per_s:.2f} MB/s; {report.already_present} already present")
+    for name, why in report.skipped:
+        print(f"skipped {name}: {why}")
+    return 1 if report.skipped and not report.uploaded else 0
+
+
+def _owner_grant(args):
+    from dlheir.client.crypto import OwnerKeys, make_grant
+
+    keys = OwnerKeys.load(args.key)
+    reader, server, bits = args.reader_token, args.server, args.bits
+    if reader is None:
+        tokens = _load_tokens(args, args.collection)
+        reader, server, bits = tokens["reader_token"], server or tokens.get("server"), bits or tokens.get("bits")
+    pub = Path(args.user_pub)
+    if not pub.is_file():
+        raise UserError(f"user public key not found: {pub}")
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out} already exists; refusing to overwrite")
+    out.write_bytes(make_grant(keys, pub.read_bytes(), args.collection, reader, server, bits))
+    print(f"grant for {args.collection!r} written to {out}; only the holder of the matching private key can open it")
+
+
+def _user_keygen(args):
+    from dlheir.client.crypto import generate_user_keypair
+
+    private, public = generate_user_keypair(args.out, _passphrase(args.passphrase_env))
+    print(f"private key {private} (mode 0600), public key {public} (send this one to the data owner)")
+
+
+def _user_search(args):
+    from dlheir.client.cloud import CloudClient
+    from dlheir.client.crypto import open_grant
+    from dlheir.client.triton import TritonHasher
+    from dlheir.client.user import search_image, write_results
+
+    for path, what in ((args.grant, "grant"), (args.user_key, "private key"), (args.query, "query image")):
+        if not Path(path).is_file():
+            raise UserError(f"{what} not found: {path}")
+    grant = open_grant(Path(args.grant).read_bytes(), Path(args.user_key).read_bytes(), _passphrase(args.passphrase_env))
+    server = args.server or grant.server or DEFAULT_SERVER
+    with CloudClient(server, grant.reader_token) as cloud, TritonHasher(args.triton) as hasher:
+        hits, timings = search_image(args.query, grant, cloud, hasher, args.k)
+    paths = write_results(hits, args.out)
+    if args.json:
+        print(json.dumps({"query": args.query, "results": [
+            {"rank": h.rank, "id": h.id, "distance": h.distance, "name": h.name, "file": str(p)}
+            for h, p in zip(hits, paths)], "seconds": {"trapdoor": timings.trapdoor_s, "search": timings.search_s,
+                                                      "fetch_decrypt": timings.fetch_decrypt_s}}, indent=2))
+        return 0
+    print(f"{'rank':>4} {'dist':>4}  {'id':>20}  file")
+    for h, p in zip(hits, paths):
+        print(f"{h.rank:>4} {h.distance:>4}  {h.id:>20}  {p}")
+    print(f"trapdoor {timings.trapdoor_s * 1e3:.1f} ms, search {timings.search_s * 1e3:.1f} ms, "
+          f"fetch+decrypt {timings.fetch_decrypt_s * 1e3:.1f} ms; {len(paths)} images in {args.out}")

@@ -1,0 +1,104 @@
+"""The data owner's upload flow: hashgen through Triton, EncImg, code transform, streamed upload."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from dlheir.client.cloud import CloudClient
+from dlheir.client.crypto import CodeTransform, OwnerKeys, encrypt_image
+from dlheir.client.triton import HashError, TritonHasher
+from dlheir.errors import UserError
+from dlheir.ids import item_id
+
+
+@dataclass
+class UploadReport:
+    uploaded: int = 0
+    already_present: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+    bytes_uploaded: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.uploaded / self.seconds if self.seconds else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_uploaded / 1e6 / self.seconds if self.seconds else 0.0
+
+
+def image_files(root: Path | str) -> list[tuple[str, Path]]:
+    """(relative posix path, absolute path) of every image under root, sorted."""
+    from dlheir.export.data import list_images
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"images folder not found: {root}")
+    return list_images(root)
+
+
+def _hash_batch(hasher: TritonHasher, batch, report: UploadReport):
+    """Hash a batch; if Triton refuses one image, find it, report it and keep the rest."""
+    try:
+        _, codes = hasher.hash_images([data for _, _, data in batch])
+        return batch, codes
+    except HashError:
+        good, codes = [], []
+        for entry in batch:
+            try:
+                codes.append(hasher.hash_one(entry[2])[1])
+                good.append(entry)
+            except HashError as exc:
+                report.skipped.append((entry[0], str(exc)))
+        return good, np.array(codes, dtype=np.uint8).reshape(len(good), -1)
+
+
+def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys, collection: str, cloud: CloudClient,
+                  hasher: TritonHasher, batch_size: int = 32, progress: bool = True) -> UploadReport:
+    """Upload what the server does not hold yet; ids are stable per relative path."""
+    info = cloud.stats(collection)
+    if info.bits != hasher.bits:
+        raise UserError(f"collection {collection!r} holds {info.bits}-bit codes; the Triton model makes {hasher.bits}")
+    transform = CodeTransform(keys.transform_secret, hasher.bits)
+    report = UploadReport()
+    ids = [item_id(rel) for rel, _ in files]
+    present: set[int] = set()
+    for start in range(0, len(ids), 50_000):
+        present |= cloud.contains(collection, ids[start:start + 50_000])
+    todo = [(rel, path, i) for (rel, path), i in zip(files, ids) if i not in present]
+    report.already_present = len(files) - len(todo)
+    bar = tqdm(total=len(todo), unit="img", desc=f"upload to {collection}", disable=not progress)
+    t0 = time.perf_counter()
+
+    def items():
+        for start in range(0, len(todo), batch_size):
+            batch = []
+            for rel, path, i in todo[start:start + batch_size]:
+                try:
+                    batch.append((rel, i, Path(path).read_bytes()))
+                except OSError as exc:
+                    report.skipped.append((rel, exc.strerror or str(exc)))
+            batch, codes = _hash_batch(hasher, batch, report)
+            if not batch:
+                continue
+            codes = transform.apply(codes)
+            for (rel, i, data), code in zip(batch, codes):
+                blob = encrypt_image(keys.image_key, data, collection, i, name=Path(rel).name)
+                report.bytes_uploaded += len(blob)
+                yield i, code.tobytes(), blob, {}
+
+    for ack in cloud.upload(collection, items(), batch_size=batch_size):
+        report.uploaded += len(ack.ids)
+        bar.update(len(ack.ids))
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(MB=f"{report.bytes_uploaded / 1e6:.1f}", MBps=f"{report.bytes_uploaded / 1e6 / max(elapsed, 1e-9):.2f}")
+    bar.close()
+    report.seconds = time.perf_counter() - t0
+    return report

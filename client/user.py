@@ -1,0 +1,76 @@
+"""The query user's flow: TrapGen through Triton, transform, search, fetch, Dec."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dlheir.client.cloud import CloudClient
+from dlheir.client.crypto import CodeTransform, Grant, decrypt_image
+from dlheir.client.triton import TritonHasher
+from dlheir.errors import UserError
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: int
+    distance: int
+    name: str
+    image: bytes
+
+
+@dataclass
+class QueryTimings:
+    trapdoor_s: float
+    search_s: float
+    fetch_decrypt_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.trapdoor_s + self.search_s + self.fetch_decrypt_s
+
+
+def trapdoor(hasher: TritonHasher, transform: CodeTransform, query) -> bytes:
+    """TrapGen: the query's code from Triton, under the owner's transform."""
+    _, code = hasher.hash_one(query)
+    return transform.apply(code)[0].tobytes()
+
+
+def search_image(query, grant: Grant, cloud: CloudClient, hasher: TritonHasher, k: int = 20,
+                 fetch: int | None = None) -> tuple[list[Hit], QueryTimings]:
+    """Top-k for one query image; the first ``fetch`` hits (default all k) are fetched and decrypted."""
+    if grant.bits is not None and grant.bits != hasher.bits:
+        raise UserError(f"the grant is for {grant.bits}-bit codes; the Triton model makes {hasher.bits}")
+    import numpy as np
+
+    transform = CodeTransform(grant.transform_secret, hasher.bits)
+    t0 = time.perf_counter()
+    code = trapdoor(hasher, transform, query)
+    t1 = time.perf_counter()
+    (ids, dists), = cloud.search(grant.collection, np.frombuffer(code, np.uint8)[None, :], k)
+    t2 = time.perf_counter()
+    wanted = ids[: k if fetch is None else fetch]
+    blobs = {i: b for i, b, _ in cloud.fetch(grant.collection, wanted)}
+    hits = []
+    for rank, (i, d) in enumerate(zip(ids, dists), start=1):
+        name, image = ("", b"")
+        if int(i) in blobs:
+            name, image = decrypt_image(grant.image_key, blobs[int(i)], grant.collection, int(i))
+        hits.append(Hit(rank, int(i), int(d), name, image))
+    t3 = time.perf_counter()
+    return hits, QueryTimings(t1 - t0, t2 - t1, t3 - t2)
+
+
+def write_results(hits: list[Hit], out_dir: Path | str) -> list[Path]:
+    """Decrypted images named ``<rank>_d<distance>_<original name>``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for hit in hits:
+        if hit.image:
+            path = out_dir / f"{hit.rank:03d}_d{hit.distance:02d}_{Path(hit.name).name or hit.id}"
+            path.write_bytes(hit.image)
+            paths.append(path)
+    return paths
