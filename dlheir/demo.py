@@ -1,0 +1,176 @@
+"""`dlheir demo`: the whole pipeline, end to end, on real servers.
+
+Train DLHEIR -> offline evaluation -> ONNX export -> Triton + cloud server on loopback ->
+owner KeyGen, collection, encrypted upload of the database split -> user key pair and
+grant -> every query searched through the served pipeline -> top results decrypted and
+checked against the originals -> served metrics compared with the offline ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+DIGITS_DEFAULTS = dict(bits=48, image_size=64, epochs=6, batch_size=32, lr=0.05, weights="none")
+PAPER_DEFAULTS = dict(bits=48, image_size=384, epochs=200, batch_size=64, lr=0.01, weights="imagenet")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline end to end (what `make demo` runs)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="digits", help="'digits' (bundled, default) or an image folder (e.g. Corel10K)")
+    p.add_argument("--work-dir", default="runs/demo", help="where the demo keeps its files (default runs/demo)")
+    for key in DIGITS_DEFAULTS:
+        p.add_argument(f"--{key.replace('_', '-')}", type=type(DIGITS_DEFAULTS[key]), default=None,
+                       help=f"digits: {DIGITS_DEFAULTS[key]}, image folder: {PAPER_DEFAULTS[key]}")
+    p.add_argument("--retrain", action="store_true", help="train again even if the work dir has a finished checkpoint")
+    p.set_defaults(func=run_demo)
+
+
+def _pct(values, q) -> float:
+    return float(np.percentile(np.asarray(values) * 1e3, q)) if len(values) else float("nan")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from dlheir.client.cloud import CloudClient
+    from dlheir.client.crypto import OwnerKeys, generate_user_keypair, make_grant, open_grant, CodeTransform
+    from dlheir.client.owner import upload_images
+    from dlheir.client.triton import TritonHasher
+    from dlheir.client.user import search_image
+    from dlheir.export import metrics
+    from dlheir.export.checkpoint import load_checkpoint, read_checkpoint
+    from dlheir.export.data import resolve_data, split_dataset
+    from dlheir.export.onnx_export import export_onnx
+    from dlheir.export.train import TrainConfig, evaluate, train
+    from dlheir.server.testing import CloudServerProcess
+    from dlheir.triton.launcher import TritonServer, free_port
+    from dlheir.triton.repository import install_onnx
+
+    t_start = time.perf_counter()
+    defaults = DIGITS_DEFAULTS if args.data == "digits" else PAPER_DEFAULTS
+    cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"data": args.data, **cfg}
+
+    # 1. train (reuse a finished checkpoint of the same settings)
+    ckpt = work / "model.pt"
+    reuse = False
+    if ckpt.exists() and not args.retrain:
+        old = read_checkpoint(ckpt)
+        reuse = all(old["config"].get(k) == v for k, v in cfg.items()) and old["config"].get("data") == args.data \
+            and old["epoch"] >= cfg["epochs"]
+    print(f"== 1. train DLHEIR ({cfg['bits']} bits, {cfg['image_size']}px, {cfg['epochs']} epochs) on {args.data}")
+    t0 = time.perf_counter()
+    if reuse:
+        print(f"reusing {ckpt} (same settings; --retrain to train again)")
+    else:
+        ckpt.unlink(missing_ok=True)
+        train(TrainConfig(data=args.data, out=str(work), **cfg))
+    summary["train_seconds"] = time.perf_counter() - t0
+
+    # 2. offline evaluation
+    print("== 2. offline evaluation (PyTorch)")
+    offline = evaluate(ckpt, args.data, work / "eval.json")
+    root = resolve_data(args.data, cfg["image_size"])
+    database, queries, class_names = split_dataset(root, seed=0)
+
+    # 3. export to a model repository of the demo's own
+    print("== 3. export ONNX into the Triton model repository")
+    repo = work / "model_repository"
+    if repo.exists():
+        shutil.rmtree(repo)
+    shutil.copytree(REPO_ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("*.onnx", "*.plan"))
+    model, _ = load_checkpoint(ckpt)
+    onnx_path = export_onnx(model, repo / "dlheir_onnx_cpu" / "1" / "model.onnx", cfg["image_size"])
+    install_onnx(onnx_path, repo)
+
+    cloud_dir = work / "cloud"
+    if cloud_dir.exists():
+        shutil.rmtree(cloud_dir)
+    for f in ("owner.key", "user.pem", "user.pub.pem"):
+        (work / f).unlink(missing_ok=True)
+    triton = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                          state_dir=work / "triton")
+    cloud_proc = CloudServerProcess(cloud_dir)
+    try:
+        print("== 4. start Triton and the cloud server on loopback")
+        t0 = time.perf_counter()
+        triton.start()
+        cloud_proc.start()
+        print(f"Triton gRPC {triton.grpc_url} ready, cloud server {cloud_proc.address} ready "
+              f"({time.perf_counter() - t0:.1f}s)")
+
+        print("== 5. owner: KeyGen, collection, hashgen via Triton + EncImg + transform + upload")
+        keys = OwnerKeys.generate()
+        keys.save(work / "owner.key")
+        collection = "demo"
+        with CloudClient(cloud_proc.address) as admin:
+            owner_token, reader_token = admin.create_collection(collection, cfg["bits"], cloud_proc.admin_token)
+        with CloudClient(cloud_proc.address, owner_token) as cloud, TritonHasher(triton.grpc_url) as hasher:
+            report = upload_images([(r.relpath, r.path) for r in database], keys, collection, cloud, hasher)
+        print(f"uploaded {report.uploaded} images, {report.bytes_uploaded / 1e6:.2f} MB in {report.seconds:.1f}s "
+              f"({report.images_per_s:.1f} images/s, {report.mb_per_s:.2f} MB/s)")
+        summary["upload"] = {"images": report.uploaded, "mb": report.bytes_uploaded / 1e6,
+                             "images_per_s": report.images_per_s, "mb_per_s": report.mb_per_s}
+
+        print("== 6. user: RSA key pair, grant from the owner")
+        priv, pub = generate_user_keypair(work / "user.pem")
+        grant_bytes = make_grant(keys, pub.read_bytes(), collection, reader_token, cloud_proc.address, cfg["bits"])
+        grant = open_grant(grant_bytes, priv.read_bytes())
+
+        print(f"== 7. search all {len(queries)} queries through Triton and the cloud server")
+        by_id = {r.id: r for r in database}
+        with CloudClient(cloud_proc.address, grant.reader_token) as cloud, TritonHasher(triton.grpc_url) as hasher:
+            # served ranking of the whole database for each query -> the same metrics as offline
+            transform = CodeTransform(grant.transform_secret, hasher.bits)
+            _, q_codes = hasher.hash_images([r.path for r in queries])
+            results = cloud.search(collection, transform.apply(q_codes), k=len(database))
+            ranked_labels = np.array([[by_id[int(i)].label for i in ids] for ids, _ in results])
+            served = metrics.summarize(metrics.relevance(ranked_labels, np.array([r.label for r in queries])))
+            # the user flow, one query at a time: trapdoor, search top 20, fetch, decrypt, verify
+            timings, mismatches = [], 0
+            for rec in queries:
+                hits, t = search_image(rec.path, grant, cloud, hasher, k=20)
+                timings.append(t)
+                for h in hits:
+                    if h.image != by_id[h.id].path.read_bytes():
+                        mismatches += 1
+        keys_m = [k for k in offline if k.startswith("P@")] + ["mAP"]
+        equal = all(abs(served[k] - offline[k]) < 1e-12 for k in keys_m)
+        summary.update(offline={k: offline[k] for k in keys_m}, served=served, served_equals_offline=equal,
+                       decrypted_checked=20 * len(queries), decrypt_mismatches=mismatches)
+        tr = [t.trapdoor_s for t in timings]
+        se = [t.search_s for t in timings]
+        e2e = [t.total_s for t in timings]
+        summary["latency_ms"] = {"trapdoor_p50": _pct(tr, 50), "trapdoor_p99": _pct(tr, 99),
+                                 "search_p50": _pct(se, 50), "search_p99": _pct(se, 99),
+                                 "end_to_end_p50": _pct(e2e, 50), "end_to_end_p99": _pct(e2e, 99)}
+    finally:
+        print("== 8. stop the servers")
+        cloud_proc.stop()
+        triton.stop()
+    summary["wall_seconds"] = time.perf_counter() - t_start
+    (work / "demo.json").write_text(json.dumps(summary, indent=2))
+
+    print("\n================ DLHEIR demo results ================")
+    print(f"data: {args.data} ({len(database)} database images, {len(queries)} queries, {len(class_names)} classes)")
+    print(f"{'':<26}" + "".join(f"{k:>8}" for k in keys_m))
+    print(f"{'offline (PyTorch)':<26}" + "".join(f"{offline[k]:>8.4f}" for k in keys_m))
+    print(f"{'served (Triton + cloud)':<26}" + "".join(f"{served[k]:>8.4f}" for k in keys_m))
+    print(f"served == offline: {'yes' if equal else 'NO'}")
+    print(f"decrypted top-20 results checked byte-for-byte: {20 * len(queries)}, mismatches: {mismatches}")
+    u = summary["upload"]
+    print(f"upload: {u['images']} images, {u['mb']:.2f} MB, {u['images_per_s']:.1f} images/s, {u['mb_per_s']:.2f} MB/s")
+    lat = summary["latency_ms"]
+    print(f"latency ms  trapdoor p50 {lat['trapdoor_p50']:.1f} p99 {lat['trapdoor_p99']:.1f} | "
+          f"search p50 {lat['search_p50']:.2f} p99 {lat['search_p99']:.2f} | "
+          f"end-to-end (trapdoor+search+fetch+decrypt 20) p50 {lat['end_to_end_p50']:.1f} p99 {lat['end_to_end_p99']:.1f}")
+    print(f"wall time {summary['wall_seconds']:.0f}s (training {summary['train_seconds']:.0f}s); written {work / 'demo.json'}")
+    return 0 if equal and mismatches == 0 else 1
