@@ -102,3 +102,17 @@ def split_dataset(
     database.sort(key=lambda r: r.relpath)
     queries.sort(key=lambda r: r.relpath)
     return database, queries, class_names
+
+
+def check_images(records: list[Record], limit: int = 5) -> None:
+    """Fail early, naming the files, if any image cannot be read (header check, cheap)."""
+    bad = []
+    for rec in records:
+        try:
+            with Image.open(rec.path) as img:
+                img.verify()
+        except Exception as exc:  # Pillow raises many types for broken files
+            bad.append(f"{rec.path} ({type(exc).__name__})")
+    if bad:
+        more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+        raise UserError(f"unreadable image(s): {', '.join(bad[:limit])}{more}")

@@ -17,7 +17,7 @@ from dlheir.codes import probs_to_codes
 from dlheir.errors import UserError
 from dlheir.export import metrics
 from dlheir.export.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from dlheir.export.data import Record, resolve_data, split_dataset
+from dlheir.export.data import Record, check_images, resolve_data, split_dataset
 from dlheir.export.model import DLHEIR, build_model
 from dlheir.preprocess import ImageDecodeError, MEAN, STD, preprocess
 
@@ -92,7 +92,8 @@ def train(cfg: TrainConfig) -> Path:
     out_dir = Path(cfg.out)
     ckpt_path = out_dir / "model.pt"
     root = resolve_data(cfg.data, cfg.image_size)
-    database, _queries, class_names = split_dataset(root, seed=cfg.seed)
+    database, queries, class_names = split_dataset(root, seed=cfg.seed)
+    check_images(database + queries)
     start_epoch = 0
     if cfg.resume and ckpt_path.exists():
         payload = read_checkpoint(ckpt_path)

@@ -1,0 +1,86 @@
+"""Shared fixtures: a small real image set, a deterministic model, real servers on loopback."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SMALL_SIZE = 32  # DenseNet's block 4 is 1x1 here: fast, and each hash value is one sigmoid
+BITS = 48
+
+
+def make_digit_folder(root: Path, classes=(0, 1, 2), per_class: int = 12, size: int = SMALL_SIZE) -> Path:
+    """Real images: scikit-learn's digits, as RGB PNGs in an image-folder layout."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for c in classes:
+        idx = np.flatnonzero(digits.target == c)[:per_class]
+        (root / str(c)).mkdir(parents=True, exist_ok=True)
+        for i in idx:
+            pixels = (digits.images[i] * 255 / 16).astype(np.uint8)
+            Image.fromarray(pixels, "L").resize((size, size)).convert("RGB").save(root / str(c) / f"{i:04d}.png")
+    return root
+
+
+def margined_model(bits: int = BITS, num_classes: int = 3, seed: int = 0):
+    """An untrained but deterministic model whose hash values sit far from the 0.5 threshold,
+    so codes are stable across batchings and runtimes (a fair equality test)."""
+    from dlheir.export.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(bits, num_classes).eval()
+    with torch.no_grad():
+        model.hash.bn.weight.mul_(1000.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def digits_small(tmp_path_factory) -> Path:
+    return make_digit_folder(tmp_path_factory.mktemp("digits_small"))
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory, digits_small):
+    """A checkpoint, its ONNX graph installed in a copy of model_repository, and the paths."""
+    from dlheir.export.checkpoint import save_checkpoint
+    from dlheir.export.data import split_dataset
+    from dlheir.export.onnx_export import export_onnx
+    from dlheir.triton.repository import install_onnx
+
+    work = tmp_path_factory.mktemp("served_model")
+    _, _, class_names = split_dataset(digits_small)
+    model = margined_model(num_classes=len(class_names))
+    ckpt = save_checkpoint(work / "model.pt", model, {"image_size": SMALL_SIZE, "class_names": class_names,
+                                                       "epoch": 0, "config": {"seed": 0}})
+    repo = shutil.copytree(REPO_ROOT / "model_repository", work / "model_repository",
+                           ignore=shutil.ignore_patterns("*.onnx", "*.plan"))
+    onnx_path = export_onnx(model, repo / "dlheir_onnx_cpu" / "1" / "model.onnx", SMALL_SIZE)
+    install_onnx(onnx_path, repo)
+    return {"checkpoint": ckpt, "onnx": onnx_path, "repo": repo, "model": model, "work": work}
+
+
+@pytest.fixture(scope="session")
+def triton_server(served_model):
+    """A real tritonserver on free loopback ports, stopped at the end of the session."""
+    from dlheir.triton.launcher import TritonServer, free_port
+
+    server = TritonServer(served_model["repo"], grpc_port=free_port(), http_port=free_port(),
+                          metrics_port=free_port(), state_dir=served_model["work"] / "triton")
+    with server:
+        yield server
+
+
+@pytest.fixture
+def cloud_server(tmp_path):
+    """A real cloud server subprocess on a free loopback port with an empty data dir."""
+    from dlheir.server.testing import run_cloud_server
+
+    with run_cloud_server(tmp_path / "cloud") as server:
+        yield server

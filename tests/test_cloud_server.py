@@ -1,0 +1,191 @@
+import filecmp
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from dlheir.client.cloud import CloudClient, CloudError
+from dlheir.codes import hamming
+from dlheir.ids import rank
+from dlheir.server.testing import CloudServerProcess, free_port
+
+
+def _random_codes(rng, n, bits, distinct=None):
+    codes = rng.integers(0, 256, (n, (bits + 7) // 8), dtype=np.uint8)
+    if bits % 8:
+        codes[:, -1] &= (0xFF << (8 - bits % 8)) & 0xFF
+    if distinct:
+        codes = codes[rng.integers(0, distinct, n)]
+    return codes
+
+
+def _owner(server, name="c", bits=48):
+    admin = CloudClient(server.address)
+    owner, reader = admin.create_collection(name, bits, server.admin_token)
+    admin.close()
+    return CloudClient(server.address, owner), CloudClient(server.address, reader)
+
+
+def test_stubs_are_current(tmp_path):
+    from dlheir.server.proto import generate
+
+    for path in generate.generate(tmp_path):
+        committed = generate.HERE / path.name
+        assert filecmp.cmp(path, committed, shallow=False), f"{committed.name} is stale: run python -m dlheir.server.proto.generate"
+
+
+def test_round_trip(cloud_server):
+    owner, reader = _owner(cloud_server)
+    items = [(i, bytes([i] * 6), f"blob-{i}".encode() * 10, {"n": str(i)}) for i in range(50)]
+    acks = list(owner.upload("c", items, batch_size=16))
+    assert [len(a.ids) for a in acks] == [16, 16, 16, 2] and acks[-1].total_items == 50
+    (ids, dist), = reader.search("c", np.array([[7] * 6], np.uint8), k=3)
+    assert ids[0] == 7 and dist[0] == 0
+    fetched = list(reader.fetch("c", [3, 9]))
+    assert fetched == [(3, items[3][2], {"n": "3"}), (9, items[9][2], {"n": "9"})]
+    assert owner.delete("c", [7, 8]) == 2
+    (ids, _), = reader.search("c", np.array([[7] * 6], np.uint8), k=50)
+    assert 7 not in ids and 8 not in ids and len(ids) == 48
+    assert list(reader.fetch("c", [7])) == []
+    assert owner.stats("c").items == 48
+    assert owner.contains("c", [1, 7, 9]) == {1, 9}
+    assert [c.name for c in reader.list_collections()] == ["c"]
+
+
+@pytest.mark.parametrize("bits,distinct", [(12, None), (48, None), (64, None), (48, 4), (12, 3)])
+def test_search_equals_brute_force(cloud_server, bits, distinct):
+    rng = np.random.default_rng(bits + (distinct or 0))
+    codes = _random_codes(rng, 3000, bits, distinct)
+    ids = rng.choice(2**62, size=len(codes), replace=False)
+    owner, _ = _owner(cloud_server, bits=bits)
+    list(owner.upload("c", [(int(i), c.tobytes(), b"x", {}) for i, c in zip(ids, codes)], batch_size=700))
+    queries = np.concatenate([_random_codes(rng, 5, bits), codes[:3]])
+    for k in (1, 20, 100):
+        results = owner.search("c", queries, k)
+        brute = hamming(queries, codes)
+        for q, (got_ids, got_d) in enumerate(results):
+            order = rank(brute[q], ids)[:k]
+            np.testing.assert_array_equal(got_ids, ids[order])
+            np.testing.assert_array_equal(got_d, brute[q][order])
+    (got_ids, got_d), = owner.search("c", queries[:1], 100, max_distance=int(brute[0].min()) + 1)
+    assert (got_d <= brute[0].min() + 1).all() and len(got_ids) == min(100, (brute[0] <= brute[0].min() + 1).sum())
+
+
+def test_kill_9_during_upload_loses_no_acknowledged_item(tmp_path):
+    server = CloudServerProcess(tmp_path / "cloud").start()
+    owner, _ = _owner(server)
+    rng = np.random.default_rng(0)
+    blobs = {i: rng.bytes(2048) for i in range(20000)}
+    acked: list[int] = []
+    errors: list[Exception] = []
+
+    def upload():
+        try:
+            for ack in owner.upload("c", ((i, bytes(6), blobs[i], {}) for i in blobs), batch_size=100):
+                acked.extend(ack.ids)
+        except CloudError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while len(acked) < 1000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.kill()  # kill -9 in the middle of the stream
+    thread.join(30)
+    assert acked and len(acked) < len(blobs) and errors, "the kill should interrupt the upload"
+    server = CloudServerProcess(tmp_path / "cloud").start()
+    try:
+        owner = CloudClient(server.address, owner.token)
+        stored = owner.stats("c").items
+        assert stored >= len(acked)
+        assert stored % 100 == 0  # whole batches only, never part of one
+        present = owner.contains("c", list(blobs))
+        assert set(acked) <= present
+        got = dict((i, b) for i, b, _ in owner.fetch("c", sorted(present)))
+        assert set(got) == present and all(got[i] == blobs[i] for i in present)
+        (ids, _), = owner.search("c", np.zeros((1, 6), np.uint8), k=len(present))
+        assert set(ids.tolist()) == present  # every stored item has its code in the index
+    finally:
+        server.stop()
+
+
+def _status(fn):
+    with pytest.raises(CloudError) as info:
+        fn()
+    return info.value.code, info.value.details
+
+
+def test_bad_inputs_get_precise_statuses(cloud_server):
+    owner, reader = _owner(cloud_server)
+    code, msg = _status(lambda: list(owner.upload("c", [(1, b"\x00" * 5, b"x", {})])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "expects 6" in msg and "5 bytes" in msg
+    code, msg = _status(lambda: owner.search("nope", np.zeros((1, 6), np.uint8), 5))
+    assert code == grpc.StatusCode.NOT_FOUND
+    for k in (0, 10**6):
+        code, msg = _status(lambda: owner.search("c", np.zeros((1, 6), np.uint8), k))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "k must be" in msg
+    code, msg = _status(lambda: list(owner.upload("c", [(2, bytes(6), b"x" * (33 * 1024 * 1024), {})])))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit" in msg
+    code, msg = _status(lambda: list(owner.upload("c", [(3, bytes(6), b"x" * (70 * 1024 * 1024), {})])))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    list(owner.upload("c", [(10, bytes(6), b"a", {})]))
+    code, msg = _status(lambda: list(owner.upload("c", [(10, bytes(6), b"b", {})])))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    list(owner.upload("c", [(10, bytes([1] * 6), b"b", {})], replace=True))
+    assert [b for _, b, _ in owner.fetch("c", [10])] == [b"b"]
+    # a bad item rejects its batch and keeps every batch acknowledged before it
+    items = [(100 + i, bytes(6), b"ok", {}) for i in range(10)] + [(200, bytes(5), b"bad", {})]
+    acks = []
+    code, _ = _status(lambda: acks.extend(owner.upload("c", items, batch_size=5)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert owner.contains("c", [100 + i for i in range(10)] + [200]) == {100 + i for i in range(10)}
+
+
+def test_tokens_are_enforced(cloud_server):
+    owner, reader = _owner(cloud_server)
+    list(owner.upload("c", [(1, bytes(6), b"x", {})]))
+    code, _ = _status(lambda: list(reader.upload("c", [(2, bytes(6), b"x", {})])))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    code, _ = _status(lambda: reader.delete("c", [1]))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert len(reader.search("c", np.zeros((1, 6), np.uint8), 1)[0][0]) == 1
+    stranger = CloudClient(cloud_server.address, "not-a-token")
+    code, _ = _status(lambda: stranger.search("c", np.zeros((1, 6), np.uint8), 1))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    anonymous = CloudClient(cloud_server.address)
+    code, _ = _status(lambda: anonymous.search("c", np.zeros((1, 6), np.uint8), 1))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    code, _ = _status(lambda: owner.create_collection("d", 48, owner.token))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    # a second collection's owner token opens nothing of the first
+    other, _ = _owner(cloud_server, "d")
+    code, _ = _status(lambda: list(other.fetch("c", [1])))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    import sqlite3
+
+    rows = sqlite3.connect(cloud_server.data_dir / "store.sqlite3").execute("SELECT * FROM collections").fetchall()
+    assert owner.token not in repr(rows)  # stored only as hashes
+
+
+def test_health_and_reflection(cloud_server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(cloud_server.address) as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="dlheir.cloud.v1.CloudStore"))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        responses = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in responses for s in r.list_services_response.service}
+        assert "dlheir.cloud.v1.CloudStore" in names
+
+
+def test_refuses_public_address_without_tls(tmp_path, capsys):
+    from dlheir.cli import main
+
+    code = main(["server", "start", "--foreground", "--data-dir", str(tmp_path), "--host", "0.0.0.0",
+                 "--port", str(free_port())])
+    assert code == 2 and "without TLS" in capsys.readouterr().err

@@ -1,0 +1,125 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import SMALL_SIZE, make_digit_folder, margined_model
+from dlheir import codes
+from dlheir.cli import main
+from dlheir.export import metrics
+from dlheir.export.model import build_model, count_parameters
+from dlheir.export.onnx_export import export_onnx, onnx_signature
+from dlheir.export.train import compute_codes, load_pixels, loss_fn, to_input, train_step
+
+
+@pytest.mark.parametrize("bits", [12, 24, 48, 64])
+def test_model_shapes(bits):
+    torch.manual_seed(0)
+    model = build_model(bits, num_classes=5).eval()
+    with torch.no_grad():
+        probs, logits = model(torch.randn(2, 3, 64, 64))
+    assert probs.shape == (2, bits) and logits.shape == (2, 5)
+    assert ((probs > 0) & (probs < 1)).all()
+
+
+def test_inverted_residual_has_fewer_parameters_than_baseline():
+    dlheir, baseline = build_model(48, 100, "dlheir"), build_model(48, 100, "baseline")
+    assert len(dlheir.features.denseblock4) == 32 - 14
+    assert len(baseline.features.denseblock4) == 32
+    assert count_parameters(dlheir) < count_parameters(baseline)
+    removed = sum(count_parameters(l) for l in list(baseline.features.denseblock4.children())[-14:])
+    assert count_parameters(dlheir.features.inverted_residual) < removed
+
+
+def test_one_training_step_lowers_the_loss():
+    torch.manual_seed(0)
+    model = build_model(48, 3)
+    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    with torch.no_grad():
+        before = float(loss_fn(*model(x), y))
+    train_step(model, opt, x, y)
+    with torch.no_grad():
+        after = float(loss_fn(*model(x), y))
+    assert after < before
+
+
+def test_metrics_on_a_hand_made_ranking():
+    # query labels 0 and 1; database labels ranked as below
+    ranked = np.array([[0, 0, 1, 0], [0, 1, 1, 1]])
+    rel = metrics.relevance(ranked, np.array([0, 1]))
+    assert metrics.precision_at_k(rel, 2) == pytest.approx((1.0 + 0.5) / 2)
+    assert metrics.precision_at_k(rel, 4) == pytest.approx((0.75 + 0.75) / 2)
+    ap0 = (1 / 1 + 2 / 2 + 3 / 4) / 3
+    ap1 = (1 / 2 + 2 / 3 + 3 / 4) / 3
+    assert metrics.mean_average_precision(rel) == pytest.approx((ap0 + ap1) / 2)
+
+
+def test_ranking_breaks_ties_by_id():
+    db = codes.pack_bits(np.array([[1] * 8, [0] * 8, [0] * 8, [1] + [0] * 7], dtype=np.uint8))
+    q = codes.pack_bits(np.zeros((1, 8), dtype=np.uint8))
+    order, dist = metrics.rankings(q, db, np.array([40, 30, 10, 20]))
+    assert order[0].tolist() == [2, 1, 3, 0]
+    assert dist[0].tolist() == [0, 0, 1, 8]
+
+
+def test_onnx_matches_pytorch_on_real_images(tmp_path):
+    from dlheir.export.data import split_dataset
+
+    root = make_digit_folder(tmp_path / "digits", per_class=6)
+    records, _, _ = split_dataset(root)
+    pixels = load_pixels(records, SMALL_SIZE)
+    model = margined_model()
+    path = export_onnx(model, tmp_path / "model.onnx", SMALL_SIZE)
+    onnx.checker.check_model(str(path))
+    assert onnx_signature(path) == (SMALL_SIZE, 48)
+    probs, code = ort.InferenceSession(str(path)).run(None, {"IMAGE": pixels})
+    t_probs, t_codes = compute_codes(model, pixels)
+    assert code.dtype == np.uint8 and code.shape == (len(pixels), 6)
+    assert (np.abs(t_probs - 0.5) > 1e-3).mean() > 0.95  # the comparison is not decided by noise
+    np.testing.assert_allclose(probs, t_probs, atol=1e-4)
+    np.testing.assert_array_equal(code, t_codes)
+    np.testing.assert_array_equal(code, codes.probs_to_codes(probs))
+
+
+def test_normalization_in_graph_matches_reference():
+    from dlheir.preprocess import normalize
+
+    px = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    np.testing.assert_allclose(to_input(px).numpy(), normalize(px), atol=1e-6)
+
+
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_bad_input_gives_clear_errors(tmp_path, capsys):
+    code, err = _cli(capsys, "train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))
+    assert code == 2 and "data folder not found" in err and "Traceback" not in err
+
+    one = tmp_path / "one"
+    make_digit_folder(one, classes=(3,), per_class=4)
+    code, err = _cli(capsys, "train", "--data", str(one), "--out", str(tmp_path / "r"))
+    assert code == 2 and "need at least 2" in err
+
+    bad = make_digit_folder(tmp_path / "bad", classes=(0, 1), per_class=3)
+    (bad / "0" / "broken.png").write_bytes(b"this is not a png")
+    code, err = _cli(capsys, "train", "--data", str(bad), "--epochs", "1", "--image-size", "32", "--out", str(tmp_path / "r"))
+    assert code == 2 and "unreadable image" in err and "broken.png" in err
+
+    code, err = _cli(capsys, "train", "--bits", "30", "--out", str(tmp_path / "r"))
+    assert code == 2 and "multiple of 4" in err
+
+    code, err = _cli(capsys, "evaluate", "--checkpoint", str(tmp_path / "nope.pt"))
+    assert code == 2 and "checkpoint not found" in err
+
+
+def test_tensorrt_export_without_gpu_says_so(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the TensorRT path is exercised for real there")
+    path = export_onnx(margined_model(), tmp_path / "m.onnx", SMALL_SIZE)
+    code, err = _cli(capsys, "export", "tensorrt", "--onnx", str(path), "--out", str(tmp_path / "m.plan"))
+    assert code == 2 and ("TensorRT" in err or "GPU" in err)
