@@ -132,7 +132,7 @@ def _owner_upload(args):
           f"{report.images_per_s:.1f} images/s, {report.mb_per_s:.2f} MB/s; {report.already_present} already present")
     for name, why in report.skipped:
         print(f"skipped {name}: {why}")
-    return 1 if report.skipped and not report.uploaded else 0
+    return 1 if report.skipped and not (report.uploaded or report.already_present) else 0
 
 
 def _owner_grant(args):

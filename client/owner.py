@@ -57,7 +57,7 @@ def _hash_batch(hasher: TritonHasher, batch, report: UploadReport):
                 good.append(entry)
             except HashError as exc:
                 report.skipped.append((entry[0], str(exc)))
-        return good, np.array(codes, dtype=np.uint8).reshape(len(good), -1)
+        return good, (np.stack(codes) if codes else None)
 
 
 def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys, collection: str, cloud: CloudClient,

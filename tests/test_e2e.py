@@ -1,0 +1,127 @@
+"""The owner and user flows against real Triton and cloud-server processes."""
+
+import json
+import shutil
+
+import grpc
+import numpy as np
+import pytest
+
+from dlheir.cli import main
+from dlheir.client.cloud import CloudClient, CloudError
+from dlheir.client.crypto import (
+    BlobAuthenticationError, CodeTransform, GrantError, OwnerKeys, decrypt_image, generate_user_keypair,
+    make_grant, open_grant,
+)
+from dlheir.client.owner import upload_images
+from dlheir.client.triton import TritonHasher
+from dlheir.client.user import search_image
+from dlheir.export import metrics
+from dlheir.export.data import split_dataset
+from dlheir.export.train import evaluate
+
+
+@pytest.fixture
+def world(tmp_path, triton_server, cloud_server, digits_small):
+    keys = OwnerKeys.generate()
+    with CloudClient(cloud_server.address) as admin:
+        owner_token, reader_token = admin.create_collection("e2e", 48, cloud_server.admin_token)
+    alice = generate_user_keypair(tmp_path / "alice.pem")
+    bob = generate_user_keypair(tmp_path / "bob.pem")
+    grant = make_grant(keys, alice[1].read_bytes(), "e2e", reader_token, cloud_server.address, 48)
+    database, queries, _ = split_dataset(digits_small)
+    hasher = TritonHasher(triton_server.grpc_url, batch_size=8)
+    owner = CloudClient(cloud_server.address, owner_token)
+    report = upload_images([(r.relpath, r.path) for r in database], keys, "e2e", owner, hasher, progress=False)
+    assert report.uploaded == len(database) and not report.skipped
+    yield dict(keys=keys, grant=grant, alice=alice, bob=bob, database=database, queries=queries, hasher=hasher,
+               owner=owner, reader=CloudClient(cloud_server.address, reader_token), cloud=cloud_server)
+    hasher.close()
+
+
+def test_results_decrypt_to_the_original_bytes(world):
+    grant = open_grant(world["grant"], world["alice"][0].read_bytes())
+    by_id = {r.id: r for r in world["database"]}
+    for query in world["queries"][:3]:
+        hits, timings = search_image(query.path, grant, world["reader"], world["hasher"], k=10)
+        assert len(hits) == 10 and [h.rank for h in hits] == list(range(1, 11))
+        assert [h.distance for h in hits] == sorted(h.distance for h in hits)
+        for h in hits:
+            assert h.image == by_id[h.id].path.read_bytes() and h.name == by_id[h.id].path.name
+        assert timings.total_s > 0
+
+
+def test_served_precision_equals_offline(world, served_model, digits_small):
+    offline = evaluate(served_model["checkpoint"], str(digits_small))
+    grant = open_grant(world["grant"], world["alice"][0].read_bytes())
+    transform = CodeTransform(grant.transform_secret, 48)
+    queries, database = world["queries"], world["database"]
+    _, q_codes = world["hasher"].hash_images([r.path for r in queries])
+    results = world["reader"].search("e2e", transform.apply(q_codes), k=len(database))
+    labels = {r.id: r.label for r in database}
+    ranked = np.array([[labels[int(i)] for i in ids] for ids, _ in results])
+    served = metrics.summarize(metrics.relevance(ranked, np.array([r.label for r in queries])))
+    for key in ("P@20", "P@40", "P@60", "P@80", "P@100", "mAP"):
+        assert served[key] == pytest.approx(offline[key], abs=1e-12), key
+
+
+def test_no_grant_no_images(world):
+    with pytest.raises(GrantError):
+        open_grant(world["grant"], world["bob"][0].read_bytes())  # another user's grant
+    item = world["database"][0]
+    (_, blob, _), = world["reader"].fetch("e2e", [item.id])
+    with pytest.raises(BlobAuthenticationError):
+        decrypt_image(OwnerKeys.generate().image_key, blob, "e2e", item.id)  # no key from a grant
+
+
+def test_tampered_or_swapped_blob_is_detected(world):
+    a, b = world["database"][0], world["database"][1]
+    (_, blob_a, _), = world["owner"].fetch("e2e", [a.id])
+    grant = open_grant(world["grant"], world["alice"][0].read_bytes())
+    # a server that swaps blobs between ids
+    code_b = world["reader"].search("e2e", np.zeros((1, 6), np.uint8), k=1)  # any call works; keep b's code
+    list(world["owner"].upload("e2e", [(b.id, bytes(6), blob_a, {})], replace=True))
+    (_, swapped, _), = world["reader"].fetch("e2e", [b.id])
+    with pytest.raises(BlobAuthenticationError):
+        decrypt_image(grant.image_key, swapped, "e2e", b.id)
+    flipped = bytearray(blob_a)
+    flipped[-1] ^= 0x80
+    with pytest.raises(BlobAuthenticationError):
+        decrypt_image(grant.image_key, bytes(flipped), "e2e", a.id)
+    assert code_b
+
+
+def test_reader_token_cannot_upload_or_delete(world):
+    with pytest.raises(CloudError) as info:
+        list(world["reader"].upload("e2e", [(1, bytes(6), b"x", {})]))
+    assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(CloudError) as info:
+        world["reader"].delete("e2e", [world["database"][0].id])
+    assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_cli_flow_resumes_and_skips_unreadable(tmp_path, triton_server, cloud_server, digits_small, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    images = shutil.copytree(digits_small, tmp_path / "images")
+    (images / "0" / "zz_broken.png").write_bytes(b"garbage")
+    addr, tri = cloud_server.address, triton_server.grpc_url
+    assert main(["owner", "init", "--out", "owner.key"]) == 0
+    assert main(["owner", "create-collection", "cli", "--server", addr,
+                 "--admin-token-file", str(cloud_server.data_dir / "admin.token")]) == 0
+    assert main(["owner", "upload", str(images), "--key", "owner.key", "--collection", "cli", "--triton", tri]) == 0
+    out = capsys.readouterr().out
+    n = len(list(images.rglob("*.png"))) - 1
+    assert f"uploaded {n} images" in out and "skipped 0/zz_broken.png" in out
+    assert main(["owner", "upload", str(images), "--key", "owner.key", "--collection", "cli", "--triton", tri]) == 0
+    assert f"uploaded 0 images" in capsys.readouterr().out  # a re-run uploads only what is missing
+    assert main(["user", "keygen", "--out", "user.pem"]) == 0
+    assert main(["owner", "grant", "--key", "owner.key", "--user-pub", "user.pub.pem", "--collection", "cli"]) == 0
+    capsys.readouterr()
+    query = next(images.glob("1/*.png"))
+    assert main(["user", "search", str(query), "-k", "5", "--out", "found", "--triton", tri, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["results"]) == 5 and result["results"][0]["distance"] == 0
+    originals = {p.name: p.read_bytes() for p in images.rglob("*.png")}
+    for hit in result["results"]:
+        assert (tmp_path / hit["file"]).read_bytes() == originals[hit["name"]]
+    assert query.name in [hit["name"] for hit in result["results"]]  # the query itself is in the collection
