@@ -66,18 +66,17 @@ class CloudClient:
         """Stream (id, code, blob, metadata) items; yields one ack per durable batch."""
 
         def requests():
-            pending = None
-            n = 0
+            items_, size = [], 0
             for item_id, code, blob, metadata in items:
-                if pending is not None:
-                    yield pending
-                n += 1
-                pending = pb.UploadItem(collection=name, id=int(item_id), code=bytes(code), blob=bytes(blob),
-                                        metadata={str(k): str(v) for k, v in (metadata or {}).items()},
-                                        replace=replace, end_of_batch=(n % batch_size == 0))
-            if pending is not None:
-                pending.end_of_batch = True
-                yield pending
+                items_.append(pb.UploadItem(id=int(item_id), code=bytes(code), blob=bytes(blob),
+                                            metadata={str(k): str(v) for k, v in (metadata or {}).items()}))
+                size += len(blob) + len(code) + 16
+                # a batch ends at batch_size items or before it nears the message limit
+                if len(items_) >= batch_size or size > MAX_MESSAGE_BYTES // 2:
+                    yield pb.UploadBatch(collection=name, items=items_, replace=replace)
+                    items_, size = [], 0
+            if items_:
+                yield pb.UploadBatch(collection=name, items=items_, replace=replace)
 
         try:
             yield from self.stub.Upload(requests(), metadata=self._md())

@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 
 FAST_BYTES = (8, 16, 32, 64)  # code sizes IndexBinaryFlat has specialised paths for
+PARALLEL_MIN_CODES = 65536  # below this a thread hand-off costs more than the scan it splits
 
 
 def padded_bytes(code_len: int) -> int:
@@ -117,7 +118,10 @@ class BinaryIndex:
         """Per query: (ids, distances) of the exact top k by (distance, id)."""
         q = self._pad(queries)
         with self.lock:
-            parts = list(self.pool.map(lambda s: s.search(q, k + 1), self.shards))
+            if len(self) < PARALLEL_MIN_CODES:
+                parts = [s.search(q, k + 1) for s in self.shards]
+            else:
+                parts = list(self.pool.map(lambda s: s.search(q, k + 1), self.shards))
             results = []
             for qi in range(len(q)):
                 dist = np.concatenate([d[qi] for d, _ in parts])

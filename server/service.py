@@ -153,25 +153,22 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
 
     def Upload(self, request_iterator, context):
         col = None
-        batch, seen, replace, n_batch = [], set(), False, 0
-        for item in request_iterator:
+        for n_batch, request in enumerate(request_iterator):
             if col is None:
-                col = self._collection(item.collection, context, write=True)
-            elif item.collection and item.collection != col.name:
+                col = self._collection(request.collection, context, write=True)
+            elif request.collection != col.name:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "one upload stream goes to one collection")
-            self._validate_item(col, item, seen, context)
-            batch.append((item.id, bytes(item.code), bytes(item.blob), dict(item.metadata)))
-            replace = replace or item.replace
-            if len(batch) > MAX_BATCH_ITEMS:
+            if len(request.items) > MAX_BATCH_ITEMS:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"a batch holds at most {MAX_BATCH_ITEMS} items; set end_of_batch sooner")
-            if item.end_of_batch:
-                total = self._commit(col, batch, replace, context)
+                              f"a batch holds at most {MAX_BATCH_ITEMS} items, got {len(request.items)}")
+            seen: set = set()
+            batch = []
+            for item in request.items:
+                self._validate_item(col, item, seen, context)
+                batch.append((item.id, item.code, item.blob, dict(item.metadata)))
+            if batch:
+                total = self._commit(col, batch, request.replace, context)
                 yield pb.UploadAck(batch=n_batch, ids=[b[0] for b in batch], total_items=total)
-                batch, seen, replace, n_batch = [], set(), False, n_batch + 1
-        if batch:
-            total = self._commit(col, batch, replace, context)
-            yield pb.UploadAck(batch=n_batch, ids=[b[0] for b in batch], total_items=total)
 
     # --- search, fetch, delete ----------------------------------------------------------
     def Search(self, request, context):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64lheir_cloud.proto\x12\x0f\x64lheir.cloud.v1\"5\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\"E\n\x18\x43reateCollectionResponse\x12\x13\n\x0bowner_token\x18\x01 \x01(\t\x12\x14\n\x0creader_token\x18\x02 \x01(\t\"\x18\n\x16ListCollectionsRequest\"O\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\r\n\x05items\x18\x03 \x01(\x04\x12\x12\n\nblob_bytes\x18\x04 \x01(\x04\"O\n\x17ListCollectionsResponse\x12\x34\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1f.dlheir.cloud.v1.CollectionInfo\"\'\n\x11\x43ollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"H\n\x17\x43ollectionStatsResponse\x12-\n\x04info\x18\x01 \x01(\x0b\x32\x1f.dlheir.cloud.v1.CollectionInfo\"\xdd\x01\n\nUploadItem\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x04 \x01(\x0c\x12;\n\x08metadata\x18\x05 \x03(\x0b\x32).dlheir.cloud.v1.UploadItem.MetadataEntry\x12\x0f\n\x07replace\x18\x06 \x01(\x08\x12\x14\n\x0c\x65nd_of_batch\x18\x07 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\tUploadAck\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x04\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12\x13\n\x0btotal_items\x18\x03 \x01(\x04\"i\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05\x63odes\x18\x02 \x03(\x0c\x12\t\n\x01k\x18\x03 \x01(\r\x12\x19\n\x0cmax_distance\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_max_distance\".\n\x0cSearchResult\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x11\n\tdistances\x18\x02 \x03(\r\"@\n\x0eSearchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.dlheir.cloud.v1.SearchResult\"/\n\x0c\x46\x65tchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\"\x96\x01\n\x0b\x46\x65tchedItem\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04\x62lob\x18\x02 \x01(\x0c\x12<\n\x08metadata\x18\x03 \x03(\x0b\x32*.dlheir.cloud.v1.FetchedItem.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"0\n\rDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"2\n\x0f\x43ontainsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\"#\n\x10\x43ontainsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x03\x32\xb2\x05\n\nCloudStore\x12g\n\x10\x43reateCollection\x12(.dlheir.cloud.v1.CreateCollectionRequest\x1a).dlheir.cloud.v1.CreateCollectionResponse\x12\x64\n\x0fListCollections\x12\'.dlheir.cloud.v1.ListCollectionsRequest\x1a(.dlheir.cloud.v1.ListCollectionsResponse\x12_\n\x0f\x43ollectionStats\x12\".dlheir.cloud.v1.CollectionRequest\x1a(.dlheir.cloud.v1.CollectionStatsResponse\x12\x45\n\x06Upload\x12\x1b.dlheir.cloud.v1.UploadItem\x1a\x1a.dlheir.cloud.v1.UploadAck(\x01\x30\x01\x12I\n\x06Search\x12\x1e.dlheir.cloud.v1.SearchRequest\x1a\x1f.dlheir.cloud.v1.SearchResponse\x12\x46\n\x05\x46\x65tch\x12\x1d.dlheir.cloud.v1.FetchRequest\x1a\x1c.dlheir.cloud.v1.FetchedItem0\x01\x12I\n\x06\x44\x65lete\x12\x1e.dlheir.cloud.v1.DeleteRequest\x1a\x1f.dlheir.cloud.v1.DeleteResponse\x12O\n\x08\x43ontains\x12 .dlheir.cloud.v1.ContainsRequest\x1a!.dlheir.cloud.v1.ContainsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64lheir_cloud.proto\x12\x0f\x64lheir.cloud.v1\"5\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\"E\n\x18\x43reateCollectionResponse\x12\x13\n\x0bowner_token\x18\x01 \x01(\t\x12\x14\n\x0creader_token\x18\x02 \x01(\t\"\x18\n\x16ListCollectionsRequest\"O\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\r\n\x05items\x18\x03 \x01(\x04\x12\x12\n\nblob_bytes\x18\x04 \x01(\x04\"O\n\x17ListCollectionsResponse\x12\x34\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1f.dlheir.cloud.v1.CollectionInfo\"\'\n\x11\x43ollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"H\n\x17\x43ollectionStatsResponse\x12-\n\x04info\x18\x01 \x01(\x0b\x32\x1f.dlheir.cloud.v1.CollectionInfo\"\xa2\x01\n\nUploadItem\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x03 \x01(\x0c\x12;\n\x08metadata\x18\x04 \x03(\x0b\x32).dlheir.cloud.v1.UploadItem.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x0bUploadBatch\x12\x12\n\ncollection\x18\x01 \x01(\t\x12*\n\x05items\x18\x02 \x03(\x0b\x32\x1b.dlheir.cloud.v1.UploadItem\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"<\n\tUploadAck\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x04\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12\x13\n\x0btotal_items\x18\x03 \x01(\x04\"i\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05\x63odes\x18\x02 \x03(\x0c\x12\t\n\x01k\x18\x03 \x01(\r\x12\x19\n\x0cmax_distance\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_max_distance\".\n\x0cSearchResult\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x11\n\tdistances\x18\x02 \x03(\r\"@\n\x0eSearchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.dlheir.cloud.v1.SearchResult\"/\n\x0c\x46\x65tchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\"\x96\x01\n\x0b\x46\x65tchedItem\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04\x62lob\x18\x02 \x01(\x0c\x12<\n\x08metadata\x18\x03 \x03(\x0b\x32*.dlheir.cloud.v1.FetchedItem.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"0\n\rDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"2\n\x0f\x43ontainsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\"#\n\x10\x43ontainsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x03\x32\xb3\x05\n\nCloudStore\x12g\n\x10\x43reateCollection\x12(.dlheir.cloud.v1.CreateCollectionRequest\x1a).dlheir.cloud.v1.CreateCollectionResponse\x12\x64\n\x0fListCollections\x12\'.dlheir.cloud.v1.ListCollectionsRequest\x1a(.dlheir.cloud.v1.ListCollectionsResponse\x12_\n\x0f\x43ollectionStats\x12\".dlheir.cloud.v1.CollectionRequest\x1a(.dlheir.cloud.v1.CollectionStatsResponse\x12\x46\n\x06Upload\x12\x1c.dlheir.cloud.v1.UploadBatch\x1a\x1a.dlheir.cloud.v1.UploadAck(\x01\x30\x01\x12I\n\x06Search\x12\x1e.dlheir.cloud.v1.SearchRequest\x1a\x1f.dlheir.cloud.v1.SearchResponse\x12\x46\n\x05\x46\x65tch\x12\x1d.dlheir.cloud.v1.FetchRequest\x1a\x1c.dlheir.cloud.v1.FetchedItem0\x01\x12I\n\x06\x44\x65lete\x12\x1e.dlheir.cloud.v1.DeleteRequest\x1a\x1f.dlheir.cloud.v1.DeleteResponse\x12O\n\x08\x43ontains\x12 .dlheir.cloud.v1.ContainsRequest\x1a!.dlheir.cloud.v1.ContainsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,31 +50,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COLLECTIONSTATSRESPONSE']._serialized_start=394
   _globals['_COLLECTIONSTATSRESPONSE']._serialized_end=466
   _globals['_UPLOADITEM']._serialized_start=469
-  _globals['_UPLOADITEM']._serialized_end=690
-  _globals['_UPLOADITEM_METADATAENTRY']._serialized_start=643
-  _globals['_UPLOADITEM_METADATAENTRY']._serialized_end=690
-  _globals['_UPLOADACK']._serialized_start=692
-  _globals['_UPLOADACK']._serialized_end=752
-  _globals['_SEARCHREQUEST']._serialized_start=754
-  _globals['_SEARCHREQUEST']._serialized_end=859
-  _globals['_SEARCHRESULT']._serialized_start=861
-  _globals['_SEARCHRESULT']._serialized_end=907
-  _globals['_SEARCHRESPONSE']._serialized_start=909
-  _globals['_SEARCHRESPONSE']._serialized_end=973
-  _globals['_FETCHREQUEST']._serialized_start=975
-  _globals['_FETCHREQUEST']._serialized_end=1022
-  _globals['_FETCHEDITEM']._serialized_start=1025
-  _globals['_FETCHEDITEM']._serialized_end=1175
-  _globals['_FETCHEDITEM_METADATAENTRY']._serialized_start=643
-  _globals['_FETCHEDITEM_METADATAENTRY']._serialized_end=690
-  _globals['_DELETEREQUEST']._serialized_start=1177
-  _globals['_DELETEREQUEST']._serialized_end=1225
-  _globals['_DELETERESPONSE']._serialized_start=1227
-  _globals['_DELETERESPONSE']._serialized_end=1260
-  _globals['_CONTAINSREQUEST']._serialized_start=1262
-  _globals['_CONTAINSREQUEST']._serialized_end=1312
-  _globals['_CONTAINSRESPONSE']._serialized_start=1314
-  _globals['_CONTAINSRESPONSE']._serialized_end=1349
-  _globals['_CLOUDSTORE']._serialized_start=1352
-  _globals['_CLOUDSTORE']._serialized_end=2042
+  _globals['_UPLOADITEM']._serialized_end=631
+  _globals['_UPLOADITEM_METADATAENTRY']._serialized_start=584
+  _globals['_UPLOADITEM_METADATAENTRY']._serialized_end=631
+  _globals['_UPLOADBATCH']._serialized_start=633
+  _globals['_UPLOADBATCH']._serialized_end=727
+  _globals['_UPLOADACK']._serialized_start=729
+  _globals['_UPLOADACK']._serialized_end=789
+  _globals['_SEARCHREQUEST']._serialized_start=791
+  _globals['_SEARCHREQUEST']._serialized_end=896
+  _globals['_SEARCHRESULT']._serialized_start=898
+  _globals['_SEARCHRESULT']._serialized_end=944
+  _globals['_SEARCHRESPONSE']._serialized_start=946
+  _globals['_SEARCHRESPONSE']._serialized_end=1010
+  _globals['_FETCHREQUEST']._serialized_start=1012
+  _globals['_FETCHREQUEST']._serialized_end=1059
+  _globals['_FETCHEDITEM']._serialized_start=1062
+  _globals['_FETCHEDITEM']._serialized_end=1212
+  _globals['_FETCHEDITEM_METADATAENTRY']._serialized_start=584
+  _globals['_FETCHEDITEM_METADATAENTRY']._serialized_end=631
+  _globals['_DELETEREQUEST']._serialized_start=1214
+  _globals['_DELETEREQUEST']._serialized_end=1262
+  _globals['_DELETERESPONSE']._serialized_start=1264
+  _globals['_DELETERESPONSE']._serialized_end=1297
+  _globals['_CONTAINSREQUEST']._serialized_start=1299
+  _globals['_CONTAINSREQUEST']._serialized_end=1349
+  _globals['_CONTAINSRESPONSE']._serialized_start=1351
+  _globals['_CONTAINSRESPONSE']._serialized_end=1386
+  _globals['_CLOUDSTORE']._serialized_start=1389
+  _globals['_CLOUDSTORE']._serialized_end=2080
 # @@protoc_insertion_point(module_scope)

@@ -57,7 +57,7 @@ class CollectionStatsResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[CollectionInfo, _Mapping]] = ...) -> None: ...
 
 class UploadItem(_message.Message):
-    __slots__ = ("collection", "id", "code", "blob", "metadata", "replace", "end_of_batch")
+    __slots__ = ("id", "code", "blob", "metadata")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -65,21 +65,25 @@ class UploadItem(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-    COLLECTION_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     BLOB_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
-    REPLACE_FIELD_NUMBER: _ClassVar[int]
-    END_OF_BATCH_FIELD_NUMBER: _ClassVar[int]
-    collection: str
     id: int
     code: bytes
     blob: bytes
     metadata: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[int] = ..., code: _Optional[bytes] = ..., blob: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class UploadBatch(_message.Message):
+    __slots__ = ("collection", "items", "replace")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    items: _containers.RepeatedCompositeFieldContainer[UploadItem]
     replace: bool
-    end_of_batch: bool
-    def __init__(self, collection: _Optional[str] = ..., id: _Optional[int] = ..., code: _Optional[bytes] = ..., blob: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., replace: _Optional[bool] = ..., end_of_batch: _Optional[bool] = ...) -> None: ...
+    def __init__(self, collection: _Optional[str] = ..., items: _Optional[_Iterable[_Union[UploadItem, _Mapping]]] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class UploadAck(_message.Message):
     __slots__ = ("batch", "ids", "total_items")

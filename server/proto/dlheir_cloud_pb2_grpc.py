@@ -51,7 +51,7 @@ class CloudStoreStub:
                 _registered_method=True)
         self.Upload = channel.stream_stream(
                 '/dlheir.cloud.v1.CloudStore/Upload',
-                request_serializer=dlheir__cloud__pb2.UploadItem.SerializeToString,
+                request_serializer=dlheir__cloud__pb2.UploadBatch.SerializeToString,
                 response_deserializer=dlheir__cloud__pb2.UploadAck.FromString,
                 _registered_method=True)
         self.Search = channel.unary_unary(
@@ -100,9 +100,9 @@ class CloudStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Upload(self, request_iterator, context):
-        """Owner token. Items are grouped into batches: the client ends a batch with
-        end_of_batch = true (and the stream's end closes the last one). Each batch is
-        applied atomically and acknowledged only once it is durable on disk.
+        """Owner token. A stream of batches; each batch is applied atomically and
+        acknowledged only once it is durable on disk. A bad item rejects its batch (the
+        stream ends with that error) and keeps every batch acknowledged before it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,7 +155,7 @@ def add_CloudStoreServicer_to_server(servicer, server):
             ),
             'Upload': grpc.stream_stream_rpc_method_handler(
                     servicer.Upload,
-                    request_deserializer=dlheir__cloud__pb2.UploadItem.FromString,
+                    request_deserializer=dlheir__cloud__pb2.UploadBatch.FromString,
                     response_serializer=dlheir__cloud__pb2.UploadAck.SerializeToString,
             ),
             'Search': grpc.unary_unary_rpc_method_handler(
@@ -285,7 +285,7 @@ class CloudStore:
             request_iterator,
             target,
             '/dlheir.cloud.v1.CloudStore/Upload',
-            dlheir__cloud__pb2.UploadItem.SerializeToString,
+            dlheir__cloud__pb2.UploadBatch.SerializeToString,
             dlheir__cloud__pb2.UploadAck.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,20 @@
+"""`dlheir bench ...`: each benchmark prints a table beside its baseline and saves JSON + PNG."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCH_MODULES = (
+    "dlheir.benchmarks.inference",  # PyTorch eager vs ONNX Runtime, in-process
+    "dlheir.benchmarks.hash",  # through Triton vs in-process
+    "dlheir.benchmarks.search",  # through the cloud server vs FAISS in-process
+    "dlheir.benchmarks.e2e",  # the paper's efficiency figures
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (results/ JSON + PNG, baseline side by side)")
+    bsub = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
+    for name in BENCH_MODULES:
+        importlib.import_module(name).register(bsub)

@@ -1,0 +1,127 @@
+"""Small helpers shared by the benchmarks: timing, percentiles, tables, JSON and PNG output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+RESULTS_DIR = Path("results")
+
+
+def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 2) -> np.ndarray:
+    """Seconds per call of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    out = np.empty(repeats)
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out[i] = time.perf_counter() - t0
+    return out
+
+
+def latency_stats(seconds: np.ndarray | list[float]) -> dict:
+    s = np.asarray(seconds) * 1e3
+    return {"p50_ms": float(np.percentile(s, 50)), "p99_ms": float(np.percentile(s, 99)),
+            "mean_ms": float(s.mean()), "n": int(len(s))}
+
+
+def machine() -> dict:
+    import os
+
+    return {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "platform": platform.platform()}
+
+
+def save_json(name: str, payload: dict, out_dir: Path | str = RESULTS_DIR) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    return path
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Plain-text table; columns are (key, header, format)."""
+    heads = [h for _, h, _ in columns]
+    cells = [[format(r[k], f) if isinstance(r.get(k), (int, float)) else str(r.get(k, "")) for k, _, f in columns]
+             for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(heads)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
+    return "\n".join([line(heads), line(["-" * w for w in widths]), *(line(c) for c in cells)])
+
+
+def bar_plot(path: Path | str, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str,
+             log: bool = False) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, len(labels) * 0.9), 4))
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(labels))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=name)
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if log:
+        ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def bench_model(checkpoint: str | None, image_size: int, bits: int):
+    """The model to benchmark: a checkpoint, or a deterministic untrained DLHEIR (speed does not
+    depend on the weights). Returns (model, image_size)."""
+    import torch
+
+    if checkpoint:
+        from dlheir.export.checkpoint import load_checkpoint
+
+        model, meta = load_checkpoint(checkpoint)
+        return model, meta["image_size"]
+    from dlheir.export.model import build_model
+
+    torch.manual_seed(0)
+    return build_model(bits, 10).eval(), image_size
+
+
+def triton_with_model(model, image_size: int, work_dir: Path | str):
+    """A TritonServer (not started) serving ``model`` from a fresh copy of model_repository."""
+    import shutil
+
+    from dlheir.export.onnx_export import export_onnx
+    from dlheir.triton.launcher import TritonServer, free_port
+    from dlheir.triton.repository import install_onnx
+
+    work_dir = Path(work_dir)
+    repo = work_dir / "model_repository"
+    if repo.exists():
+        shutil.rmtree(repo)
+    src = Path(__file__).resolve().parent.parent / "model_repository"
+    shutil.copytree(src, repo, ignore=shutil.ignore_patterns("*.onnx", "*.plan"))
+    onnx_path = export_onnx(model, repo / "dlheir_onnx_cpu" / "1" / "model.onnx", image_size)
+    install_onnx(onnx_path, repo)
+    server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                          state_dir=work_dir / "triton")
+    return server, onnx_path
+
+
+def sample_images(n: int, image_size: int = 64) -> list[bytes]:
+    """``n`` real encoded images: the bundled digits as PNG bytes, cycled if n is larger."""
+    from dlheir.export.data import list_images, materialize_digits
+
+    files = [p for _, p in list_images(materialize_digits(image_size))]
+    return [files[i % len(files)].read_bytes() for i in range(n)]

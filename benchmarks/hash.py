@@ -1,0 +1,132 @@
+"""`dlheir bench hash`: hashing through Triton vs ONNX Runtime and PyTorch in-process, same images."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("hash", help="images/s and latency through Triton (batch x concurrency) vs in-process")
+    p.add_argument("--checkpoint", help="model to serve (default: an untrained 48-bit DLHEIR; speed is the same)")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--bits", type=int, default=48)
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--concurrency", default="1,2,4")
+    p.add_argument("--images", type=int, default=256, help="images per measurement (default 256)")
+    p.add_argument("--out-dir", default="results")
+    p.set_defaults(func=run)
+
+
+def _triton_run(client_url: str, images: list[bytes], batch: int, concurrency: int) -> dict:
+    import numpy as np
+    import tritonclient.grpc as g
+
+    chunks = [images[i:i + batch] for i in range(0, len(images), batch)]
+    clients = [g.InferenceServerClient(client_url) for _ in range(concurrency)]
+
+    def one(i: int) -> float:
+        client = clients[i % concurrency]
+        inp = g.InferInput("IMAGE_BYTES", [len(chunks[i]), 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[b] for b in chunks[i]], dtype=object))
+        t0 = time.perf_counter()
+        client.infer("dlheir", [inp], outputs=[g.InferRequestedOutput("CODE")])
+        return time.perf_counter() - t0
+
+    for i in range(min(concurrency, len(chunks))):  # warm up
+        one(i)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        lat = list(pool.map(one, range(len(chunks))))
+    wall = time.perf_counter() - t0
+    for c in clients:
+        c.close()
+    return {"images_per_s": len(images) / wall, "latencies": lat}
+
+
+def _perf_analyzer(url: str, batch: int, concurrency: int, image: bytes, tmp: Path) -> dict | None:
+    exe = shutil.which("perf_analyzer")
+    if not exe:
+        return None
+    import json
+
+    data = tmp / "pa_input.json"
+    import base64
+
+    data.write_text(json.dumps({"data": [{"IMAGE_BYTES": {"b64": base64.b64encode(image).decode(), "shape": [1]}}]}))
+    cmd = [exe, "-m", "dlheir", "-u", url, "-i", "grpc", "-b", str(batch), "--concurrency-range", str(concurrency),
+           "--input-data", str(data), "--measurement-interval", "3000"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    for line in out.stdout.splitlines():
+        if "Throughput:" in line and "infer/sec" in line:
+            return {"infer_per_s": float(line.split("Throughput:")[1].split()[0]) , "raw": line.strip()}
+    return {"error": (out.stderr or out.stdout)[-300:]}
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from dlheir.benchmarks.common import (bar_plot, bench_model, latency_stats, sample_images, save_json, table,
+                                          triton_with_model)
+    from dlheir.export.train import to_input
+    from dlheir.preprocess import preprocess
+
+    model, size = bench_model(args.checkpoint, args.image_size, args.bits)
+    images = sample_images(args.images, 64)
+    batches = [int(b) for b in args.batches.split(",")]
+    concs = [int(c) for c in args.concurrency.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        server, onnx_path = triton_with_model(model, size, tmp)
+        session = ort.InferenceSession(str(onnx_path))
+        # in-process baselines on the same encoded images: decode + warp + run
+        for batch in batches:
+            chunks = [images[i:i + batch] for i in range(0, len(images), batch)]
+            for name in ("onnxruntime in-process", "pytorch eager in-process"):
+                lat = []
+                t0 = time.perf_counter()
+                for chunk in chunks:
+                    t1 = time.perf_counter()
+                    px = np.stack([preprocess(b, size) for b in chunk])
+                    if name.startswith("onnx"):
+                        session.run(None, {"IMAGE": px})
+                    else:
+                        with torch.no_grad():
+                            model(to_input(px))
+                    lat.append(time.perf_counter() - t1)
+                wall = time.perf_counter() - t0
+                rows.append({"path": name, "batch": batch, "concurrency": 1,
+                             "images_per_s": len(images) / wall, **latency_stats(lat)})
+        with server:
+            for batch in batches:
+                for conc in concs:
+                    r = _triton_run(server.grpc_url, images, batch, conc)
+                    rows.append({"path": "triton ensemble", "batch": batch, "concurrency": conc,
+                                 "images_per_s": r["images_per_s"], **latency_stats(r["latencies"])})
+            pa = _perf_analyzer(server.grpc_url, 8, 4, images[0], Path(tmp))
+    print(table(rows, [("path", "path", ""), ("batch", "batch", "d"), ("concurrency", "conc", "d"),
+                       ("images_per_s", "images/s", ".1f"), ("p50_ms", "p50 ms", ".1f"), ("p99_ms", "p99 ms", ".1f")]))
+    ort8 = next((r["images_per_s"] for r in rows if r["path"].startswith("onnx") and r["batch"] == 8), None)
+    tri8 = max((r["images_per_s"] for r in rows if r["path"] == "triton ensemble" and r["batch"] == 8
+                and r["concurrency"] == 4), default=None)
+    ratio = tri8 / ort8 if ort8 and tri8 else None
+    if ratio:
+        print(f"Triton (batch 8, concurrency 4) / in-process ONNX Runtime (batch 8): {ratio:.2f}")
+    print("perf_analyzer:", pa if pa else "not installed (pip install perf-analyzer to add its numbers)")
+    path = save_json("bench_hash", {"image_size": size, "rows": rows, "triton_over_ort_batch8": ratio,
+                                    "perf_analyzer": pa}, args.out_dir)
+    labels = [f"b{r['batch']} c{r['concurrency']}" for r in rows if r["path"] == "triton ensemble"]
+    series = {"triton ensemble": [r["images_per_s"] for r in rows if r["path"] == "triton ensemble"]}
+    for name in ("onnxruntime in-process", "pytorch eager in-process"):
+        series[name] = [next(x["images_per_s"] for x in rows if x["path"] == name and x["batch"] == r["batch"])
+                        for r in rows if r["path"] == "triton ensemble"]
+    png = bar_plot(Path(args.out_dir) / "bench_hash.png", f"hashing at {size}px (same images)", labels, series, "images/s")
+    print(f"written {path}, {png}")
+    return 0
