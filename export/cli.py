@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from dlheir.errors import UserError
+from dlheir.export.defaults import DIGITS_DEMO as D
 
 DEFAULT_ONNX = "model_repository/dlheir_onnx_cpu/1/model.onnx"
 
@@ -15,13 +16,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train DLHEIR on an image folder or the bundled digits",
                        description="Train DLHEIR (or the baseline) with SGD; saves RUN_DIR/model.pt each epoch.")
     p.add_argument("--data", default="digits", help="image folder (one sub-folder per class) or 'digits' (default)")
-    p.add_argument("--bits", type=int, default=48, help="code length N, a multiple of 4 from 8 to 256 (default 48)")
-    p.add_argument("--image-size", type=int, default=64, help="input side S; images are warped to SxS (paper: 384)")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (paper: 0.01 with ImageNet weights)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weights", default="none", help="'imagenet' (torchvision download), 'none' or a state dict path")
+    p.add_argument("--bits", type=int, default=D["bits"],
+                   help=f"code length N, a multiple of 4 from 8 to 256 (default {D['bits']})")
+    p.add_argument("--image-size", type=int, default=D["image_size"],
+                   help=f"input side S; images are warped to SxS (default {D['image_size']}; paper: 384)")
+    p.add_argument("--epochs", type=int, default=D["epochs"], help=f"default {D['epochs']} (paper: 200)")
+    p.add_argument("--batch-size", type=int, default=D["batch_size"], help=f"default {D['batch_size']} (paper: 64)")
+    p.add_argument("--lr", type=float, default=D["lr"],
+                   help=f"SGD learning rate, cosine-annealed (default {D['lr']}; paper: 0.01 with ImageNet weights)")
+    p.add_argument("--momentum", type=float, default=D["momentum"], help=f"SGD momentum (default {D['momentum']})")
+    p.add_argument("--weights", default=D["weights"],
+                   help="'imagenet' (torchvision's download), 'none' (random init, default) or a state dict path")
     p.add_argument("--arch", choices=("dlheir", "baseline"), default="dlheir",
                    help="dlheir (inverted residual block) or baseline (original DenseNet201 + hash layer)")
     p.add_argument("--seed", type=int, default=0)
@@ -36,11 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", dest="json_out", default=None, help="write the metrics here (default RUN_DIR/eval.json)")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("model-stats", help="parameters and FLOPs of DLHEIR vs the baseline, beside Table 2")
-    p.add_argument("--bits", type=int, default=48)
-    p.add_argument("--image-size", type=int, default=384)
-    p.add_argument("--num-classes", type=int, default=100)
-    p.add_argument("--json", dest="json_out", default=None)
+    p = sub.add_parser("model-stats", help="parameters and FLOPs of DLHEIR vs the baseline, beside Table 2",
+                       description="Counts parameters and FLOPs (torch.utils.flop_counter, FLOPs = 2 x MACs) of "
+                                   "DLHEIR and the baseline for one forward pass of one image, and prints them "
+                                   "beside the paper's Table 2 figures (whose units do not match DenseNet201).")
+    p.add_argument("--bits", type=int, default=48, help="code length (default 48)")
+    p.add_argument("--image-size", type=int, default=384, help="input side (default 384, the paper's)")
+    p.add_argument("--num-classes", type=int, default=100, help="classifier outputs (default 100, Corel10K)")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the rows as JSON here")
     p.set_defaults(func=_model_stats)
 
     exp = sub.add_parser("export", help="export a checkpoint to ONNX or an ONNX graph to TensorRT")
@@ -53,8 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = esub.add_parser("tensorrt", help="TensorRT engine (needs a CUDA GPU and the tensorrt package)")
     p.add_argument("--onnx", default=DEFAULT_ONNX)
     p.add_argument("--out", default="model_repository/dlheir_trt/1/model.plan")
-    p.add_argument("--fp16", action="store_true")
-    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--fp16", action="store_true", help="allow FP16 kernels (the codes are compared with --compare)")
+    p.add_argument("--max-batch", type=int, default=64, help="optimization profile covers batch 1..max (default 64)")
+    p.add_argument("--compare", metavar="DATA", default=None,
+                   help="after building, compare the engine's codes with the ONNX (FP32) codes on DATA "
+                        "('digits' or an image folder): fraction of differing bits and P@20 of both")
     p.set_defaults(func=_export_tensorrt)
 
 
@@ -121,6 +132,12 @@ def _export_tensorrt(args: argparse.Namespace) -> int:
 
     if not Path(args.onnx).is_file():
         raise UserError(f"ONNX file not found: {args.onnx} (run 'dlheir export onnx' first)")
+    if args.max_batch < 1:
+        raise UserError(f"--max-batch must be at least 1, got {args.max_batch}")
     facts = build_engine(args.onnx, args.out, args.fp16, args.max_batch)
+    if args.compare:
+        from dlheir.export.tensorrt_export import compare_fp16_fp32
+
+        facts["comparison"] = compare_fp16_fp32(args.out, args.onnx, args.compare)
     print(json.dumps(facts, indent=2))
     return 0

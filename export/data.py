@@ -31,20 +31,37 @@ class Record:
 
 
 def materialize_digits(size: int = 64, cache_dir: Path | str = DEFAULT_CACHE) -> Path:
-    """Write sklearn's digits as RGB PNGs ``<cache>/digits_<size>/<class>/<nnnn>.png``; return the root."""
+    """Write sklearn's digits once as RGB PNGs ``<cache>/digits_<size>/<class>/<nnnn>.png``; return the root.
+
+    1797 images, 10 classes; the 8x8 grey digits (0..16) are scaled to 0..255, resized
+    bilinearly to ``size`` and saved as RGB. Written into a temporary folder and renamed, so
+    a concurrent or interrupted run never leaves a half-written set behind.
+    """
+    import os
+    import shutil
+
     root = Path(cache_dir) / f"digits_{size}"
-    done = root / ".complete"
-    if done.exists():
+    if (root / ".complete").exists():
         return root
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     for i, (img, label) in enumerate(zip(digits.images, digits.target)):
         pixels = np.clip(img * (255.0 / 16.0), 0, 255).astype(np.uint8)
-        out = root / str(int(label)) / f"{i:04d}.png"
+        out = tmp / str(int(label)) / f"{i:04d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels, "L").resize((size, size), Image.Resampling.BILINEAR).convert("RGB").save(out)
-    done.touch()
+    (tmp / ".complete").touch()
+    if (root / ".complete").exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return root
+    shutil.rmtree(root, ignore_errors=True)  # an old, incomplete set
+    try:
+        tmp.rename(root)
+    except OSError:  # lost a race: the winner's copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

@@ -23,13 +23,25 @@ def rankings(query_codes: np.ndarray, db_codes: np.ndarray, db_ids: np.ndarray) 
     return order, np.take_along_axis(dist, order, axis=1)
 
 
+def ranking(query_codes: np.ndarray, db_codes: np.ndarray, db_ids: np.ndarray) -> np.ndarray:
+    """Database indices [Q, D] for each query, ordered by (Hamming distance, id) ascending."""
+    return rankings(query_codes, db_codes, db_ids)[0]
+
+
+def retrieval_metrics(query_codes: np.ndarray, query_labels: np.ndarray, db_codes: np.ndarray,
+                      db_labels: np.ndarray, db_ids: np.ndarray, ks: tuple[int, ...] = PAPER_KS) -> dict:
+    """P@k and mAP of packed query codes against a packed database (relevant = same label)."""
+    order = ranking(query_codes, db_codes, db_ids)
+    return summarize(relevance(np.asarray(db_labels)[order], query_labels), ks)
+
+
 def relevance(ranked_labels: np.ndarray, query_labels: np.ndarray) -> np.ndarray:
     """[Q, D] bool: ranked database item has the query's label."""
     return np.asarray(ranked_labels) == np.asarray(query_labels)[:, None]
 
 
 def precision_at_k(rel: np.ndarray, k: int) -> float:
-    """Mean over queries of (relevant among the top k) / k."""
+    """Mean over queries of (relevant among the top k) / k; ``rel`` is [Q, D] bool in ranked order."""
     return float(rel[:, :k].sum(axis=1).mean() / k)
 
 

@@ -17,6 +17,7 @@ from dlheir.codes import probs_to_codes
 from dlheir.errors import UserError
 from dlheir.export import metrics
 from dlheir.export.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from dlheir.export.defaults import DIGITS_DEMO, WEIGHT_DECAY
 from dlheir.export.data import Record, check_images, resolve_data, split_dataset
 from dlheir.export.model import DLHEIR, build_model
 from dlheir.preprocess import ImageDecodeError, MEAN, STD, preprocess
@@ -28,29 +29,36 @@ QUANTIZATION_WEIGHT = 0.1
 
 @dataclass
 class TrainConfig:
+    """Training settings; the defaults are the digits demo (``dlheir.export.defaults.DIGITS_DEMO``)."""
+
     data: str = "digits"
-    bits: int = 48
-    image_size: int = 64
-    epochs: int = 12
-    batch_size: int = 32
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    weights: str = "none"
+    bits: int = DIGITS_DEMO["bits"]
+    image_size: int = DIGITS_DEMO["image_size"]
+    epochs: int = DIGITS_DEMO["epochs"]
+    batch_size: int = DIGITS_DEMO["batch_size"]
+    lr: float = DIGITS_DEMO["lr"]
+    momentum: float = DIGITS_DEMO["momentum"]
+    weight_decay: float = WEIGHT_DECAY
+    weights: str = DIGITS_DEMO["weights"]
     arch: str = "dlheir"
     seed: int = 0
     out: str = "runs/train"
     resume: bool = False
 
 
-def load_pixels(records: Sequence[Record], image_size: int, desc: str | None = None) -> np.ndarray:
-    """Preprocess files to uint8 [N, S, S, 3]; an unreadable file is a UserError naming it."""
+def _path_of(item: Record | str | Path) -> Path:
+    return item.path if isinstance(item, Record) else Path(item)
+
+
+def load_pixels(records: Sequence[Record | str | Path], image_size: int, desc: str | None = None) -> np.ndarray:
+    """Preprocess files (records or paths) to uint8 [N, S, S, 3]; an unreadable file is a UserError naming it."""
     out = np.empty((len(records), image_size, image_size, 3), dtype=np.uint8)
     for i, rec in enumerate(tqdm(records, desc=desc, leave=False, disable=desc is None)):
+        path = _path_of(rec)
         try:
-            out[i] = preprocess(rec.path, image_size)
+            out[i] = preprocess(path, image_size)
         except (ImageDecodeError, OSError) as exc:
-            raise UserError(f"unreadable image {rec.path}: {exc}") from exc
+            raise UserError(f"unreadable image {path}: {exc}") from exc
     return out
 
 
@@ -150,10 +158,25 @@ def train(cfg: TrainConfig) -> Path:
 
 
 @torch.no_grad()
-def compute_codes(model: DLHEIR, pixels: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """PyTorch model on uint8 [N, S, S, 3] -> (probs float32 [N, bits], packed codes uint8 [N, L])."""
+def compute_codes(model: DLHEIR, images: np.ndarray | Sequence[Record | str | Path], image_size: int | None = None,
+                  batch_size: int = 64, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Hash codes with the PyTorch model, in batches.
+
+    ``images`` is either uint8 pixels [N, S, S, 3] (already ``dlheir.preprocess``-ed) or a list of
+    image paths / ``Record``s, which are read with ``dlheir.preprocess.preprocess(path, image_size)``
+    one batch at a time and normalized like ``dlheir.preprocess.normalize``.
+    Returns (probs float32 [N, bits], packed codes uint8 [N, ceil(bits/8)]).
+    """
     model.eval()
-    probs = [model(to_input(pixels[i : i + batch_size]))[0].numpy() for i in range(0, len(pixels), batch_size)]
+    is_pixels = isinstance(images, np.ndarray)
+    if not is_pixels and image_size is None:
+        raise ValueError("compute_codes: image_size is required when images are paths")
+    probs = []
+    starts = range(0, len(images), batch_size)
+    for i in tqdm(starts, desc=desc, leave=False, disable=desc is None, unit="batch"):
+        chunk = images[i : i + batch_size]
+        pixels = chunk if is_pixels else load_pixels(chunk, image_size)
+        probs.append(model(to_input(pixels))[0].numpy())
     p = np.concatenate(probs) if probs else np.zeros((0, model.bits), np.float32)
     return p, probs_to_codes(p)
 
@@ -167,8 +190,9 @@ def evaluate(checkpoint: Path | str, data: str, json_out: Path | str | None = No
     database, queries, class_names = split_dataset(root, seed=seed)
     if class_names != meta["class_names"]:
         raise UserError(f"{root} has classes {class_names[:5]}..., the checkpoint was trained on {meta['class_names'][:5]}...")
-    _, db_codes = compute_codes(model, load_pixels(database, size, desc="database"), batch_size)
-    _, q_codes = compute_codes(model, load_pixels(queries, size, desc="queries"), batch_size)
+    check_images(database + queries)
+    _, db_codes = compute_codes(model, database, size, batch_size, desc="database")
+    _, q_codes = compute_codes(model, queries, size, batch_size, desc="queries")
     order, _ = metrics.rankings(q_codes, db_codes, np.array([r.id for r in database]))
     db_labels = np.array([r.label for r in database])
     rel = metrics.relevance(db_labels[order], np.array([r.label for r in queries]))

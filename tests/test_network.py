@@ -123,3 +123,60 @@ def test_tensorrt_export_without_gpu_says_so(tmp_path, capsys):
     path = export_onnx(margined_model(), tmp_path / "m.onnx", SMALL_SIZE)
     code, err = _cli(capsys, "export", "tensorrt", "--onnx", str(path), "--out", str(tmp_path / "m.plan"))
     assert code == 2 and ("TensorRT" in err or "GPU" in err)
+
+
+def test_ranking_is_lexsort_by_distance_then_id():
+    from dlheir.ids import rank
+
+    rng = np.random.default_rng(1)
+    db = rng.integers(0, 256, (50, 2), dtype=np.uint8) & 0x0F  # few distinct distances: many ties
+    q = rng.integers(0, 256, (4, 2), dtype=np.uint8) & 0x0F
+    ids = rng.permutation(1000)[:50]
+    order = metrics.ranking(q, db, ids)
+    dist = codes.hamming(q, db)
+    for i in range(len(q)):
+        assert order[i].tolist() == rank(dist[i], ids).tolist()
+
+
+def test_split_is_per_class_seeded_and_stable(tmp_path):
+    from dlheir.export.data import split_dataset
+    from dlheir.ids import item_id
+
+    root = make_digit_folder(tmp_path / "d", classes=(0, 1), per_class=10)
+    db, q, names = split_dataset(root, seed=0)
+    db2, q2, _ = split_dataset(root, seed=0)
+    _, q3, _ = split_dataset(root, seed=1)
+    assert names == ["0", "1"] and db == db2 and q == q2 and q != q3
+    assert [sum(r.label == c for r in db) for c in (0, 1)] == [8, 8]
+    assert [sum(r.label == c for r in q) for c in (0, 1)] == [2, 2]
+    assert all(r.id == item_id(r.relpath) and r.path.is_file() for r in db + q)
+    assert not {r.relpath for r in db} & {r.relpath for r in q}
+
+
+def test_compute_codes_from_paths_equals_from_pixels(tmp_path):
+    from dlheir.export.data import split_dataset
+
+    root = make_digit_folder(tmp_path / "d", classes=(0, 1), per_class=5)
+    records, _, _ = split_dataset(root)
+    model = margined_model(num_classes=2)
+    p1, c1 = compute_codes(model, load_pixels(records, SMALL_SIZE))
+    p2, c2 = compute_codes(model, [r.path for r in records], SMALL_SIZE, batch_size=3)
+    np.testing.assert_allclose(p1, p2, atol=1e-5)
+    np.testing.assert_array_equal(c1, c2)
+
+
+def test_evaluate_names_an_unreadable_image(tmp_path, capsys):
+    from dlheir.export.checkpoint import save_checkpoint
+
+    bad = make_digit_folder(tmp_path / "bad", classes=(0, 1), per_class=4)
+    (bad / "1" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    ckpt = save_checkpoint(tmp_path / "model.pt", margined_model(num_classes=2),
+                           {"image_size": SMALL_SIZE, "class_names": ["0", "1"], "epoch": 0, "config": {"seed": 0}})
+    code, err = _cli(capsys, "evaluate", "--checkpoint", str(ckpt), "--data", str(bad))
+    assert code == 2 and "unreadable image" in err and "zz_corrupt.png" in err and "Traceback" not in err
+
+
+def test_bench_group_lists_the_inference_benchmark(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "inference" in capsys.readouterr().out
