@@ -43,11 +43,21 @@ def read_checkpoint(path: Path | str) -> dict:
     return payload
 
 
+def load_weights(model: DLHEIR, state_dict: dict, path: Path | str) -> None:
+    """Strict load; a checkpoint of another layout is a UserError telling to retrain."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise UserError(f"{path} does not match this version's {model.arch} layout ({first[:160]}); "
+                        "train it again (dlheir train, or dlheir demo --retrain)") from exc
+
+
 def load_checkpoint(path: Path | str) -> tuple[DLHEIR, dict]:
     """Rebuild the model in eval mode; returns (model, meta without the weights)."""
     payload = read_checkpoint(path)
     model = DLHEIR(payload["bits"], payload["num_classes"], payload["arch"])
-    model.load_state_dict(payload["state_dict"])
+    load_weights(model, payload["state_dict"], path)
     model.eval()
     meta = {k: v for k, v in payload.items() if k not in ("state_dict", "optimizer")}
     return model, meta

@@ -5,9 +5,14 @@ DLHEIR (paper section 3.3.2):
 * torchvision's DenseNet201 ``features`` (dense blocks of 6, 12, 48, 32 layers);
 * the last 14 dense layers of dense block 4 are removed. After the 18 kept layers the
   block outputs 896 + 18 * 32 = 1472 channels; one MobileNetV2 inverted residual block
-  (torchvision's ``InvertedResidual``, 1472 -> 1472, expand ratio 1: 3x3 depthwise,
-  BN, ReLU6, 1x1 linear projection, BN, identity shortcut) takes their place. It has
-  2.2 M parameters against 3.5 M for the 14 dense layers it replaces;
+  (``InvertedResidual`` below: 1x1 expansion, BN, ReLU6, 3x3 depthwise, BN, ReLU6, 1x1
+  linear projection, BN, identity shortcut) takes their place, 1472 -> 1472 channels, so
+  no transition layer is needed and ``norm5`` just shrinks to 1472 channels.
+  Channel choice: the block's input is DenseNet's wide concatenation (1472), not a narrow
+  MobileNetV2 bottleneck, so the usual expansion t = 6 would cost 26 M parameters. The
+  hidden width is 736 (expand ratio 0.5): the block has 2.2 M parameters against 3.5 M
+  for the 14 dense layers it replaces (and fewer FLOPs), which is the paper's point. With
+  t = 1 the expansion conv alone would be 2.2 M and the block (4.3 M) would outweigh them;
 * ``norm5`` shrinks to the 1472 channels (with ImageNet weights it keeps the first 1472
   channels of the original ``norm5``, which are the same feature maps);
 * the hash layer: Conv2d 1x1 with N filters, BatchNorm, sigmoid, global average
@@ -26,13 +31,35 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models import DenseNet201_Weights, densenet201
-from torchvision.models.mobilenetv2 import InvertedResidual
 
 from dlheir.codes import validate_bits
 from dlheir.errors import UserError
 
 ARCHS = ("dlheir", "baseline")
 REPLACED_LAYERS = 14  # dense layers of block 4 replaced by the inverted residual block
+EXPAND_RATIO = 0.5  # hidden width of the inverted residual block / its 1472 input channels
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 inverted residual block (stride 1): expand, depthwise, linear project, add.
+
+    1x1 conv (channels -> hidden), BN, ReLU6; 3x3 depthwise conv, BN, ReLU6; 1x1 conv
+    (hidden -> out_channels), BN with no activation (the linear bottleneck); the input is
+    added when the shapes match.
+    """
+
+    def __init__(self, channels: int, out_channels: int, hidden: int) -> None:
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True))
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)
+        )
+        self.project = nn.Sequential(nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+        self.use_residual = channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.depthwise(self.expand(x)))
+        return x + y if self.use_residual else y
 
 
 class HashLayer(nn.Module):
@@ -64,7 +91,8 @@ class DLHEIR(nn.Module):
             for name in list(block4._modules)[kept:]:
                 del block4._modules[name]
             channels = block4.denselayer1.norm1.num_features + kept * block4.denselayer1.conv2.out_channels
-            self.features.inverted_residual = InvertedResidual(channels, channels, stride=1, expand_ratio=1)
+            hidden = int(round(channels * EXPAND_RATIO))
+            self.features.inverted_residual = InvertedResidual(channels, channels, hidden)
             # norm5 must stay last in `features`: re-create it after the new block
             del self.features._modules["norm5"]
             self.features.norm5 = nn.BatchNorm2d(channels)

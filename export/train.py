@@ -16,7 +16,7 @@ from tqdm import tqdm
 from dlheir.codes import probs_to_codes
 from dlheir.errors import UserError
 from dlheir.export import metrics
-from dlheir.export.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from dlheir.export.checkpoint import load_checkpoint, load_weights, read_checkpoint, save_checkpoint
 from dlheir.export.defaults import DIGITS_DEMO, WEIGHT_DECAY
 from dlheir.export.data import Record, check_images, resolve_data, split_dataset
 from dlheir.export.model import DLHEIR, build_model
@@ -109,7 +109,7 @@ def train(cfg: TrainConfig) -> Path:
             if payload[key] != getattr(cfg, key):
                 raise UserError(f"--resume: checkpoint has {key}={payload[key]}, asked for {getattr(cfg, key)}")
         model = DLHEIR(payload["bits"], payload["num_classes"], payload["arch"])
-        model.load_state_dict(payload["state_dict"])
+        load_weights(model, payload["state_dict"], ckpt_path)
         start_epoch = payload["epoch"]
     else:
         model = build_model(cfg.bits, len(class_names), cfg.arch, cfg.weights)
