@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-DIGITS_DEFAULTS = dict(bits=48, image_size=64, epochs=6, batch_size=32, lr=0.05, weights="none")
-PAPER_DEFAULTS = dict(bits=48, image_size=384, epochs=200, batch_size=64, lr=0.01, weights="imagenet")
+from dlheir.errors import UserError
+
+from dlheir.export.defaults import DIGITS_DEMO as DIGITS_DEFAULTS, PAPER as PAPER_DEFAULTS  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -63,9 +64,13 @@ def run_demo(args: argparse.Namespace) -> int:
     ckpt = work / "model.pt"
     reuse = False
     if ckpt.exists() and not args.retrain:
-        old = read_checkpoint(ckpt)
-        reuse = all(old["config"].get(k) == v for k, v in cfg.items()) and old["config"].get("data") == args.data \
-            and old["epoch"] >= cfg["epochs"]
+        try:
+            old = read_checkpoint(ckpt)
+            load_checkpoint(ckpt)  # same layout as this version of the model?
+            reuse = all(old["config"].get(k) == v for k, v in cfg.items()) and old["config"].get("data") == args.data \
+                and old["epoch"] >= cfg["epochs"]
+        except UserError:
+            reuse = False
     print(f"== 1. train DLHEIR ({cfg['bits']} bits, {cfg['image_size']}px, {cfg['epochs']} epochs) on {args.data}")
     t0 = time.perf_counter()
     if reuse:
