@@ -16,8 +16,14 @@ DEFAULT_TRITON = "127.0.0.1:8001"
 def register(sub: argparse._SubParsersAction) -> None:
     own = sub.add_parser("owner", help="data owner: keys, collection, encrypted upload, grants")
     osub = own.add_subparsers(dest="action", metavar="ACTION")
-    p = osub.add_parser("init", help="KeyGen: create owner.key (AES-256 image key + code-transform secret), mode 0600")
-    p.add_argument("--out", default="owner.key")
+    p = osub.add_parser(
+        "init", help="KeyGen: create owner.key (AES-256 image key + separate code-transform secret), mode 0600",
+        description="KeyGen: create a new owner key file holding a random 256-bit AES key for the images and a "
+                    "separate random 256-bit secret for the keyed code transform. The file is created with mode "
+                    "0600 and never overwritten. Keep it secret and keep a backup: without it the uploaded "
+                    "images cannot be decrypted and new codes cannot be made comparable to the stored ones.")
+    p.add_argument("--out", default="owner.key", help="key file to create (default owner.key; must not exist)")
+    p.add_argument("--collection", help="record the collection these keys are for (grant then defaults to it)")
     p.set_defaults(func=_owner_init)
 
     p = osub.add_parser("create-collection", help="create a collection on the cloud server (needs the admin token)")
@@ -38,22 +44,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_owner_upload)
 
-    p = osub.add_parser("grant", help="seal the collection's keys and reader token for one user's RSA public key")
-    p.add_argument("--key", default="owner.key")
-    p.add_argument("--user-pub", required=True, help="the user's public key (user.pub.pem)")
-    p.add_argument("--collection", required=True)
-    p.add_argument("--reader-token", help="default: from the tokens file")
+    p = osub.add_parser(
+        "grant", help="seal the collection's keys and reader token for one user's RSA public key",
+        description="Key delivery: write a grant file holding the collection name, its reader token, the image "
+                    "key and the transform secret, encrypted with a fresh AES-256-GCM key that is wrapped with "
+                    "RSA-OAEP (SHA-256) for the user's public key. Only that user's private key opens it; the "
+                    "file can travel over any channel.")
+    p.add_argument("--key", default="owner.key", help="owner key file (default owner.key)")
+    p.add_argument("--user-pub", required=True, help="the user's public key (user.pub.pem from 'dlheir user keygen')")
+    p.add_argument("--collection", help="collection name (default: the one recorded in the key file)")
+    p.add_argument("--reader-token", help="the collection's reader token (default: from the tokens file)")
     p.add_argument("--tokens", help="tokens file from create-collection (default COLLECTION.tokens.json)")
     p.add_argument("--server", default=None, help="server address recorded in the grant for the user's convenience")
-    p.add_argument("--bits", type=int, default=None)
-    p.add_argument("--out", default="grant.bin")
+    p.add_argument("--bits", type=int, default=None, help="code length recorded in the grant (checked at search)")
+    p.add_argument("--out", default="grant.bin", help="grant file to create (default grant.bin; must not exist)")
     p.set_defaults(func=_owner_grant)
 
     usr = sub.add_parser("user", help="query user: RSA key pair, encrypted search")
     usub = usr.add_subparsers(dest="action", metavar="ACTION")
-    p = usub.add_parser("keygen", help="create an RSA-3072 key pair: user.pem (0600) and user.pub.pem")
-    p.add_argument("--out", default="user.pem")
-    p.add_argument("--passphrase-env", help="name of an environment variable holding a passphrase for the private key")
+    p = usub.add_parser(
+        "keygen", help="create an RSA-3072 key pair: user.pem (0600) and user.pub.pem",
+        description="Create an RSA-3072 key pair: the private key (PKCS#8 PEM, mode 0600, optionally encrypted "
+                    "with a passphrase) and the public key next to it (NAME.pub.pem). Send the public key to the "
+                    "data owner, who answers with a grant file only this private key can open. Existing files "
+                    "are never overwritten.")
+    p.add_argument("--out", default="user.pem", help="private key file to create (default user.pem; the public key "
+                                                     "goes to user.pub.pem)")
+    p.add_argument("--passphrase-env", metavar="VAR",
+                   help="name of an environment variable holding a passphrase to encrypt the private key with")
     p.set_defaults(func=_user_keygen)
 
     p = usub.add_parser("search", help="TrapGen via Triton, search, fetch and decrypt the top k")
@@ -74,14 +92,16 @@ def _passphrase(var: str | None) -> str | None:
         return None
     if var not in os.environ:
         raise UserError(f"environment variable {var} is not set")
+    if not os.environ[var]:
+        raise UserError(f"environment variable {var} is empty; a passphrase cannot be empty")
     return os.environ[var]
 
 
 def _owner_init(args):
     from dlheir.client.crypto import OwnerKeys
 
-    OwnerKeys.generate().save(args.out)
-    print(f"owner key written to {args.out} (mode 0600): keep it secret, keep a backup")
+    path = OwnerKeys.generate(args.collection).save(args.out)
+    print(f"owner key written to {path} (mode 0600): keep it secret, keep a backup")
 
 
 def _tokens_path(args, collection: str) -> Path:
@@ -92,7 +112,13 @@ def _load_tokens(args, collection: str) -> dict:
     path = _tokens_path(args, collection)
     if not path.is_file():
         raise UserError(f"tokens file not found: {path} (from 'dlheir owner create-collection', or give --tokens)")
-    return json.loads(path.read_text())
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) for k in ("owner_token", "reader_token")):
+            raise ValueError("owner_token or reader_token missing")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a tokens file from 'dlheir owner create-collection' ({exc})") from None
+    return doc
 
 
 def _owner_create(args):
@@ -136,28 +162,32 @@ def _owner_upload(args):
 
 
 def _owner_grant(args):
-    from dlheir.client.crypto import OwnerKeys, make_grant
+    from dlheir.client.crypto import OwnerKeys, make_grant, write_private
 
     keys = OwnerKeys.load(args.key)
+    collection = args.collection or keys.collection
+    if not collection:
+        raise UserError(f"give --collection ({args.key} records no collection name)")
     reader, server, bits = args.reader_token, args.server, args.bits
     if reader is None:
-        tokens = _load_tokens(args, args.collection)
+        tokens = _load_tokens(args, collection)
         reader, server, bits = tokens["reader_token"], server or tokens.get("server"), bits or tokens.get("bits")
     pub = Path(args.user_pub)
     if not pub.is_file():
         raise UserError(f"user public key not found: {pub}")
     out = Path(args.out)
-    if out.exists():
-        raise UserError(f"{out} already exists; refusing to overwrite")
-    out.write_bytes(make_grant(keys, pub.read_bytes(), args.collection, reader, server, bits))
-    print(f"grant for {args.collection!r} written to {out}; only the holder of the matching private key can open it")
+    grant = make_grant(keys, pub.read_bytes(), collection, reader, server=server, bits=bits)
+    write_private(out, grant, "a grant")
+    print(f"grant for {collection!r} written to {out}; only the holder of the private key matching {pub} can open it")
 
 
 def _user_keygen(args):
     from dlheir.client.crypto import generate_user_keypair
 
-    private, public = generate_user_keypair(args.out, _passphrase(args.passphrase_env))
-    print(f"private key {private} (mode 0600), public key {public} (send this one to the data owner)")
+    passphrase = _passphrase(args.passphrase_env)
+    private, public = generate_user_keypair(args.out, passphrase)
+    print(f"private key: {private} (mode 0600{', passphrase-protected' if passphrase else ''}; keep it secret)")
+    print(f"public key:  {public} (send this one to the data owner)")
 
 
 def _user_search(args):

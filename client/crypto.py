@@ -1,39 +1,79 @@
-"""Keys and encryption for owners and users (pycryptodome; nothing hand-rolled).
+"""Keys and encryption for data owners and query users (pycryptodome; nothing hand-rolled).
 
-Owner key file (``dlheir owner init``), JSON, mode 0600::
+Four pieces, each with a versioned, documented format:
 
-    {"format": "dlheir-owner-key", "version": 1,
-     "image_key": <base64, 32 bytes>, "transform_secret": <base64, 32 bytes>}
+1. **Owner key file** (KeyGen, ``dlheir owner init``): UTF-8 JSON, created with mode 0600
+   by ``os.open(O_CREAT | O_EXCL, 0o600)`` (never overwritten, never briefly readable by
+   others)::
 
-Encrypted image blob (EncImg / Dec), AES-256-GCM::
+       {"format": "dlheir-owner-key", "version": 1,
+        "image_key": "<base64 of 32 random bytes>",         # AES-256 key for EncImg/Dec
+        "transform_secret": "<base64 of 32 random bytes>",  # separate secret for the code transform
+        "collection": "photos"}                             # optional, recorded for convenience
 
-    offset  size  field
-    0       4     magic b"DLHB"
-    4       1     version (1)
-    5       12    nonce (fresh random per blob)
-    17      16    GCM tag
-    33      ...   ciphertext of: u16 big-endian name length, UTF-8 file name, image bytes
+   ``OwnerKeys.load`` refuses a file that group/others can access, or that is malformed.
 
-    associated data = b"dlheir-blob-v1" | u16 len(collection) | collection | u64 item id
+2. **Encrypted image blob** (EncImg / Dec), AES-256-GCM, all integers big-endian::
 
-so a blob altered, moved to another id or collection, or opened with another key fails
-authentication instead of decrypting to garbage. The file name travels inside the
-ciphertext: the server never sees it.
+       offset    size  field
+       0         4     magic b"DLHB"
+       4         1     version = 1
+       5         12    nonce: 96 random bits, fresh for every blob
+       17        L     ciphertext of the payload (L = payload length)
+       17 + L    16    GCM tag
 
-Grant (``dlheir owner grant``): a JSON payload (collection, reader token, image key,
-transform secret, optional server and bits) sealed for one user's RSA key::
+       payload         = u16 len(name) | name (UTF-8) | image bytes (the original file, verbatim)
+       associated data = b"DLHB" | version | u16 len(collection) | collection (UTF-8) | u64 item id
 
-    b"DLHG" | version (1) | u16 len(wrapped) | RSA-OAEP(SHA-256)(session key) | nonce(12) | tag(16) | AES-GCM ciphertext
+   A blob is 35 + len(name) + len(image) bytes. The collection and the item id are bound as
+   associated data (length-prefixed, so no two (collection, id) pairs encode alike): a blob
+   that was altered, truncated, stored under another id or collection, or opened with
+   another key raises :class:`BlobAuthenticationError`; it never decrypts to garbage. The
+   original file name travels inside the ciphertext, so the server never sees it.
+
+3. **Code transform** (:class:`CodeTransform`): a keyed permutation of the N bit positions
+   followed by an XOR with a keyed N-bit mask. For any codes a, b:
+   ``hamming(T(a), T(b)) == hamming(a, b)``, so the server's exact search is unchanged while
+   it never holds the network's raw codes. Per code length N: ``k = HKDF-SHA256(secret,
+   salt=b"dlheir-code-transform-v1", context=b"bits=N")`` (32 bytes); the keyed PRG is the
+   AES-256-CTR keystream under k (nonce 8 zero bytes, counter from 0): its first 8N bytes
+   are N big-endian u64 words w_0..w_{N-1} driving a Fisher-Yates shuffle of range(N)
+   (for i = N-1 .. 1: swap perm[i], perm[w_i mod (i+1)]; bias below 2^-55), the next N
+   bytes give the mask (mask_j = byte_j & 1). ``apply``: out_bit[j] = in_bit[perm[j]] XOR
+   mask[j], repacked MSB-first with zero padding (``dlheir.codes``).
+
+4. **Grant** (key delivery, ``dlheir owner grant``): a JSON payload ::
+
+       {"format": "dlheir-grant", "version": 1, "collection": ..., "reader_token": ...,
+        "image_key": <base64>, "transform_secret": <base64>, "server": str|null, "bits": int|null}
+
+   encrypted with a fresh AES-256-GCM key, which is wrapped with RSA-OAEP (SHA-256, MGF1
+   SHA-256) for the user's RSA public key. Binary layout::
+
+       offset      size  field
+       0           4     magic b"DLHG"
+       4           1     version = 1
+       5           2     W = length of the wrapped key (384 for RSA-3072)
+       7           W     RSA-OAEP(SHA-256) wrapped 32-byte session key
+       7 + W       12    GCM nonce
+       19 + W      16    GCM tag
+       35 + W      ...   GCM ciphertext of the JSON payload
+       associated data = bytes 0 .. 7 + W (the header including the wrapped key)
+
+   Only the matching private key opens it; any other key, or any altered byte, raises
+   :class:`GrantError`.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from Crypto.Cipher import AES, PKCS1_OAEP
@@ -42,199 +82,387 @@ from Crypto.Protocol.KDF import HKDF
 from Crypto.PublicKey import RSA
 from Crypto.Random import get_random_bytes
 
-from dlheir.codes import pack_bits, unpack_bits
+from dlheir.codes import code_bytes, pack_bits, unpack_bits, validate_bits
 from dlheir.errors import UserError
 
-BLOB_MAGIC, BLOB_VERSION = b"DLHB", 1
-GRANT_MAGIC, GRANT_VERSION = b"DLHG", 1
 KEY_FORMAT, KEY_VERSION = "dlheir-owner-key", 1
+KEY_BYTES = 32  # AES-256 image key and transform secret
+
+BLOB_MAGIC, BLOB_VERSION = b"DLHB", 1
+NONCE_BYTES, TAG_BYTES = 12, 16
+BLOB_HEADER_BYTES = len(BLOB_MAGIC) + 1 + NONCE_BYTES  # 17
+BLOB_OVERHEAD = BLOB_HEADER_BYTES + 2 + TAG_BYTES  # 35 + len(name) + len(image) = blob size
+
+TRANSFORM_SALT = b"dlheir-code-transform-v1"
+
+GRANT_MAGIC, GRANT_VERSION = b"DLHG", 1
+GRANT_FORMAT = "dlheir-grant"
 RSA_BITS = 3072
+MIN_RSA_BITS = 2048
+PRIVATE_KEY_PROTECTION = "PBKDF2WithHMAC-SHA256AndAES256-CBC"
 
 
 class BlobAuthenticationError(UserError):
-    """A blob failed to decrypt: altered, swapped to another id/collection, or wrong key."""
+    """A blob did not decrypt: altered, truncated, swapped to another id/collection, wrong key,
+    or an unknown format version."""
 
 
 class GrantError(UserError):
-    """A grant cannot be opened with this private key, or was altered."""
+    """A grant cannot be opened: another user's grant, wrong private key or passphrase, or altered."""
 
 
-def write_private(path: Path | str, data: bytes) -> Path:
-    """Create ``path`` with mode 0600; never overwrite."""
+# --- files ---------------------------------------------------------------------------------
+def _write_new(path: Path | str, data: bytes, mode: int, what: str) -> Path:
     path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, flags, mode)
     except FileExistsError:
-        raise UserError(f"{path} already exists; refusing to overwrite a key") from None
+        raise UserError(f"{path} already exists; refusing to overwrite {what}") from None
     except OSError as exc:
-        raise UserError(f"cannot create {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+        raise UserError(f"cannot create {path}: {exc.strerror or exc}") from None
+    try:
+        if mode == 0o600:
+            os.fchmod(fd, 0o600)  # exactly 0600 whatever the umask
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)  # no half-written key left behind
+        raise
     return path
 
 
+def write_private(path: Path | str, data: bytes, what: str = "a key") -> Path:
+    """Create ``path`` with mode 0600 atomically (O_CREAT|O_EXCL); never overwrite (UserError)."""
+    return _write_new(path, data, 0o600, what)
+
+
+def _read(path: Path | str, what: str, hint: str = "") -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}{hint}")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise ValueError(f"{what} is not valid base64") from None
+
+
+def _check_key(key: bytes, what: str = "image key") -> bytes:
+    if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
+        raise UserError(f"the {what} must be {KEY_BYTES} bytes (AES-256)")
+    return bytes(key)
+
+
+# --- KeyGen: the owner's keys ---------------------------------------------------------------
 @dataclass(frozen=True)
 class OwnerKeys:
-    image_key: bytes
-    transform_secret: bytes
+    """The owner's two independent secrets (never printed in a repr) and, optionally, the
+    collection they were made for."""
+
+    image_key: bytes = field(repr=False)
+    transform_secret: bytes = field(repr=False)
+    collection: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_key(self.image_key, "image key")
+        _check_key(self.transform_secret, "transform secret")
+        if self.image_key == self.transform_secret:
+            raise UserError("the image key and the transform secret must be separate keys")
 
     @classmethod
-    def generate(cls) -> "OwnerKeys":
-        return cls(get_random_bytes(32), get_random_bytes(32))
+    def generate(cls, collection: str | None = None) -> "OwnerKeys":
+        """Two fresh 256-bit keys from the OS CSPRNG."""
+        return cls(get_random_bytes(KEY_BYTES), get_random_bytes(KEY_BYTES), collection)
+
+    def to_json(self) -> bytes:
+        doc = {"format": KEY_FORMAT, "version": KEY_VERSION,
+               "image_key": _b64(self.image_key), "transform_secret": _b64(self.transform_secret)}
+        if self.collection is not None:
+            doc["collection"] = self.collection
+        return (json.dumps(doc, indent=2) + "\n").encode()
 
     def save(self, path: Path | str) -> Path:
-        doc = {"format": KEY_FORMAT, "version": KEY_VERSION,
-               "image_key": base64.b64encode(self.image_key).decode(),
-               "transform_secret": base64.b64encode(self.transform_secret).decode()}
-        return write_private(path, (json.dumps(doc, indent=2) + "\n").encode())
+        """Write the key file: mode 0600, created atomically, refusing to overwrite (UserError)."""
+        return write_private(path, self.to_json(), "a key")
 
     @classmethod
     def load(cls, path: Path | str) -> "OwnerKeys":
+        """Read a key file; a missing, group/world-accessible or malformed file raises UserError."""
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"owner key file not found: {path} (create one with 'dlheir owner init')")
-        if path.stat().st_mode & 0o077:
-            raise UserError(f"{path} is readable by others (mode {path.stat().st_mode & 0o777:o}); chmod 600 it")
+        raw = _read(path, "owner key file", " (create one with 'dlheir owner init')")
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise UserError(f"{path} is accessible by group or others (mode {mode:o}); "
+                            f"protect it with 'chmod 600 {path}'")
         try:
-            doc = json.loads(path.read_text())
-            if doc.get("format") != KEY_FORMAT or doc.get("version") != KEY_VERSION:
-                raise ValueError("not a dlheir owner key (version 1)")
-            keys = cls(base64.b64decode(doc["image_key"]), base64.b64decode(doc["transform_secret"]))
-        except (ValueError, KeyError, TypeError) as exc:
+            doc = json.loads(raw.decode("utf-8"))
+            if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
+                raise ValueError("not a dlheir owner key file")
+            if doc.get("version") != KEY_VERSION:
+                raise ValueError(f"unsupported version {doc.get('version')!r} (this dlheir reads {KEY_VERSION})")
+            image_key = _unb64(doc.get("image_key"), "image_key")
+            secret = _unb64(doc.get("transform_secret"), "transform_secret")
+            collection = doc.get("collection")
+            if collection is not None and not isinstance(collection, str):
+                raise ValueError("collection must be a string")
+        except ValueError as exc:  # includes JSON and UTF-8 decoding errors
             raise UserError(f"{path}: malformed owner key file: {exc}") from None
-        if len(keys.image_key) != 32 or len(keys.transform_secret) != 32:
-            raise UserError(f"{path}: keys must be 32 bytes each")
-        return keys
+        try:
+            return cls(image_key, secret, collection)
+        except UserError as exc:
+            raise UserError(f"{path}: malformed owner key file: {exc}") from None
 
 
-# --- EncImg / Dec ------------------------------------------------------------------------
+# --- EncImg / Dec -------------------------------------------------------------------------
+class DecryptedImage(NamedTuple):
+    name: str  # the original file name (empty if none was given)
+    data: bytes  # the original file's bytes, verbatim
+
+
 def _blob_aad(collection: str, item_id: int) -> bytes:
-    name = collection.encode()
-    return b"dlheir-blob-v1" + struct.pack(">H", len(name)) + name + struct.pack(">Q", item_id)
+    if not isinstance(collection, str):
+        raise UserError("the collection name must be a string")
+    name = collection.encode("utf-8")
+    if len(name) > 0xFFFF:
+        raise UserError("the collection name is too long")
+    if not isinstance(item_id, (int, np.integer)) or not 0 <= int(item_id) < 2**64:
+        raise UserError(f"item id must be an integer in [0, 2^64), got {item_id!r}")
+    return BLOB_MAGIC + bytes([BLOB_VERSION]) + struct.pack(">H", len(name)) + name + struct.pack(">Q", int(item_id))
 
 
-def encrypt_image(key: bytes, image: bytes, collection: str, item_id: int, name: str = "") -> bytes:
-    """EncImg: AES-256-GCM with a fresh 96-bit nonce; (collection, id) bound as associated data."""
-    nonce = get_random_bytes(12)
-    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce)
-    cipher.update(_blob_aad(collection, item_id))
-    raw_name = name.encode()[:65535]
-    ciphertext, tag = cipher.encrypt_and_digest(struct.pack(">H", len(raw_name)) + raw_name + image)
-    return BLOB_MAGIC + bytes([BLOB_VERSION]) + nonce + tag + ciphertext
+def encrypt_image(key: bytes, plaintext: bytes, collection: str, item_id: int, name: str = "") -> bytes:
+    """EncImg: AES-256-GCM under ``key`` with a fresh random 96-bit nonce; the original file
+    name (optional) is encrypted with the bytes; (collection, item id) are associated data."""
+    key = _check_key(key)
+    raw_name = name.encode("utf-8", errors="surrogateescape")  # POSIX names need not be UTF-8
+    if len(raw_name) > 0xFFFF:
+        raise UserError(f"file name too long to store ({len(raw_name)} bytes)")
+    aad = _blob_aad(collection, item_id)
+    nonce = get_random_bytes(NONCE_BYTES)
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
+    cipher.update(aad)
+    ciphertext, tag = cipher.encrypt_and_digest(struct.pack(">H", len(raw_name)) + raw_name + bytes(plaintext))
+    return BLOB_MAGIC + bytes([BLOB_VERSION]) + nonce + ciphertext + tag
 
 
-def decrypt_image(key: bytes, blob: bytes, collection: str, item_id: int) -> tuple[str, bytes]:
-    """Dec: returns (file name, original image bytes) or raises BlobAuthenticationError."""
-    if len(blob) < 33 + 2 or blob[:4] != BLOB_MAGIC:
-        raise BlobAuthenticationError(f"item {item_id}: not a dlheir encrypted blob (bad header or truncated)")
+def decrypt_image(key: bytes, blob: bytes, collection: str, item_id: int) -> DecryptedImage:
+    """Dec: ``(name, data)`` with ``data`` byte-identical to the encrypted file, or
+    :class:`BlobAuthenticationError` (never garbage)."""
+    key = _check_key(key)
+    aad = _blob_aad(collection, item_id)
+    where = f"item {item_id} of collection {collection!r}"
+    blob = bytes(blob)
+    if blob[:4] != BLOB_MAGIC:
+        raise BlobAuthenticationError(f"{where}: not a dlheir encrypted blob (bad magic)")
+    if len(blob) < BLOB_OVERHEAD:
+        raise BlobAuthenticationError(f"{where}: truncated blob ({len(blob)} bytes, at least {BLOB_OVERHEAD} expected)")
     if blob[4] != BLOB_VERSION:
-        raise BlobAuthenticationError(f"item {item_id}: unsupported blob version {blob[4]}")
-    nonce, tag, ciphertext = blob[5:17], blob[17:33], blob[33:]
-    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce)
-    cipher.update(_blob_aad(collection, item_id))
+        raise BlobAuthenticationError(f"{where}: unsupported blob version {blob[4]} (this dlheir reads {BLOB_VERSION})")
+    nonce, ciphertext, tag = blob[5:BLOB_HEADER_BYTES], blob[BLOB_HEADER_BYTES:-TAG_BYTES], blob[-TAG_BYTES:]
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
+    cipher.update(aad)
     try:
-        plain = cipher.decrypt_and_verify(ciphertext, tag)
+        payload = cipher.decrypt_and_verify(ciphertext, tag)
     except ValueError:
         raise BlobAuthenticationError(
-            f"item {item_id} of {collection!r}: authentication failed (blob altered, stored under another id "
-            "or collection, or wrong key)") from None
-    (n,) = struct.unpack(">H", plain[:2])
-    return plain[2:2 + n].decode(errors="replace"), plain[2 + n:]
+            f"{where}: authentication failed (the blob was altered or truncated, is stored under another "
+            "id or collection, or the key is wrong)") from None
+    (n,) = struct.unpack(">H", payload[:2])
+    return DecryptedImage(payload[2:2 + n].decode("utf-8", errors="surrogateescape"), payload[2 + n:])
 
 
 # --- the keyed, Hamming-preserving code transform ----------------------------------------
 class CodeTransform:
-    """A keyed bit permutation then XOR mask: d(T(a), T(b)) == d(a, b) for all codes.
+    """Keyed bit permutation then XOR mask on N-bit codes: ``d(T(a), T(b)) == d(a, b)``.
 
-    Derived from the owner's transform secret with HKDF-SHA256 (one derivation per code
-    length), so the same secret serves any N. Padding bits stay zero.
+    ``secret`` is the owner's transform secret; one transform is derived per code length
+    (HKDF-SHA256 with context ``bits=N``, AES-CTR keystream as the PRG; see the module
+    docstring), so the same secret serves any N. Codes are ``uint8 [B, ceil(N/8)]`` in the
+    ``dlheir.codes`` format; padding bits must be zero on input and stay zero on output.
     """
 
     def __init__(self, secret: bytes, bits: int) -> None:
-        self.bits = bits
-        material = HKDF(secret, 32, salt=b"dlheir-code-transform-v1", hashmod=SHA256, context=f"bits={bits}".encode())
-        # keyed PRG: AES-CTR keystream under the derived key
-        stream = AES.new(material, AES.MODE_CTR, nonce=b"\x00" * 8).encrypt(b"\x00" * (8 * bits + bits))
-        words = np.frombuffer(stream[: 8 * bits], dtype=">u8")
-        perm = np.arange(bits)
-        for i in range(bits - 1, 0, -1):  # Fisher-Yates, keyed
-            j = int(words[i] % np.uint64(i + 1))
+        if not isinstance(secret, (bytes, bytearray)) or len(secret) < 16:
+            raise UserError("the transform secret must be at least 16 bytes")
+        self.bits = validate_bits(bits)
+        key = HKDF(bytes(secret), 32, salt=TRANSFORM_SALT, hashmod=SHA256, context=f"bits={self.bits}".encode())
+        n = self.bits
+        stream = AES.new(key, AES.MODE_CTR, nonce=b"\x00" * 8, initial_value=0).encrypt(b"\x00" * (9 * n))
+        words = [int.from_bytes(stream[8 * i:8 * i + 8], "big") for i in range(n)]
+        perm = list(range(n))
+        for i in range(n - 1, 0, -1):  # keyed Fisher-Yates
+            j = words[i] % (i + 1)
             perm[i], perm[j] = perm[j], perm[i]
-        self.perm = perm
-        self.inverse = np.argsort(perm)
-        self.mask = (np.frombuffer(stream[8 * bits:], dtype=np.uint8) & 1).astype(np.uint8)
+        self.perm = np.array(perm, dtype=np.intp)
+        self.inverse = np.argsort(self.perm)
+        self.mask = np.frombuffer(stream[8 * n:9 * n], dtype=np.uint8) & 1
+        for a in (self.perm, self.inverse, self.mask):
+            a.setflags(write=False)
+
+    def _bits_of(self, codes: np.ndarray) -> np.ndarray:
+        codes = np.asarray(codes)
+        if codes.dtype != np.uint8:
+            raise UserError(f"codes must be uint8 packed bytes, got {codes.dtype}")
+        codes = np.atleast_2d(codes)
+        width = code_bytes(self.bits)
+        if codes.ndim != 2 or codes.shape[1] != width:
+            raise UserError(f"{self.bits}-bit codes are [B, {width}] bytes, got shape {codes.shape}")
+        if self.bits % 8 and (codes[:, -1] & (0xFF >> (self.bits % 8))).any():
+            raise UserError(f"{self.bits}-bit codes must have zero padding bits")
+        return unpack_bits(codes, self.bits)
 
     def apply(self, codes: np.ndarray) -> np.ndarray:
-        bits = unpack_bits(np.atleast_2d(codes), self.bits)
-        return pack_bits(bits[:, self.perm] ^ self.mask)
+        """Raw codes [B, L] (or one code [L]) -> transformed codes uint8 [B, L]."""
+        return pack_bits(self._bits_of(codes)[:, self.perm] ^ self.mask)
 
     def invert(self, codes: np.ndarray) -> np.ndarray:
-        bits = unpack_bits(np.atleast_2d(codes), self.bits) ^ self.mask
-        return pack_bits(bits[:, self.inverse])
+        """Transformed codes [B, L] (or one [L]) -> the raw codes uint8 [B, L]."""
+        return pack_bits((self._bits_of(codes) ^ self.mask)[:, self.inverse])
 
 
 # --- user keys and grants ------------------------------------------------------------------
-def generate_user_keypair(private_path: Path | str, passphrase: str | None = None) -> tuple[Path, Path]:
-    """RSA-3072; private key PEM mode 0600 (PKCS#8, encrypted if a passphrase is given)."""
+def public_key_path(private_path: Path | str) -> Path:
+    """Where ``user keygen`` puts the public key: ``user.pem`` -> ``user.pub.pem``."""
     private_path = Path(private_path)
-    public_path = private_path.with_name(private_path.stem + ".pub.pem")
-    if public_path.exists():
-        raise UserError(f"{public_path} already exists; refusing to overwrite a key")
+    return private_path.with_name(private_path.stem + ".pub.pem")
+
+
+def generate_user_keypair(private_path: Path | str, passphrase: str | None = None) -> tuple[Path, Path]:
+    """RSA-3072 pair: private key PEM (PKCS#8, mode 0600, encrypted with PBKDF2-SHA256 +
+    AES-256-CBC if a passphrase is given) and the public key next to it (``*.pub.pem``).
+    Refuses to overwrite either file. Returns (private path, public path)."""
+    private_path = Path(private_path)
+    public_path = public_key_path(private_path)
+    if passphrase is not None and not passphrase:
+        raise UserError("the passphrase is empty")
+    for p in (private_path, public_path):
+        if p.exists():
+            raise UserError(f"{p} already exists; refusing to overwrite a key")
     key = RSA.generate(RSA_BITS)
     pem = key.export_key("PEM", pkcs=8, passphrase=passphrase,
-                         protection="PBKDF2WithHMAC-SHA256AndAES256-CBC" if passphrase else None)
+                         protection=PRIVATE_KEY_PROTECTION if passphrase else None)
     write_private(private_path, pem)
-    public_path.write_bytes(key.public_key().export_key("PEM"))
+    try:
+        _write_new(public_path, key.public_key().export_key("PEM") + b"\n", 0o644, "a key")
+    except BaseException:
+        private_path.unlink(missing_ok=True)
+        raise
     return private_path, public_path
 
 
 @dataclass(frozen=True)
 class Grant:
+    """What a user receives from the owner (the keys are never printed in a repr)."""
+
     collection: str
-    reader_token: str
-    image_key: bytes
-    transform_secret: bytes
+    reader_token: str = field(repr=False)
+    image_key: bytes = field(repr=False)
+    transform_secret: bytes = field(repr=False)
     server: str | None = None
     bits: int | None = None
 
 
-def make_grant(keys: OwnerKeys, user_public_pem: bytes, collection: str, reader_token: str,
-               server: str | None = None, bits: int | None = None) -> bytes:
+def _import_public(pem: bytes):
     try:
-        public = RSA.import_key(user_public_pem)
-    except (ValueError, IndexError, TypeError) as exc:
-        raise UserError(f"not an RSA public key: {exc}") from None
-    payload = json.dumps({"collection": collection, "reader_token": reader_token,
-                          "image_key": base64.b64encode(keys.image_key).decode(),
-                          "transform_secret": base64.b64encode(keys.transform_secret).decode(),
+        key = RSA.import_key(pem)
+    except (ValueError, IndexError, TypeError):
+        raise UserError("not an RSA public key (expected the user's user.pub.pem)") from None
+    if key.size_in_bits() < MIN_RSA_BITS:
+        raise UserError(f"the user's RSA key has {key.size_in_bits()} bits; at least {MIN_RSA_BITS} are required")
+    return key.public_key()
+
+
+def make_grant(owner_keys: OwnerKeys, user_public_pem: bytes, collection: str, reader_token: str,
+               server: str | None = None, bits: int | None = None) -> bytes:
+    """Seal the collection's keys, name, reader token (and, for convenience, the server address
+    and code length) for the holder of ``user_public_pem``'s private key."""
+    if not isinstance(collection, str) or not collection:
+        raise UserError("a grant needs the collection name")
+    if not isinstance(reader_token, str) or not reader_token:
+        raise UserError("a grant needs the collection's reader token")
+    if bits is not None:
+        bits = validate_bits(bits)
+    public = _import_public(user_public_pem)
+    payload = json.dumps({"format": GRANT_FORMAT, "version": GRANT_VERSION, "collection": collection,
+                          "reader_token": reader_token, "image_key": _b64(owner_keys.image_key),
+                          "transform_secret": _b64(owner_keys.transform_secret),
                           "server": server, "bits": bits}).encode()
-    session_key = get_random_bytes(32)
+    session_key = get_random_bytes(KEY_BYTES)
     wrapped = PKCS1_OAEP.new(public, hashAlgo=SHA256).encrypt(session_key)
-    nonce = get_random_bytes(12)
-    cipher = AES.new(session_key, AES.MODE_GCM, nonce=nonce)
     header = GRANT_MAGIC + bytes([GRANT_VERSION]) + struct.pack(">H", len(wrapped)) + wrapped
+    nonce = get_random_bytes(NONCE_BYTES)
+    cipher = AES.new(session_key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
     cipher.update(header)
     ciphertext, tag = cipher.encrypt_and_digest(payload)
     return header + nonce + tag + ciphertext
 
 
-def open_grant(grant: bytes, user_private_pem: bytes, passphrase: str | None = None) -> Grant:
-    if grant[:4] != GRANT_MAGIC or len(grant) < 7:
-        raise GrantError("not a dlheir grant file")
-    if grant[4] != GRANT_VERSION:
-        raise GrantError(f"unsupported grant version {grant[4]}")
+def _import_private(pem: bytes, passphrase: str | None):
     try:
-        private = RSA.import_key(user_private_pem, passphrase=passphrase)
-    except (ValueError, IndexError, TypeError):
-        raise GrantError("cannot read the user private key (wrong passphrase or not an RSA key)") from None
-    (n,) = struct.unpack(">H", grant[5:7])
-    header, rest = grant[: 7 + n], grant[7 + n:]
+        key = RSA.import_key(pem, passphrase=passphrase)
+    except ValueError as exc:
+        text = str(exc).lower()
+        if "passphrase is required" in text or (passphrase is None and b"ENCRYPTED" in bytes(pem)):
+            raise GrantError("the private key is passphrase-protected: give its passphrase "
+                             "(--passphrase-env VAR)") from None
+        if "incorrect passphrase" in text:
+            raise GrantError("wrong passphrase for the private key") from None
+        raise GrantError("cannot read the private key (not an RSA private key PEM)") from None
+    except (IndexError, TypeError):
+        raise GrantError("cannot read the private key (not an RSA private key PEM)") from None
+    if not key.has_private():
+        raise GrantError("that is a public key; open the grant with your private key (user.pem)")
+    return key
+
+
+def open_grant(grant_bytes: bytes, user_private_pem: bytes, passphrase: str | None = None) -> Grant:
+    """Open a grant with the user's private key; :class:`GrantError` for anything else."""
+    data = bytes(grant_bytes)
+    if len(data) < 7 or data[:4] != GRANT_MAGIC:
+        raise GrantError("not a dlheir grant file (bad magic or truncated)")
+    if data[4] != GRANT_VERSION:
+        raise GrantError(f"unsupported grant version {data[4]} (this dlheir reads {GRANT_VERSION})")
+    (w,) = struct.unpack(">H", data[5:7])
+    body = 7 + w
+    if len(data) < body + NONCE_BYTES + TAG_BYTES:
+        raise GrantError("truncated grant file")
+    header, wrapped = data[:body], data[7:body]
+    nonce, tag, ciphertext = (data[body:body + NONCE_BYTES], data[body + NONCE_BYTES:body + NONCE_BYTES + TAG_BYTES],
+                              data[body + NONCE_BYTES + TAG_BYTES:])
+    private = _import_private(user_private_pem, passphrase)
     try:
-        session_key = PKCS1_OAEP.new(private, hashAlgo=SHA256).decrypt(header[7:])
-        cipher = AES.new(session_key, AES.MODE_GCM, nonce=rest[:12])
-        cipher.update(header)
-        doc = json.loads(cipher.decrypt_and_verify(rest[28:], rest[12:28]))
+        session_key = PKCS1_OAEP.new(private, hashAlgo=SHA256).decrypt(wrapped)
     except (ValueError, TypeError):
-        raise GrantError("this grant was not made for this private key, or it was altered") from None
-    return Grant(doc["collection"], doc["reader_token"], base64.b64decode(doc["image_key"]),
-                 base64.b64decode(doc["transform_secret"]), doc.get("server"), doc.get("bits"))
+        raise GrantError("this grant was not made for this private key (another user's grant, or its "
+                         "wrapped key was altered)") from None
+    cipher = AES.new(session_key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
+    cipher.update(header)
+    try:
+        doc = json.loads(cipher.decrypt_and_verify(ciphertext, tag))
+    except ValueError:
+        raise GrantError("the grant was altered (authentication failed)") from None
+    try:
+        if not isinstance(doc, dict) or doc.get("format") != GRANT_FORMAT or doc.get("version") != GRANT_VERSION:
+            raise ValueError("unknown payload format")
+        grant = Grant(str(doc["collection"]), str(doc["reader_token"]), _unb64(doc["image_key"], "image_key"),
+                      _unb64(doc["transform_secret"], "transform_secret"), doc.get("server"), doc.get("bits"))
+        _check_key(grant.image_key)
+        _check_key(grant.transform_secret, "transform secret")
+    except (ValueError, KeyError, TypeError, UserError) as exc:
+        raise GrantError(f"malformed grant payload: {exc}") from None
+    return grant
