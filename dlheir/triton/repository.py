@@ -70,8 +70,10 @@ def install_onnx(onnx_path: Path | str, repo: Path | str) -> list[str]:
         path = repo / model / "config.pbtxt"
         if path.is_file():
             config = _parse(path)
+            before = config.SerializeToString(deterministic=True)
             _set_dims(config, size, bits)
-            _write(path, config)
+            if config.SerializeToString(deterministic=True) != before:  # keep committed files untouched otherwise
+                _write(path, config)
     lines.append(f"configs in {repo} set to image size {size}, {bits} bits")
     return lines
 
