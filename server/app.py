@@ -33,6 +33,11 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
 
 
+def host_port(host: str, port: int) -> str:
+    """gRPC address of host and port (IPv6 literals in brackets)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -53,12 +58,17 @@ def admin_token(data_dir: Path, token_file: str | None) -> tuple[str, str]:
             raise UserError(f"{path}: admin token must be at least 16 characters")
         return token, str(path)
     if os.environ.get(ADMIN_ENV):
-        return os.environ[ADMIN_ENV].strip(), f"${ADMIN_ENV}"
+        token = os.environ[ADMIN_ENV].strip()
+        if len(token) < 16:
+            raise UserError(f"${ADMIN_ENV}: admin token must be at least 16 characters")
+        return token, f"${ADMIN_ENV}"
     path = data_dir / "admin.token"
-    if not path.exists():
+    if not path.exists():  # first start: generate one, readable by this user only
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
     return path.read_text().strip(), str(path)
 
 
@@ -76,6 +86,8 @@ def build_server(args: argparse.Namespace):
     tls = bool(args.tls_cert or args.tls_key)
     if tls and not (args.tls_cert and args.tls_key):
         raise UserError("TLS needs both --tls-cert and --tls-key")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be from 0 to 65535, got {args.port}")
     if not tls and not is_loopback(args.host) and not args.insecure:
         raise UserError(f"refusing to serve {args.host} without TLS: give --tls-cert/--tls-key, or --insecure")
     data_dir = Path(args.data_dir)
@@ -91,7 +103,11 @@ def build_server(args: argparse.Namespace):
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (pb.DESCRIPTOR.services_by_name["CloudStore"].full_name, reflection.SERVICE_NAME, health.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    address = f"{args.host}:{args.port}"
+    address = host_port(args.host, args.port)
+    if tls:
+        for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+            if not Path(path).is_file():
+                raise UserError(f"{flag}: no such file {path}")
     try:
         if tls:
             creds = grpc.ssl_server_credentials([(Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())])
@@ -99,7 +115,9 @@ def build_server(args: argparse.Namespace):
         else:
             port = server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise UserError(f"cannot bind {address} (in use?): {exc}") from exc
+        service.store.close()
+        raise UserError(f"cannot bind {address}: the port is in use or the address is not local "
+                        f"(pick another with --port)") from exc
     for name in ("", names[0]):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, service, port, token_source
@@ -115,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dlheir server: error: {exc}", file=sys.stderr)
         return 2
     server.start()
-    print(f"dlheir cloud server listening on {args.host}:{port} (admin token: {token_source})", flush=True)
+    scheme = "TLS" if args.tls_cert else "plaintext"
+    print(f"dlheir cloud server listening on {host_port(args.host, port)} ({scheme}; admin token: {token_source}; "
+          f"{len(service.collections)} collection(s), {sum(len(c.index) for c in service.collections.values())} "
+          f"item(s) indexed)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

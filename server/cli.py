@@ -29,12 +29,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_stop)
 
 
-def wait_healthy(address: str, process: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
+def wait_healthy(address: str, process: subprocess.Popen | None = None, timeout: float = 120.0,
+                 tls_ca: str | None = None) -> None:
+    """Poll the standard gRPC health service until it answers SERVING (the index is rebuilt by then).
+
+    ``tls_ca``: PEM file to verify a TLS server with (e.g. its self-signed certificate)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
+               if tls_ca else grpc.insecure_channel(address))
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
@@ -45,6 +51,21 @@ def wait_healthy(address: str, process: subprocess.Popen | None = None, timeout:
             except grpc.RpcError:
                 time.sleep(0.2)
     raise UserError(f"cloud server at {address} not healthy after {timeout:.0f}s")
+
+
+def _wait_listening(log_path: Path, offset: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    """TLS servers: wait for the 'listening on' line the server prints once it serves (its
+    certificate may not verify for a loopback name, so the health check is not used)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise UserError(f"cloud server exited with code {process.returncode}")
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            if b"listening on" in f.read():
+                return
+        time.sleep(0.2)
+    raise UserError(f"cloud server did not start within {timeout:.0f}s")
 
 
 def server_command(args: argparse.Namespace) -> list[str]:
@@ -59,7 +80,7 @@ def server_command(args: argparse.Namespace) -> list[str]:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from dlheir.server.app import main
+    from dlheir.server.app import host_port, main
 
     if args.foreground:
         return main(server_command(args)[3:])
@@ -67,40 +88,78 @@ def _start(args: argparse.Namespace) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     pid_file = data_dir / "server.pid"
     if pid_file.exists():
-        try:
-            os.kill(int(pid_file.read_text()), 0)
-            raise UserError(f"a server is already running for {data_dir} (pid {pid_file.read_text().strip()})")
-        except ProcessLookupError:
-            pid_file.unlink()
-    log = open(data_dir / "server.log", "ab")
-    proc = subprocess.Popen(server_command(args), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        pid = pid_file.read_text().strip()
+        if pid.isdigit() and _is_our_server(int(pid)):
+            raise UserError(f"a server is already running for {data_dir} (pid {pid}); "
+                            f"stop it with: dlheir server stop --data-dir {data_dir}")
+        pid_file.unlink()
+    if args.port == 0:
+        raise UserError("--port 0 is for --foreground only: give the port the background server should use")
+    log_path = data_dir / "server.log"
+    with open(log_path, "ab") as log:
+        offset = log.tell()
+        proc = subprocess.Popen(server_command(args), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # detached: survives this command and its terminal
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.host, args.host)
     try:
-        wait_healthy(f"127.0.0.1:{args.port}" if args.host in ("0.0.0.0", "::") else f"{args.host}:{args.port}",
-                     proc) if not args.tls_cert else time.sleep(1.0)
-    except UserError:
-        tail = (data_dir / "server.log").read_text(errors="replace").strip().splitlines()[-3:]
-        raise UserError("cloud server failed to start:\n" + "\n".join(tail)) from None
-    pid_file.write_text(str(proc.pid))
-    print(f"cloud server (pid {proc.pid}) listening on {args.host}:{args.port}; log {data_dir / 'server.log'}")
+        if args.tls_cert:
+            _wait_listening(log_path, offset, proc)
+        else:
+            wait_healthy(host_port(local, args.port), proc)
+    except UserError as exc:
+        if proc.poll() is None:
+            proc.kill()
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            tail = f.read().decode(errors="replace").strip().splitlines()[-3:]
+        raise UserError(f"cloud server failed to start ({exc}); {log_path} says:\n" + "\n".join(tail)) from None
+    tmp = pid_file.with_suffix(".tmp")
+    tmp.write_text(str(proc.pid))
+    os.replace(tmp, pid_file)
+    print(f"cloud server (pid {proc.pid}) listening on {host_port(args.host, args.port)}"
+          f"{' with TLS' if args.tls_cert else ''}; log {log_path}; stop with: dlheir server stop --data-dir {data_dir}")
     token = data_dir / "admin.token"
-    if not args.admin_token_file and token.exists():
-        print(f"admin token in {token}")
+    if args.admin_token_file:
+        print(f"admin token: {args.admin_token_file}")
+    elif os.environ.get("DLHEIR_ADMIN_TOKEN"):
+        print("admin token: $DLHEIR_ADMIN_TOKEN")
+    elif token.exists():
+        print(f"admin token in {token} (mode 0600)")
     return 0
+
+
+def _is_our_server(pid: int) -> bool:
+    """The pid is alive and (where /proc tells) runs dlheir.server, not a recycled pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    return not cmdline.exists() or b"dlheir.server" in cmdline.read_bytes()
 
 
 def _stop(args: argparse.Namespace) -> int:
     pid_file = Path(args.data_dir) / "server.pid"
     if not pid_file.exists():
         raise UserError(f"no {pid_file}: no server was started for that data dir")
-    pid = int(pid_file.read_text())
     try:
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(50):
+        pid = int(pid_file.read_text())
+    except ValueError:
+        raise UserError(f"{pid_file} does not hold a process id") from None
+    if not _is_our_server(pid):
+        pid_file.unlink()
+        print(f"cloud server (pid {pid}) was not running; removed {pid_file}")
+        return 0
+    try:
+        os.kill(pid, signal.SIGTERM)  # graceful: in-flight calls finish, the store closes
+        for _ in range(100):
             time.sleep(0.1)
             os.kill(pid, 0)
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)  # still there after 10 s; acked data is safe either way
     except ProcessLookupError:
         pass
-    pid_file.unlink()
+    pid_file.unlink(missing_ok=True)
     print(f"cloud server (pid {pid}) stopped")
     return 0

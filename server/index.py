@@ -5,9 +5,15 @@
 * The collection is split into shards (one per core by default), searched in parallel
   threads (FAISS releases the GIL) and merged: one query's work is spread over cores.
   A batch of queries is one FAISS call per shard.
-* Results are exactly the top k by (distance, id), ties at the k-th distance included:
-  each shard is asked for k+1; where a shard's (k+1)-th distance still equals the k-th
-  overall, that shard's full tie set is taken with a range search.
+* Results are exactly the top k by (distance, id), ties at the k-th distance broken by the
+  smaller id: each shard is asked for a few more than k (``_shard_k``); a shard whose last
+  returned distance still equals the k-th distance overall may hold more items at that
+  distance, and for those (query, shard) pairs the full set at distance <= d_k is taken with
+  a FAISS range search before the final (distance, id) sort.
+* Concurrency: a readers-writer lock (writer preferring). Searches share it and run
+  concurrently; an upload batch / delete takes it exclusively only for the in-memory append
+  or removal (the durable SQLite commit happens before, outside it), so a search never sees a
+  half-applied batch and uploads wait for at most the searches already running.
 """
 
 from __future__ import annotations
@@ -15,57 +21,144 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import faiss
 import numpy as np
 
 FAST_BYTES = (8, 16, 32, 64)  # code sizes IndexBinaryFlat has specialised paths for
-PARALLEL_MIN_CODES = 65536  # below this a thread hand-off costs more than the scan it splits
+PARALLEL_MIN_WORK = 65536  # (codes x queries) below which a thread hand-off costs more than the scan it splits
 
 
 def padded_bytes(code_len: int) -> int:
+    """Bytes per code inside the index: the smallest FAISS fast-path size that holds ``code_len``."""
     return next((n for n in FAST_BYTES if n >= code_len), -(-code_len // 8) * 8)
+
+
+def default_shards() -> int:
+    """One shard per core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def gpu_available() -> bool:
+    """True only with a faiss build that has GPU support *and* a visible GPU."""
+    try:
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    except Exception:  # noqa: BLE001 - a broken GPU runtime means "no GPU"
+        return False
 
 
 def _new_index(nbytes: int):
     index = faiss.IndexBinaryFlat(nbytes * 8)
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:  # faiss-gpu with a GPU
+    if gpu_available():  # faiss-gpu with a GPU (not on CPU-only hosts)
         index = faiss.index_binary_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     return index
 
 
+class RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
 class _Shard:
+    """One IndexBinaryFlat plus the owner ids of its rows (row i of the index is ids[i])."""
+
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
         self.index = _new_index(nbytes)
-        self.ids = np.zeros(0, dtype=np.int64)
-        self.codes = np.zeros((0, nbytes), dtype=np.uint8)
+        self._ids = np.zeros(1024, dtype=np.int64)  # grows geometrically: appends are amortised O(batch)
+        self.n = 0
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._ids[: self.n]
 
     def add(self, ids: np.ndarray, codes: np.ndarray) -> None:
-        self.index.add(codes)
-        self.ids = np.concatenate([self.ids, ids])
-        self.codes = np.concatenate([self.codes, codes])
-
-    def remove(self, ids: np.ndarray) -> None:
-        keep = ~np.isin(self.ids, ids)
-        if keep.all():
+        if not len(ids):
             return
-        self.ids, self.codes = self.ids[keep], self.codes[keep]
-        self.index = _new_index(self.nbytes)
-        if len(self.ids):
-            self.index.add(self.codes)
+        if self.n + len(ids) > len(self._ids):
+            grown = np.zeros(max(2 * len(self._ids), self.n + len(ids)), dtype=np.int64)
+            grown[: self.n] = self.ids
+            self._ids = grown
+        self.index.add(codes)
+        self._ids[self.n: self.n + len(ids)] = ids
+        self.n += len(ids)
+
+    def remove(self, ids: np.ndarray) -> int:
+        rows = np.flatnonzero(np.isin(self.ids, ids))
+        if not len(rows):
+            return 0
+        if gpu_available():  # GPU binary indexes cannot remove: rebuild from the kept codes
+            codes = faiss.vector_to_array(faiss.index_binary_gpu_to_cpu(self.index).xb).reshape(-1, self.nbytes)
+            keep = np.ones(self.n, bool)
+            keep[rows] = False
+            self.index = _new_index(self.nbytes)
+            self.index.add(np.ascontiguousarray(codes[keep]))
+        else:
+            self.index.remove_ids(faiss.IDSelectorBatch(rows.astype(np.int64)))  # keeps the order of the rest
+        kept = np.delete(self.ids, rows)
+        self._ids[: len(kept)] = kept
+        self.n = len(kept)
+        return len(rows)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = min(k, len(self.ids))
+        """(distances int32 [Q, min(k, n)], ids int64 [Q, min(k, n)]) sorted by distance."""
+        k = min(k, self.n)
         if k == 0:
             return np.zeros((len(queries), 0), np.int32), np.zeros((len(queries), 0), np.int64)
         dist, pos = self.index.search(queries, k)
         return dist, self.ids[pos]
 
     def within(self, query: np.ndarray, max_dist: int) -> tuple[np.ndarray, np.ndarray]:
-        """All items at distance <= max_dist from one query."""
-        lims, dist, pos = self.index.range_search(query[None, :], max_dist + 1)
+        """All items at distance <= max_dist from one query: (distances, ids)."""
+        lims, dist, pos = self.index.range_search(query[None, :], max_dist + 1)  # binary radius is strict (<)
         return dist[lims[0]:lims[1]], self.ids[pos[lims[0]:lims[1]]]
+
+
+def _shard_k(k: int) -> int:
+    """Results asked of each shard: a margin above k makes a tie at the k-th distance that
+    crosses the shard's last result rare (such ties then cost a range search); FAISS's scan
+    costs the same for k+1 and 2k+16."""
+    return 2 * k + 16
 
 
 class BinaryIndex:
@@ -75,12 +168,13 @@ class BinaryIndex:
         self.bits = bits
         self.code_len = -(-bits // 8)
         self.nbytes = padded_bytes(self.code_len)
-        self.shards = [_Shard(self.nbytes) for _ in range(n_shards or os.cpu_count() or 1)]
-        self.pool = pool or ThreadPoolExecutor(len(self.shards))
-        self.lock = threading.Lock()  # a search never sees a half-applied batch
+        self.shards = [_Shard(self.nbytes) for _ in range(max(1, n_shards or default_shards()))]
+        self.pool = pool or ThreadPoolExecutor(len(self.shards), thread_name_prefix="shard")
+        self.lock = RWLock()
+        self._n = 0
 
     def __len__(self) -> int:
-        return sum(len(s.ids) for s in self.shards)
+        return self._n
 
     def _pad(self, codes: np.ndarray) -> np.ndarray:
         codes = np.asarray(codes, dtype=np.uint8).reshape(-1, self.code_len)
@@ -91,60 +185,84 @@ class BinaryIndex:
         return out
 
     def add(self, ids, codes, replace_ids=None) -> None:
+        """Add one batch atomically (as seen by searches); ``replace_ids`` are removed first."""
         ids = np.asarray(ids, dtype=np.int64)
-        padded = self._pad(codes)
-        with self.lock:
+        padded = self._pad(codes)  # outside the lock
+        with self.lock.write():
             if replace_ids is not None and len(replace_ids):
-                for shard in self.shards:
-                    shard.remove(np.asarray(replace_ids, dtype=np.int64))
-            # spread the batch so shards stay balanced
-            sizes = np.array([len(s.ids) for s in self.shards])
+                self._remove(np.asarray(replace_ids, dtype=np.int64))
+            # fill the smallest shards first so shards stay balanced
+            sizes = np.array([s.n for s in self.shards])
             target = (sizes.sum() + len(ids)) / len(self.shards)
             start = 0
-            for shard, size in sorted(zip(self.shards, sizes), key=lambda t: t[1]):
-                take = int(max(0, min(len(ids) - start, np.ceil(target - size))))
+            for i in np.argsort(sizes, kind="stable"):
+                take = int(max(0, min(len(ids) - start, np.ceil(target - sizes[i]))))
                 if take:
-                    shard.add(ids[start:start + take], padded[start:start + take])
+                    self.shards[i].add(ids[start:start + take], padded[start:start + take])
                     start += take
             if start < len(ids):
-                self.shards[0].add(ids[start:], padded[start:])
+                self.shards[int(np.argmin(sizes))].add(ids[start:], padded[start:])
+            self._n += len(ids)
 
-    def remove(self, ids) -> None:
-        with self.lock:
-            for shard in self.shards:
-                shard.remove(np.asarray(ids, dtype=np.int64))
+    def _remove(self, ids: np.ndarray) -> int:
+        n = sum(shard.remove(ids) for shard in self.shards)
+        self._n -= n
+        return n
+
+    def remove(self, ids) -> int:
+        with self.lock.write():
+            return self._remove(np.asarray(ids, dtype=np.int64))
+
+    def _search_shards(self, q: np.ndarray, kk: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        if len(self.shards) == 1 or self._n * len(q) < PARALLEL_MIN_WORK:
+            return [s.search(q, kk) for s in self.shards]
+        futures = [self.pool.submit(s.search, q, kk) for s in self.shards[1:]]
+        first = self.shards[0].search(q, kk)  # the calling thread takes one shard itself
+        return [first, *(f.result() for f in futures)]
 
     def search(self, queries: np.ndarray, k: int, max_distance: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per query: (ids, distances) of the exact top k by (distance, id)."""
+        """Per query: (ids int64, distances uint32) of the exact top k by (distance, id),
+        then dropping those farther than ``max_distance``."""
         q = self._pad(queries)
-        with self.lock:
-            if len(self) < PARALLEL_MIN_CODES:
-                parts = [s.search(q, k + 1) for s in self.shards]
+        nq = len(q)
+        kk = _shard_k(k)
+        with self.lock.read():
+            parts = self._search_shards(q, kk)
+            dist = np.concatenate([d for d, _ in parts], axis=1)
+            ids = np.concatenate([i for _, i in parts], axis=1)
+            order = np.lexsort((ids, dist), axis=-1)
+            dist = np.take_along_axis(dist, order, axis=1)
+            ids = np.take_along_axis(ids, order, axis=1)
+            if dist.shape[1] <= k:  # every shard returned everything it holds
+                kth = None
             else:
-                parts = list(self.pool.map(lambda s: s.search(q, k + 1), self.shards))
-            results = []
-            for qi in range(len(q)):
-                dist = np.concatenate([d[qi] for d, _ in parts])
-                ids = np.concatenate([i[qi] for _, i in parts])
-                order = np.lexsort((ids, dist))
-                dist, ids = dist[order], ids[order]
-                if len(dist) > k:
-                    kth = dist[k - 1]
-                    # a shard that returned k+1 results ending at the k-th distance may hold more ties
-                    extra = [s for s, (d, _) in zip(self.shards, parts) if d.shape[1] == k + 1 and d[qi, -1] <= kth]
-                    if extra:
-                        keep = dist < kth
-                        ties = [s.within(q[qi], int(kth)) for s in self.shards]
-                        dist = np.concatenate([dist[keep], *[d[d == kth] for d, _ in ties]])
-                        ids = np.concatenate([ids[keep], *[i[d == kth] for d, i in ties]])
-                        order = np.lexsort((ids, dist))
-                        dist, ids = dist[order], ids[order]
-                dist, ids = dist[:k], ids[:k]
+                kth = dist[:, k - 1].astype(np.int64)  # the k-th distance of each query
                 if max_distance is not None:
-                    keep = dist <= max_distance
-                    dist, ids = dist[keep], ids[keep]
-                results.append((ids, dist.astype(np.uint32)))
+                    kth = np.minimum(kth, max_distance)
+            results = []
+            for qi in range(nq):
+                d, i = dist[qi, :k], ids[qi, :k]
+                if kth is not None:
+                    # shards that returned all they were asked for, and whose last distance is
+                    # still <= the boundary, may hold more items at the boundary distance
+                    open_shards = [s for s, (sd, _) in zip(self.shards, parts)
+                                   if kk < s.n and sd[qi, -1] <= kth[qi]]
+                    if open_shards:
+                        b = int(kth[qi])
+                        cand_d = [sd[qi][sd[qi] <= b] for s, (sd, _) in zip(self.shards, parts) if s not in open_shards]
+                        cand_i = [si[qi][sd[qi] <= b] for s, (sd, si) in zip(self.shards, parts) if s not in open_shards]
+                        for s in open_shards:
+                            rd, ri = s.within(q[qi], b)
+                            cand_d.append(rd)
+                            cand_i.append(ri)
+                        cd, ci = np.concatenate(cand_d), np.concatenate(cand_i)
+                        o = np.lexsort((ci, cd))[:k]
+                        d, i = cd[o], ci[o]
+                if max_distance is not None:
+                    keep = d <= max_distance
+                    d, i = d[keep], i[keep]
+                results.append((np.ascontiguousarray(i), d.astype(np.uint32)))
         return results
 
 
-faiss.omp_set_num_threads(1)  # parallelism comes from the shards
+faiss.omp_set_num_threads(1)  # parallelism comes from the shards (one FAISS call per shard and thread)

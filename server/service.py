@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 
 from dlheir.codes import MAX_BITS, MIN_BITS, code_bytes
-from dlheir.server.index import BinaryIndex
+from dlheir.server.index import BinaryIndex, default_shards
 from dlheir.server.proto import dlheir_cloud_pb2 as pb
 from dlheir.server.proto import dlheir_cloud_pb2_grpc as pb_grpc
 from dlheir.server.store import Store
@@ -25,6 +25,7 @@ MAX_BATCH_ITEMS = 10_000
 MAX_K = 10_000
 MAX_QUERIES = 10_000
 MAX_IDS = 100_000
+MAX_METADATA_BYTES = 64 * 1024  # per item, keys + values
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -45,15 +46,14 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
     def __init__(self, store: Store, admin_token: str, n_shards: int | None = None) -> None:
         self.store = store
         self.admin_hash = token_hash(admin_token)
-        self.n_shards = n_shards
-        self.pool = ThreadPoolExecutor(n_shards or 2)
+        self.n_shards = n_shards or default_shards()
+        self.pool = ThreadPoolExecutor(self.n_shards, thread_name_prefix="shard")  # shared by all collections
         self.collections: dict[str, Collection] = {}
         self.write_lock = threading.Lock()  # uploads/deletes are applied one batch at a time
-        for name, bits, owner_hash, reader_hash in store.collections():
+        for name, bits, owner_hash, reader_hash in store.collections():  # rebuild the index from the store
             col = self._open(name, bits, owner_hash, reader_hash)
-            ids, codes = store.codes(name)
-            if ids:
-                col.index.add(np.array(ids, dtype=np.int64), np.frombuffer(b"".join(codes), np.uint8))
+            for ids, codes in store.codes(name):
+                col.index.add(np.array(ids, dtype=np.int64), np.frombuffer(codes, np.uint8))
 
     def _open(self, name, bits, owner_hash, reader_hash) -> Collection:
         col = Collection(name, bits, owner_hash, reader_hash, BinaryIndex(bits, self.n_shards, self.pool))
@@ -84,8 +84,13 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, f"token not valid for collection {name!r}")
 
     def _admin(self, context) -> None:
-        if not hmac.compare_digest(token_hash(self._token(context)), self.admin_hash):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "this call needs the server's admin token")
+        given = token_hash(self._token(context))
+        if hmac.compare_digest(given, self.admin_hash):
+            return
+        if any(given in (c.owner_hash, c.reader_hash) for c in list(self.collections.values())):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "this call needs the server's admin token, "
+                                                             "not a collection token")
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown token: this call needs the server's admin token")
 
     # --- collections --------------------------------------------------------------------
     def CreateCollection(self, request, context):
@@ -124,20 +129,28 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
     def _validate_item(self, col: Collection, item, seen: set, context) -> None:
         if item.id < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"id must be >= 0, got {item.id}")
-        want = code_bytes(col.bits)
-        if len(item.code) != want:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"item {item.id}: code is {len(item.code)} bytes, collection {col.name!r} "
-                          f"({col.bits} bits) expects {want}")
-        if col.bits % 8 and item.code[-1] & (0xFF >> (col.bits % 8)):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"item {item.id}: padding bits after bit {col.bits} must be zero")
+        self._check_code(col, item.code, f"item {item.id}", context)
         if len(item.blob) > MAX_BLOB_BYTES:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"item {item.id}: blob of {len(item.blob)} bytes exceeds the limit of {MAX_BLOB_BYTES} bytes")
+        meta = sum(len(k.encode()) + len(v.encode()) for k, v in item.metadata.items())
+        if meta > MAX_METADATA_BYTES:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"item {item.id}: metadata of {meta} bytes exceeds the limit of {MAX_METADATA_BYTES} bytes")
         if item.id in seen:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"id {item.id} appears twice in one batch")
         seen.add(item.id)
+
+    @staticmethod
+    def _check_code(col: Collection, code: bytes, what: str, context) -> None:
+        want = code_bytes(col.bits)
+        if len(code) != want:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{what}: code is {len(code)} bytes, collection {col.name!r} ({col.bits} bits) "
+                          f"expects {want} bytes")
+        if col.bits % 8 and code[-1] & (0xFF >> (col.bits % 8)):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{what}: the {8 - col.bits % 8} padding bits after bit {col.bits} must be zero")
 
     def _commit(self, col: Collection, batch: list, replace: bool, context) -> int:
         ids = [b[0] for b in batch]
@@ -180,9 +193,7 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
                           f"give 1 to {MAX_QUERIES} query codes per request, got {len(request.codes)}")
         want = code_bytes(col.bits)
         for i, code in enumerate(request.codes):
-            if len(code) != want:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"query {i}: code is {len(code)} bytes, collection {col.name!r} ({col.bits} bits) expects {want}")
+            self._check_code(col, code, f"query {i}", context)
         queries = np.frombuffer(b"".join(request.codes), np.uint8).reshape(-1, want)
         max_d = request.max_distance if request.HasField("max_distance") else None
         results = col.index.search(queries, request.k, max_d)
@@ -191,12 +202,14 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
     def Fetch(self, request, context):
         col = self._collection(request.collection, context, write=False)
         if len(request.ids) > MAX_IDS:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"fetch at most {MAX_IDS} ids per call")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"fetch at most {MAX_IDS} ids per call, got {len(request.ids)}")
         for item_id, blob, metadata in self.store.fetch(col.name, list(request.ids)):
             yield pb.FetchedItem(id=item_id, blob=blob, metadata=metadata)
 
     def Delete(self, request, context):
         col = self._collection(request.collection, context, write=True)
+        if len(request.ids) > MAX_IDS:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"delete at most {MAX_IDS} ids per call, got {len(request.ids)}")
         ids = list(request.ids)
         with self.write_lock:
             n = self.store.delete(col.name, ids)  # durable first, then the index
@@ -206,5 +219,5 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
     def Contains(self, request, context):
         col = self._collection(request.collection, context, write=False)
         if len(request.ids) > MAX_IDS:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"ask about at most {MAX_IDS} ids per call")
-        return pb.ContainsResponse(present=sorted(self.store.existing_ids(col.name, request.ids)))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"ask about at most {MAX_IDS} ids per call, got {len(request.ids)}")
+        return pb.ContainsResponse(present=sorted(self.store.present_ids(col.name, request.ids)))

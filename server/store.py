@@ -34,9 +34,22 @@ CREATE TABLE IF NOT EXISTS items (
 class Store:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()  # one writer; sqlite3 connections are not thread-safe
+        self._lock = threading.Lock()  # one writer connection, used by one thread at a time
         self._conn = self._connect()
         self._conn.executescript(SCHEMA)
+        # readers (fetch, stats, contains, rebuild) get one connection per thread: in WAL mode they
+        # read the last committed state without waiting for a writer's fsync
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -57,17 +70,24 @@ class Store:
         with self._lock:
             return self._conn.execute("SELECT name, bits, owner_token_sha256, reader_token_sha256 FROM collections").fetchall()
 
-    def existing_ids(self, collection: str, ids: Iterable[int]) -> set[int]:
-        ids = list(ids)
+    @staticmethod
+    def _ids_in(conn: sqlite3.Connection, collection: str, ids: list[int]) -> set[int]:
         found: set[int] = set()
-        with self._lock:
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                rows = self._conn.execute(
-                    f"SELECT id FROM items WHERE collection = ? AND id IN ({','.join('?' * len(chunk))})",
-                    (collection, *chunk)).fetchall()
-                found.update(r[0] for r in rows)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            rows = conn.execute(f"SELECT id FROM items WHERE collection = ? AND id IN ({','.join('?' * len(chunk))})",
+                                (collection, *chunk)).fetchall()
+            found.update(r[0] for r in rows)
         return found
+
+    def existing_ids(self, collection: str, ids: Iterable[int]) -> set[int]:
+        """Ids already stored, read on the writer connection (callers serialise writes)."""
+        with self._lock:
+            return self._ids_in(self._conn, collection, list(ids))
+
+    def present_ids(self, collection: str, ids: Iterable[int]) -> set[int]:
+        """Ids stored as of the last commit (reader connection, never waits for a writer)."""
+        return self._ids_in(self._reader(), collection, list(ids))
 
     def write_batch(self, collection: str, items: list[tuple[int, bytes, bytes, dict]], replace: bool) -> None:
         """All items or none, durable when this returns."""
@@ -100,24 +120,30 @@ class Store:
 
     def fetch(self, collection: str, ids: list[int]) -> Iterator[tuple[int, bytes, dict]]:
         """Blobs in the order asked; unknown ids are skipped."""
-        for item_id in ids:
-            with self._lock:
-                row = self._conn.execute("SELECT blob, metadata FROM items WHERE collection = ? AND id = ?",
-                                         (collection, item_id)).fetchone()
-            if row is not None:
-                yield item_id, row[0], json.loads(row[1])
+        for start in range(0, len(ids), 256):
+            chunk = ids[start:start + 256]
+            rows = self._reader().execute(f"SELECT id, blob, metadata FROM items WHERE collection = ? AND id IN "
+                                f"({','.join('?' * len(set(chunk)))})", (collection, *set(chunk))).fetchall()
+            found = {r[0]: r for r in rows}
+            for item_id in chunk:
+                if item_id in found:
+                    yield item_id, found[item_id][1], json.loads(found[item_id][2])
 
-    def codes(self, collection: str) -> tuple[list[int], list[bytes]]:
-        with self._lock:
-            rows = self._conn.execute("SELECT id, code FROM items WHERE collection = ? ORDER BY id", (collection,)).fetchall()
-        return [r[0] for r in rows], [r[1] for r in rows]
+    def codes(self, collection: str, chunk: int = 100_000) -> Iterator[tuple[list[int], bytes]]:
+        """(ids, concatenated codes) of every stored item, in chunks, for rebuilding the index."""
+        cur = self._reader().execute("SELECT id, code FROM items WHERE collection = ? ORDER BY id", (collection,))
+        while rows := cur.fetchmany(chunk):
+            yield [r[0] for r in rows], b"".join(r[1] for r in rows)
 
     def stats(self, collection: str) -> tuple[int, int]:
-        with self._lock:
-            n, size = self._conn.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(blob)), 0) FROM items WHERE collection = ?",
-                                         (collection,)).fetchone()
+        n, size = self._reader().execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(blob)), 0) FROM items WHERE collection = ?", (collection,)).fetchone()
         return n, size
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()

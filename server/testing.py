@@ -22,10 +22,21 @@ def free_port() -> int:
 
 
 class CloudServerProcess:
-    def __init__(self, data_dir: Path | str, port: int | None = None, extra_args: list[str] | None = None) -> None:
+    """``python -m dlheir.server`` in the foreground as a child process, on 127.0.0.1.
+
+    ``start()`` returns once the health check answers SERVING (index rebuilt); ``stop()`` sends
+    SIGTERM, ``kill()`` SIGKILL. The admin token is generated into ``data_dir/admin.token``
+    (``DLHEIR_ADMIN_TOKEN`` is removed from the child's environment). ``tls_cert``/``tls_key``
+    start it with TLS; the certificate must be valid for 127.0.0.1 (it is used as the CA)."""
+
+    def __init__(self, data_dir: Path | str, port: int | None = None, extra_args: list[str] | None = None,
+                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
-        self.extra_args = extra_args or []
+        self.extra_args = list(extra_args or [])
+        self.tls_cert = str(tls_cert) if tls_cert else None
+        if tls_cert:
+            self.extra_args += ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
         self.process: subprocess.Popen | None = None
 
     @property
@@ -44,8 +55,18 @@ class CloudServerProcess:
             [sys.executable, "-m", "dlheir.server", "--data-dir", str(self.data_dir), "--port", str(self.port),
              *self.extra_args], stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
-        wait_healthy(self.address, self.process)
+        try:
+            wait_healthy(self.address, self.process, tls_ca=self.tls_cert)
+        except Exception:
+            self.kill()
+            raise
         return self
+
+    def __enter__(self) -> "CloudServerProcess":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def kill(self) -> None:
         """kill -9: no chance to flush or clean up."""
