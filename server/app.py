@@ -72,6 +72,22 @@ def admin_token(data_dir: Path, token_file: str | None) -> tuple[str, str]:
     return path.read_text().strip(), str(path)
 
 
+def check_args(args: argparse.Namespace) -> bool:
+    """Validate the bind/TLS options (UserError); returns whether TLS is on."""
+    tls = bool(args.tls_cert or args.tls_key)
+    if tls and not (args.tls_cert and args.tls_key):
+        raise UserError("TLS needs both --tls-cert and --tls-key")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be from 0 to 65535, got {args.port}")
+    if not tls and not is_loopback(args.host) and not args.insecure:
+        raise UserError(f"refusing to serve {args.host} without TLS: give --tls-cert/--tls-key, or --insecure")
+    if tls:
+        for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+            if not Path(path).is_file():
+                raise UserError(f"{flag}: no such file {path}")
+    return tls
+
+
 def build_server(args: argparse.Namespace):
     """Create the grpc.Server (not started); returns (server, service, bound port, admin token source)."""
     import grpc
@@ -83,13 +99,7 @@ def build_server(args: argparse.Namespace):
     from dlheir.server.service import MAX_MESSAGE_BYTES, CloudStoreService
     from dlheir.server.store import Store
 
-    tls = bool(args.tls_cert or args.tls_key)
-    if tls and not (args.tls_cert and args.tls_key):
-        raise UserError("TLS needs both --tls-cert and --tls-key")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be from 0 to 65535, got {args.port}")
-    if not tls and not is_loopback(args.host) and not args.insecure:
-        raise UserError(f"refusing to serve {args.host} without TLS: give --tls-cert/--tls-key, or --insecure")
+    tls = check_args(args)
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     token, token_source = admin_token(data_dir, args.admin_token_file)
@@ -104,10 +114,6 @@ def build_server(args: argparse.Namespace):
     names = (pb.DESCRIPTOR.services_by_name["CloudStore"].full_name, reflection.SERVICE_NAME, health.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     address = host_port(args.host, args.port)
-    if tls:
-        for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
-            if not Path(path).is_file():
-                raise UserError(f"{flag}: no such file {path}")
     try:
         if tls:
             creds = grpc.ssl_server_credentials([(Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())])

@@ -53,9 +53,10 @@ def wait_healthy(address: str, process: subprocess.Popen | None = None, timeout:
     raise UserError(f"cloud server at {address} not healthy after {timeout:.0f}s")
 
 
-def _wait_listening(log_path: Path, offset: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    """TLS servers: wait for the 'listening on' line the server prints once it serves (its
-    certificate may not verify for a loopback name, so the health check is not used)."""
+def wait_listening(log_path: Path, offset: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Wait for the 'listening on' line that *this* server process prints to its log once it has
+    bound its port and serves (a health check alone could be answered by another server already
+    on that port; a TLS certificate may not verify for a loopback name)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -80,10 +81,11 @@ def server_command(args: argparse.Namespace) -> list[str]:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from dlheir.server.app import host_port, main
+    from dlheir.server.app import check_args, host_port, main
 
     if args.foreground:
         return main(server_command(args)[3:])
+    check_args(args)  # refuse bad TLS/bind options here, before anything starts
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     pid_file = data_dir / "server.pid"
@@ -102,9 +104,8 @@ def _start(args: argparse.Namespace) -> int:
                                 start_new_session=True)  # detached: survives this command and its terminal
     local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.host, args.host)
     try:
-        if args.tls_cert:
-            _wait_listening(log_path, offset, proc)
-        else:
+        wait_listening(log_path, offset, proc)
+        if not args.tls_cert:
             wait_healthy(host_port(local, args.port), proc)
     except UserError as exc:
         if proc.poll() is None:

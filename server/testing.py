@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from dlheir.server.cli import wait_healthy
+from dlheir.server.cli import wait_healthy, wait_listening
 
 
 def free_port() -> int:
@@ -49,13 +49,15 @@ class CloudServerProcess:
 
     def start(self) -> "CloudServerProcess":
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.data_dir / "server.log", "ab")
+        log_path = self.data_dir / "server.log"
         env = {k: v for k, v in os.environ.items() if k != "DLHEIR_ADMIN_TOKEN"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dlheir.server", "--data-dir", str(self.data_dir), "--port", str(self.port),
-             *self.extra_args], stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
+        with open(log_path, "ab") as log:
+            offset = log.tell()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dlheir.server", "--data-dir", str(self.data_dir), "--port", str(self.port),
+                 *self.extra_args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         try:
+            wait_listening(log_path, offset, self.process)
             wait_healthy(self.address, self.process, tls_ca=self.tls_cert)
         except Exception:
             self.kill()

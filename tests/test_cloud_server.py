@@ -189,3 +189,154 @@ def test_refuses_public_address_without_tls(tmp_path, capsys):
     code = main(["server", "start", "--foreground", "--data-dir", str(tmp_path), "--host", "0.0.0.0",
                  "--port", str(free_port())])
     assert code == 2 and "without TLS" in capsys.readouterr().err
+
+
+def test_collections_admin_and_not_found(cloud_server):
+    admin = CloudClient(cloud_server.address, cloud_server.admin_token)
+    owner_a, _ = admin.create_collection("a", 12, cloud_server.admin_token)
+    admin.create_collection("b", 64, cloud_server.admin_token)
+    code, _ = _status(lambda: admin.create_collection("a", 48, cloud_server.admin_token))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    for bits in (0, 7, 13, 512):
+        code, msg = _status(lambda: admin.create_collection(f"x{bits}", bits, cloud_server.admin_token))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and str(bits) in msg
+    code, _ = _status(lambda: admin.create_collection("bad name/..", 48, cloud_server.admin_token))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    code, _ = _status(lambda: admin.create_collection("z", 48, "not-the-admin-token"))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert sorted((c.name, c.bits) for c in admin.list_collections()) == [("a", 12), ("b", 64)]
+    owner = CloudClient(cloud_server.address, owner_a)
+    assert [c.name for c in owner.list_collections()] == ["a"]
+    for call in (lambda: owner.stats("nope"), lambda: list(owner.fetch("nope", [1])),
+                 lambda: owner.delete("nope", [1]), lambda: list(owner.upload("nope", [(1, bytes(2), b"x", {})]))):
+        code, msg = _status(call)
+        assert code == grpc.StatusCode.NOT_FOUND and "nope" in msg
+    # 12-bit codes: 2 bytes, the last 4 bits are padding and must be zero (uploads and queries)
+    code, msg = _status(lambda: list(owner.upload("a", [(1, b"\x00\x01", b"x", {})])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "padding" in msg
+    code, msg = _status(lambda: owner.search("a", np.array([[0, 1]], np.uint8), 1))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "padding" in msg
+    code, msg = _status(lambda: owner.search("a", np.zeros((1, 6), np.uint8), 1))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "expects 2" in msg and "6 bytes" in msg
+    code, msg = _status(lambda: list(owner.upload("a", [(-5, bytes(2), b"x", {})])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "-5" in msg
+    code, msg = _status(lambda: list(owner.upload("a", [(1, bytes(2), b"x", {}), (1, bytes(2), b"y", {})])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "twice" in msg
+    code, msg = _status(lambda: list(owner.upload("a", [(1, bytes(2), b"x", {"k": "v" * 70_000})])))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit" in msg
+    assert owner.stats("a").items == 0
+
+
+def test_replace_delete_and_restart_keep_index_and_store_in_step(tmp_path):
+    rng = np.random.default_rng(5)
+    codes = _random_codes(rng, 400, 48)
+    with CloudServerProcess(tmp_path / "cloud") as server:
+        owner, reader = _owner(server)
+        list(owner.upload("c", [(i, codes[i].tobytes(), bytes([i % 256]) * 100, {"i": str(i)}) for i in range(400)],
+                          batch_size=64))
+        new = _random_codes(rng, 10, 48)
+        list(owner.upload("c", [(i, new[i].tobytes(), b"new", {}) for i in range(10)], replace=True))
+        codes[:10] = new
+        assert owner.delete("c", list(range(390, 400)) + [10**12]) == 10
+        ids = np.arange(390)
+        before = owner.search("c", codes[:20], 25)
+    with CloudServerProcess(tmp_path / "cloud", port=server.port) as server:  # rebuilt from SQLite
+        reader = CloudClient(server.address, reader.token)
+        after = reader.search("c", codes[:20], 25)
+        brute = hamming(codes[:20], codes[:390])
+        for q, ((i1, d1), (i2, d2)) in enumerate(zip(before, after)):
+            order = rank(brute[q], ids)[:25]
+            np.testing.assert_array_equal(i1, ids[order])
+            np.testing.assert_array_equal(i2, ids[order])
+            np.testing.assert_array_equal(d2, brute[q][order])
+        assert reader.stats("c").items == 390
+        assert [b for _, b, _ in reader.fetch("c", [3, 395, 20])] == [b"new", bytes([20]) * 100]
+
+
+def test_search_never_sees_half_a_batch(cloud_server):
+    """Every batch uploads 50 items with one shared code; concurrent searches for that code
+    must always see a multiple of 50 of them."""
+    owner, reader = _owner(cloud_server)
+    code = np.array([[1, 2, 3, 4, 5, 6]], np.uint8)
+    n_batches, seen, stop = 40, [], threading.Event()
+
+    def search():
+        while not stop.is_set():
+            (ids, dist), = reader.search("c", code, k=n_batches * 50, max_distance=0)
+            seen.append(len(ids))
+
+    threads = [threading.Thread(target=search) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        acks = list(owner.upload("c", ((i, code[0].tobytes(), b"x", {}) for i in range(n_batches * 50)), batch_size=50))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert len(acks) == n_batches and seen
+    assert all(n % 50 == 0 for n in seen), sorted(set(seen))
+    (ids, _), = reader.search("c", code, k=n_batches * 50)
+    assert len(ids) == n_batches * 50
+
+
+def _self_signed(tmp_path):
+    import shutil
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl CLI not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    with CloudServerProcess(tmp_path / "cloud", tls_cert=cert, tls_key=key) as server:
+        with CloudClient(server.address, tls_ca=str(cert)) as admin:
+            owner, _ = admin.create_collection("c", 48, server.admin_token)
+        with CloudClient(server.address, owner, tls_ca=str(cert)) as client:
+            list(client.upload("c", [(1, bytes(6), b"secret", {})]))
+            assert list(client.fetch("c", [1])) == [(1, b"secret", {})]
+        plain = CloudClient(server.address, owner)
+        code, _ = _status(lambda: plain.stats("c"))
+        assert code == grpc.StatusCode.UNAVAILABLE  # a plaintext client cannot talk to a TLS server
+        plain.close()
+
+
+def _dlheir(*args, env=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "dlheir", *args], capture_output=True, text=True, timeout=180, env=env)
+
+
+def test_cli_start_stop_in_background(tmp_path):
+    import os
+
+    data, port = tmp_path / "cloud", free_port()
+    env = {k: v for k, v in os.environ.items() if k != "DLHEIR_ADMIN_TOKEN"}
+    r = _dlheir("server", "start", "--data-dir", str(data), "--port", str(port), env=env)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert f"127.0.0.1:{port}" in r.stdout and "admin.token" in r.stdout
+        assert (data / "admin.token").stat().st_mode & 0o777 == 0o600
+        pid = int((data / "server.pid").read_text())
+        admin = CloudClient(f"127.0.0.1:{port}")
+        admin.create_collection("c", 48, (data / "admin.token").read_text().strip())
+        admin.close()
+        again = _dlheir("server", "start", "--data-dir", str(data), "--port", str(free_port()), env=env)
+        assert again.returncode != 0 and "already running" in again.stderr
+        busy = _dlheir("server", "start", "--data-dir", str(tmp_path / "other"), "--port", str(port), env=env)
+        assert busy.returncode != 0 and "in use" in busy.stderr
+    finally:
+        r = _dlheir("server", "stop", "--data-dir", str(data))
+    assert r.returncode == 0 and "stopped" in r.stdout, r.stderr
+    assert not (data / "server.pid").exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    r = _dlheir("server", "stop", "--data-dir", str(data))
+    assert r.returncode != 0 and "no server" in r.stderr
