@@ -27,8 +27,13 @@ CREATE TABLE IF NOT EXISTS items (
     blob BLOB NOT NULL,
     metadata TEXT NOT NULL,
     PRIMARY KEY (collection, id)
-) WITHOUT ROWID;
+);
+-- covering index: rebuilding the FAISS index at start reads codes without touching the blobs
+CREATE INDEX IF NOT EXISTS items_codes ON items (collection, id, code);
 """
+# A rowid table on 16 KiB pages: measured 3-6x faster inserts of 1 KiB blobs than a WITHOUT
+# ROWID table on 4 KiB pages (rows that large overflow a clustered b-tree), and as fast for 32 KiB.
+PAGE_SIZE = 16384
 
 
 class Store:
@@ -53,6 +58,7 @@ class Store:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # takes effect only while the file is still empty
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
