@@ -126,6 +126,7 @@ def build_server(args: argparse.Namespace):
                         f"(pick another with --port)") from exc
     for name in ("", names[0]):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    service.health = health_servicer  # main() flips it to NOT_SERVING when shutting down
     return server, service, port, token_source
 
 
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    service.health.enter_graceful_shutdown()  # health checks answer NOT_SERVING from here
     server.stop(grace=2).wait()
     service.store.close()
     return 0
