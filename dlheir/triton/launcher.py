@@ -118,8 +118,6 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
-        # one ORT/OpenMP pool per model instance, not one per core per process
-        env.setdefault("OMP_NUM_THREADS", "1")
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             self.command(backend_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
