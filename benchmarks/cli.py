@@ -1,7 +1,6 @@
 """`dlheir bench ...`: each benchmark prints a table beside its baseline and saves JSON + PNG.
 
-Every module in ``BENCH_MODULES`` exposes ``register(bench_subparsers)``; a module not written
-yet is skipped exactly as ``dlheir.cli`` skips a missing component. Shared helpers (timing loop,
+Every module in ``BENCH_MODULES`` exposes ``register(bench_subparsers)``. Shared helpers (timing loop,
 percentiles, tables, JSON and PNG output) live in ``dlheir.benchmarks.common``.
 """
 
@@ -24,10 +23,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "run and writes JSON (and a PNG) under results/.")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
     for name in BENCH_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a benchmark not written yet
-            if exc.name and name.startswith(exc.name):
-                continue
-            raise
-        module.register(bsub)
+        importlib.import_module(name).register(bsub)
