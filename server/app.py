@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import ipaddress
+import logging
 import os
 import secrets
 import signal
@@ -18,6 +20,8 @@ from pathlib import Path
 from dlheir.errors import UserError
 
 ADMIN_ENV = "DLHEIR_ADMIN_TOKEN"
+LOCK_FILE = "server.lock"
+log = logging.getLogger("dlheir.server")
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -30,7 +34,19 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-token-file", help=f"file holding the admin token (else ${ADMIN_ENV}, else generated "
                                               "into DATA_DIR/admin.token)")
     p.add_argument("--shards", type=int, default=None, help="index shards searched in parallel (default: cores)")
-    p.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
+    p.add_argument("--workers", type=int, default=8, help="gRPC worker threads (default 8)")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=64,
+                   help="calls in progress at once; more are refused with RESOURCE_EXHAUSTED (default 64)")
+    p.add_argument("--stream-idle-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="cancel a client stream (upload) that sends nothing for this long (default 30)")
+    p.add_argument("--max-store-mb", type=int, default=None, metavar="MB",
+                   help="quota for the store file: uploads past it get RESOURCE_EXHAUSTED as on a full disk "
+                        "(default: no quota, the disk's size)")
+    p.add_argument("--skip-integrity-check", action="store_true",
+                   help="start without SQLite's quick_check of the store (faster start of a huge store; "
+                        "a damaged store is then found only when read)")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="DEBUG logs every call, INFO start/stop/collections/deletes, WARNING failed calls (default INFO)")
 
 
 def host_port(host: str, port: int) -> str:
@@ -85,7 +101,42 @@ def check_args(args: argparse.Namespace) -> bool:
         for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
             if not Path(path).is_file():
                 raise UserError(f"{flag}: no such file {path}")
+        check_tls_pair(args.tls_cert, args.tls_key)
     return tls
+
+
+def check_tls_pair(cert: str, key: str) -> None:
+    """Refuse, naming what is wrong, a certificate or key that is not PEM or a key that does not
+    belong to the certificate (gRPC itself would only fail to bind, which reads like a busy port)."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        reason = exc.reason or str(exc)
+        if "KEY_VALUES_MISMATCH" in reason:
+            raise UserError(f"--tls-key {key} is not the private key of --tls-cert {cert}") from None
+        if "PEM" in reason or "NO_START_LINE" in reason or "BAD_BASE64" in reason:
+            raise UserError(f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate and private key "
+                            f"({reason})") from None
+        raise UserError(f"--tls-cert {cert} / --tls-key {key}: {reason}") from None
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive OS lock (flock) on DATA_DIR/server.lock for the life of this process,
+    so that two servers never share one store, whatever started them. Returns the lock's fd."""
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"{data_dir} is in use by another cloud server (pid {holder}); stop it "
+                        f"(dlheir server stop --data-dir {data_dir}) or give another --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def build_server(args: argparse.Namespace):
@@ -94,20 +145,34 @@ def build_server(args: argparse.Namespace):
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
+    from dlheir.server.guard import Guard
     from dlheir.server.proto import dlheir_cloud_pb2 as pb
     from dlheir.server.proto import dlheir_cloud_pb2_grpc as pb_grpc
     from dlheir.server.service import MAX_MESSAGE_BYTES, CloudStoreService
-    from dlheir.server.store import Store
+    from dlheir.server.store import StoreError, open_store
 
     tls = check_args(args)
+    for flag in ("workers", "max_concurrent_rpcs"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.stream_idle_timeout <= 0:
+        raise UserError("--stream-idle-timeout must be positive")
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    args.lock_fd = lock_data_dir(data_dir)
     token, token_source = admin_token(data_dir, args.admin_token_file)
-    service = CloudStoreService(Store(data_dir / "store.sqlite3"), token, args.shards)
+    max_bytes = args.max_store_mb * 1024 * 1024 if args.max_store_mb else None
+    try:
+        store = open_store(data_dir, integrity_check=not args.skip_integrity_check, max_bytes=max_bytes)
+        service = CloudStoreService(store, token, args.shards)
+    except StoreError as exc:
+        raise UserError(str(exc)) from None
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.so_reuseport", 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(args.workers), options=options)
+    server = grpc.server(futures.ThreadPoolExecutor(args.workers), options=options,
+                         interceptors=[Guard(service.known_token, args.stream_idle_timeout)],
+                         maximum_concurrent_rpcs=args.max_concurrent_rpcs)
     pb_grpc.add_CloudStoreServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -134,21 +199,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dlheir.server", description=__doc__)
     add_server_args(parser)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server, service, port, token_source = build_server(args)
     except UserError as exc:
-        print(f"dlheir server: error: {exc}", file=sys.stderr)
+        log.error("not started: %s", exc)
+        print(f"dlheir server: error: {exc}", file=sys.stderr, flush=True)
         return 2
     server.start()
     scheme = "TLS" if args.tls_cert else "plaintext"
-    print(f"dlheir cloud server listening on {host_port(args.host, port)} ({scheme}; admin token: {token_source}; "
-          f"{len(service.collections)} collection(s), {sum(len(c.index) for c in service.collections.values())} "
-          f"item(s) indexed)", flush=True)
+    # 'listening on' is the line that launchers wait for (dlheir.server.cli.wait_listening)
+    log.info("dlheir cloud server (pid %d) listening on %s (%s; admin token: %s; %d collection(s), %d item(s) "
+             "indexed; %d workers, at most %d calls at once, idle streams cancelled after %.0f s)",
+             os.getpid(), host_port(args.host, port), scheme, token_source, len(service.collections),
+             sum(len(c.index) for c in service.collections.values()), args.workers, args.max_concurrent_rpcs,
+             args.stream_idle_timeout)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    log.info("stopping: finishing calls in progress (2 s grace)")
     service.health.enter_graceful_shutdown()  # health checks answer NOT_SERVING from here
     server.stop(grace=2).wait()
     service.store.close()
+    log.info("stopped")
     return 0

@@ -71,12 +71,15 @@ def wait_listening(log_path: Path, offset: int, process: subprocess.Popen, timeo
 
 def server_command(args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "dlheir.server", "--data-dir", str(args.data_dir), "--host", args.host,
-           "--port", str(args.port), "--workers", str(args.workers)]
-    for flag in ("tls_cert", "tls_key", "admin_token_file", "shards"):
+           "--port", str(args.port), "--workers", str(args.workers),
+           "--max-concurrent-rpcs", str(args.max_concurrent_rpcs), "--stream-idle-timeout", str(args.stream_idle_timeout),
+           "--log-level", args.log_level]
+    for flag in ("tls_cert", "tls_key", "admin_token_file", "shards", "max_store_mb"):
         if getattr(args, flag, None):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    if args.insecure:
-        cmd.append("--insecure")
+    for flag in ("insecure", "skip_integrity_check"):
+        if getattr(args, flag):
+            cmd.append(f"--{flag.replace('_', '-')}")
     return cmd
 
 

@@ -27,7 +27,8 @@ import faiss
 import numpy as np
 
 FAST_BYTES = (8, 16, 32, 64)  # code sizes IndexBinaryFlat has specialised paths for
-PARALLEL_MIN_WORK = 65536  # (codes x queries) below which a thread hand-off costs more than the scan it splits
+PARALLEL_MIN_WORK = 65536
+MERGE_BUDGET = 4_000_000  # candidates (distance + id: 12 bytes each) held at once by one search  # (codes x queries) below which a thread hand-off costs more than the scan it splits
 
 
 def padded_bytes(code_len: int) -> int:
@@ -222,46 +223,56 @@ class BinaryIndex:
 
     def search(self, queries: np.ndarray, k: int, max_distance: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per query: (ids int64, distances uint32) of the exact top k by (distance, id),
-        then dropping those farther than ``max_distance``."""
+        then dropping those farther than ``max_distance``.
+
+        Queries are searched in chunks so that the candidates held at once (chunk x shards x
+        the per-shard k) stay under MERGE_BUDGET, whatever the request's size."""
         q = self._pad(queries)
-        nq = len(q)
         kk = _shard_k(k)
-        with self.lock.read():
-            parts = self._search_shards(q, kk)
-            dist = np.concatenate([d for d, _ in parts], axis=1)
-            ids = np.concatenate([i for _, i in parts], axis=1)
-            order = np.lexsort((ids, dist), axis=-1)
-            dist = np.take_along_axis(dist, order, axis=1)
-            ids = np.take_along_axis(ids, order, axis=1)
-            if dist.shape[1] <= k:  # every shard returned everything it holds
-                kth = None
-            else:
-                kth = dist[:, k - 1].astype(np.int64)  # the k-th distance of each query
-                if max_distance is not None:
-                    kth = np.minimum(kth, max_distance)
+        chunk = max(1, MERGE_BUDGET // (kk * len(self.shards)))
+        with self.lock.read():  # one snapshot for the whole request
             results = []
-            for qi in range(nq):
-                d, i = dist[qi, :k], ids[qi, :k]
-                if kth is not None:
-                    # shards that returned all they were asked for, and whose last distance is
-                    # still <= the boundary, may hold more items at the boundary distance
-                    open_shards = [s for s, (sd, _) in zip(self.shards, parts)
-                                   if kk < s.n and sd[qi, -1] <= kth[qi]]
-                    if open_shards:
-                        b = int(kth[qi])
-                        cand_d = [sd[qi][sd[qi] <= b] for s, (sd, _) in zip(self.shards, parts) if s not in open_shards]
-                        cand_i = [si[qi][sd[qi] <= b] for s, (sd, si) in zip(self.shards, parts) if s not in open_shards]
-                        for s in open_shards:
-                            rd, ri = s.within(q[qi], b)
-                            cand_d.append(rd)
-                            cand_i.append(ri)
-                        cd, ci = np.concatenate(cand_d), np.concatenate(cand_i)
-                        o = np.lexsort((ci, cd))[:k]
-                        d, i = cd[o], ci[o]
-                if max_distance is not None:
-                    keep = d <= max_distance
-                    d, i = d[keep], i[keep]
-                results.append((np.ascontiguousarray(i), d.astype(np.uint32)))
+            for start in range(0, len(q), chunk):
+                results += self._search_chunk(q[start:start + chunk], k, kk, max_distance)
+        return results
+
+    def _search_chunk(self, q: np.ndarray, k: int, kk: int, max_distance: int | None):
+        nq = len(q)
+        parts = self._search_shards(q, kk)
+        dist = np.concatenate([d for d, _ in parts], axis=1)
+        ids = np.concatenate([i for _, i in parts], axis=1)
+        order = np.lexsort((ids, dist), axis=-1)
+        dist = np.take_along_axis(dist, order, axis=1)
+        ids = np.take_along_axis(ids, order, axis=1)
+        if dist.shape[1] <= k:  # every shard returned everything it holds
+            kth = None
+        else:
+            kth = dist[:, k - 1].astype(np.int64)  # the k-th distance of each query
+            if max_distance is not None:
+                kth = np.minimum(kth, max_distance)
+        results = []
+        for qi in range(nq):
+            d, i = dist[qi, :k], ids[qi, :k]
+            if kth is not None:
+                # shards that returned all they were asked for, and whose last distance is
+                # still <= the boundary, may hold more items at the boundary distance
+                open_shards = [s for s, (sd, _) in zip(self.shards, parts)
+                               if kk < s.n and sd[qi, -1] <= kth[qi]]
+                if open_shards:
+                    b = int(kth[qi])
+                    cand_d = [sd[qi][sd[qi] <= b] for s, (sd, _) in zip(self.shards, parts) if s not in open_shards]
+                    cand_i = [si[qi][sd[qi] <= b] for s, (sd, si) in zip(self.shards, parts) if s not in open_shards]
+                    for s in open_shards:
+                        rd, ri = s.within(q[qi], b)
+                        cand_d.append(rd)
+                        cand_i.append(ri)
+                    cd, ci = np.concatenate(cand_d), np.concatenate(cand_i)
+                    o = np.lexsort((ci, cd))[:k]
+                    d, i = cd[o], ci[o]
+            if max_distance is not None:
+                keep = d <= max_distance
+                d, i = d[keep], i[keep]
+            results.append((i.copy(), d.astype(np.uint32)))  # copies: no view keeps the chunk's arrays alive
         return results
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import threading
@@ -14,6 +15,7 @@ import grpc
 import numpy as np
 
 from dlheir.codes import MAX_BITS, MIN_BITS, code_bytes
+from dlheir.server.guard import bearer_token, clip
 from dlheir.server.index import BinaryIndex, default_shards
 from dlheir.server.proto import dlheir_cloud_pb2 as pb
 from dlheir.server.proto import dlheir_cloud_pb2_grpc as pb_grpc
@@ -26,7 +28,12 @@ MAX_K = 10_000
 MAX_QUERIES = 10_000
 MAX_IDS = 100_000
 MAX_METADATA_BYTES = 64 * 1024  # per item, keys + values
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# One Search answers at most this many (query, result) pairs: bounds the reply (about 12 bytes
+# each, far below MAX_MESSAGE_BYTES) and the work, checked before any scanning.
+MAX_RESULTS = 1_000_000
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # used with fullmatch: no trailing "\n"
+
+log = logging.getLogger("dlheir.server")
 
 
 def token_hash(token: str) -> str:
@@ -50,6 +57,7 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
         self.pool = ThreadPoolExecutor(self.n_shards, thread_name_prefix="shard")  # shared by all collections
         self.collections: dict[str, Collection] = {}
         self.write_lock = threading.Lock()  # uploads/deletes are applied one batch at a time
+        self._known_hashes: frozenset[str] = frozenset({self.admin_hash})
         for name, bits, owner_hash, reader_hash in store.collections():  # rebuild the index from the store
             col = self._open(name, bits, owner_hash, reader_hash)
             for ids, codes in store.codes(name):
@@ -58,35 +66,47 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
     def _open(self, name, bits, owner_hash, reader_hash) -> Collection:
         col = Collection(name, bits, owner_hash, reader_hash, BinaryIndex(bits, self.n_shards, self.pool))
         self.collections[name] = col
+        self._known_hashes = self._known_hashes | {owner_hash, reader_hash}
         return col
 
     # --- auth -------------------------------------------------------------------------
+    def known_token(self, token: str) -> bool:
+        """Whether ``token`` opens anything on this server (the interceptor's check, made before
+        a handler runs; which collection it opens is checked by the handler)."""
+        return token_hash(token) in self._known_hashes
+
     @staticmethod
     def _token(context) -> str:
-        for key, value in context.invocation_metadata():
-            if key == "authorization":
-                return value[7:] if value.startswith("Bearer ") else value
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata")
+        token = bearer_token(context.invocation_metadata())
+        if token is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata")
+        return token
 
     def _collection(self, name: str, context, write: bool) -> Collection:
-        token = self._token(context)
+        """The collection ``name`` if the caller's token opens it. The token is checked before
+        existence: a caller that may not know a collection cannot tell a missing one from one
+        its token does not open (both UNAUTHENTICATED, the same message)."""
+        given = token_hash(self._token(context))
         col = self.collections.get(name)
-        if col is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no collection named {name!r}")
-        given = token_hash(token)
-        if hmac.compare_digest(given, col.owner_hash):
-            return col
-        if hmac.compare_digest(given, col.reader_hash):
-            if write:
-                context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                              f"the reader token of {name!r} can search and fetch, not upload or delete")
-            return col
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, f"token not valid for collection {name!r}")
+        if col is not None:
+            if hmac.compare_digest(given, col.owner_hash):
+                return col
+            if hmac.compare_digest(given, col.reader_hash):
+                if write:
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                  f"the reader token of {clip(name)} can search and fetch, not upload or delete")
+                return col
+        if hmac.compare_digest(given, self.admin_hash):  # the admin may know every collection
+            if col is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"no collection named {clip(name)}")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"the admin token creates and lists collections; use {clip(name)}'s owner or reader token")
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, f"token not valid for collection {clip(name)}")
 
     def _admin(self, context) -> None:
         given = token_hash(self._token(context))
         if hmac.compare_digest(given, self.admin_hash):
-            return
+            return None
         if any(given in (c.owner_hash, c.reader_hash) for c in list(self.collections.values())):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "this call needs the server's admin token, "
                                                              "not a collection token")
@@ -95,17 +115,19 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
     # --- collections --------------------------------------------------------------------
     def CreateCollection(self, request, context):
         self._admin(context)
-        if not NAME_RE.match(request.name):
+        if not NAME_RE.fullmatch(request.name):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"collection name {request.name!r}: 1-128 letters, digits, '_', '.', '-'")
+                          f"collection name {clip(request.name)}: 1-128 letters, digits, '_', '.', '-', "
+                          f"starting with a letter or digit")
         if not (MIN_BITS <= request.bits <= MAX_BITS) or request.bits % 4:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"bits must be a multiple of 4 from {MIN_BITS} to {MAX_BITS}, got {request.bits}")
         owner, reader = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         with self.write_lock:
             if not self.store.create_collection(request.name, request.bits, token_hash(owner), token_hash(reader)):
-                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"collection {request.name!r} already exists")
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"collection {clip(request.name)} already exists")
             self._open(request.name, request.bits, token_hash(owner), token_hash(reader))
+        log.info("collection %r created (%d bits) by %s", request.name, request.bits, context.peer())
         return pb.CreateCollectionResponse(owner_token=owner, reader_token=reader)
 
     def _info(self, col: Collection) -> pb.CollectionInfo:
@@ -179,9 +201,9 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
             for item in request.items:
                 self._validate_item(col, item, seen, context)
                 batch.append((item.id, item.code, item.blob, dict(item.metadata)))
-            if batch:
-                total = self._commit(col, batch, request.replace, context)
-                yield pb.UploadAck(batch=n_batch, ids=[b[0] for b in batch], total_items=total)
+            # an empty batch is acknowledged too (nothing to make durable): one ack per batch
+            total = self._commit(col, batch, request.replace, context) if batch else len(col.index)
+            yield pb.UploadAck(batch=n_batch, ids=[b[0] for b in batch], total_items=total)
 
     # --- search, fetch, delete ----------------------------------------------------------
     def Search(self, request, context):
@@ -191,6 +213,12 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
         if not 1 <= len(request.codes) <= MAX_QUERIES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"give 1 to {MAX_QUERIES} query codes per request, got {len(request.codes)}")
+        n_results = len(request.codes) * min(request.k, len(col.index))
+        if n_results > MAX_RESULTS:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"this search asks for {len(request.codes)} queries x k={min(request.k, len(col.index))} = "
+                          f"{n_results} results; the limit is {MAX_RESULTS} results per request "
+                          f"(send fewer queries per request or a smaller k)")
         want = code_bytes(col.bits)
         for i, code in enumerate(request.codes):
             self._check_code(col, code, f"query {i}", context)
@@ -214,6 +242,7 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
         with self.write_lock:
             n = self.store.delete(col.name, ids)  # durable first, then the index
             col.index.remove(ids)
+        log.info("collection %r: %d of %d id(s) deleted by %s", col.name, n, len(ids), context.peer())
         return pb.DeleteResponse(deleted=n)
 
     def Contains(self, request, context):

@@ -8,10 +8,49 @@ returns. The FAISS index is rebuilt from here at start.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
+
+log = logging.getLogger("dlheir.server.store")
+
+# Written beside the store once it exists: a data dir with this marker but no (or an empty)
+# store was in use and has lost its store; one with neither is new.
+MARKER = "DLHEIR_DATA_DIR"
+STORE_FILE = "store.sqlite3"
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message says why and what to do."""
+
+
+class StoreFullError(StoreError):
+    """The disk (or the configured store quota) is full: writes fail, reads still work."""
+
+
+class StoreCorruptError(StoreError):
+    """The store file is damaged (SQLite reports a malformed database)."""
+
+
+class StoreUnusableError(StoreError):
+    """The store cannot be opened at start (missing, emptied, damaged): refuse to serve."""
+
+
+def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
+    """SQLite's error -> one of ours, with a message naming the file and the cause."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc)
+    if code == sqlite3.SQLITE_FULL or "disk is full" in text:
+        return StoreFullError(f"the disk holding {path} is full (or its --max-store-mb quota is reached): "
+                              f"nothing was written; free space or delete items, reads still work")
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or "malformed" in text or "not a database" in text:
+        return StoreCorruptError(f"{path} is damaged ({text}): stop the server, restore it from a backup")
+    return StoreError(f"store {path}: {text}")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
@@ -36,12 +75,90 @@ CREATE INDEX IF NOT EXISTS items_codes ON items (collection, id, code);
 PAGE_SIZE = 16384
 
 
+def open_store(data_dir: Path | str, integrity_check: bool = True, max_bytes: int | None = None) -> "Store":
+    """Open the store of ``data_dir``, creating it when the data dir is new.
+
+    Refuses (StoreUnusableError, one line naming the file and what to do) a data dir that was
+    in use and whose store is now missing or empty, and a store that fails SQLite's
+    ``quick_check``: never serve a damaged or silently emptied store."""
+    data_dir = Path(data_dir)
+    path, marker = data_dir / STORE_FILE, data_dir / MARKER
+    size = path.stat().st_size if path.exists() else None
+    aside = f"restore it from a backup, or move {data_dir} aside to start a new, empty store"
+    if marker.exists() and not size:
+        raise StoreUnusableError(f"{path} is {'missing' if size is None else 'empty (0 bytes)'} but {data_dir} "
+                                 f"holds a store created {marker.read_text().strip()}: {aside}")
+    if size == 0:
+        raise StoreUnusableError(f"{path} is empty (0 bytes), not a store: {aside}")
+    if size is None:
+        _create(path)
+    try:
+        store = Store(path, max_bytes=max_bytes)
+    except StoreError as exc:
+        raise StoreUnusableError(f"cannot open {path}: {exc}; {aside}") from None
+    if integrity_check:
+        started = time.monotonic()
+        problems = store.quick_check()
+        if problems:
+            store.close()
+            raise StoreUnusableError(f"{path} failed SQLite's integrity check ({problems[0]}"
+                                     f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}): {aside}")
+        log.info("quick_check of %s passed in %.2f s", path, time.monotonic() - started)
+    if not marker.exists():
+        _write_durably(marker, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
+    return store
+
+
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create(path: Path) -> None:
+    """A new store with its schema, made under a temporary name and renamed into place, so a
+    store file that exists is never half made (a 0-byte store is always a damaged one)."""
+    tmp = path.with_name(path.name + ".new")
+    for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(SCHEMA)
+    conn.close()  # the last connection checkpoints the WAL into the file
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 class Store:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, max_bytes: int | None = None) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()  # one writer connection, used by one thread at a time
-        self._conn = self._connect()
-        self._conn.executescript(SCHEMA)
+        self.max_bytes = max_bytes
+        try:
+            self._conn = self._connect()
+            self._conn.executescript(SCHEMA)
+            if max_bytes:  # a quota: SQLite answers SQLITE_FULL past it, exactly as on a full disk
+                self._conn.execute(f"PRAGMA max_page_count={max(1, max_bytes // PAGE_SIZE)}")
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
         # readers (fetch, stats, contains, rebuild) get one connection per thread: in WAL mode they
         # read the last committed state without waiting for a writer's fsync
         self._local = threading.local()
@@ -64,16 +181,49 @@ class Store:
         conn.execute("PRAGMA foreign_keys=ON")
         return conn
 
-    def create_collection(self, name: str, bits: int, owner_hash: str, reader_hash: str) -> bool:
-        with self._lock:
+    @contextmanager
+    def _sqlite_errors(self):
+        """Translate SQLite's errors into StoreError subclasses (logged once, here)."""
+        try:
+            yield
+        except sqlite3.IntegrityError:
+            raise  # a constraint (duplicate name, ...): the caller's answer, not a store failure
+        except sqlite3.Error as exc:
+            err = _translate(exc, self.path)
+            log.error("%s", err)
+            raise err from None
+
+    @contextmanager
+    def _transaction(self):
+        """One write transaction on the writer connection: all or nothing, durable on exit."""
+        with self._sqlite_errors(), self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.execute("INSERT INTO collections VALUES (?, ?, ?, ?)", (name, bits, owner_hash, reader_hash))
-            except sqlite3.IntegrityError:
-                return False
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                # SQLite rolls back by itself on some errors (SQLITE_FULL in COMMIT, for one);
+                # a second ROLLBACK would then hide the cause behind "no transaction is active"
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    def quick_check(self) -> list[str]:
+        """SQLite's ``PRAGMA quick_check``: [] when the file is sound, else what is wrong."""
+        with self._sqlite_errors(), self._lock:
+            rows = [r[0] for r in self._conn.execute("PRAGMA quick_check").fetchall()]
+        return [] if rows == ["ok"] else rows
+
+    def create_collection(self, name: str, bits: int, owner_hash: str, reader_hash: str) -> bool:
+        try:
+            with self._transaction() as conn:
+                conn.execute("INSERT INTO collections VALUES (?, ?, ?, ?)", (name, bits, owner_hash, reader_hash))
+        except sqlite3.IntegrityError:
+            return False
         return True
 
     def collections(self) -> list[tuple[str, int, str, str]]:
-        with self._lock:
+        with self._sqlite_errors(), self._lock:
             return self._conn.execute("SELECT name, bits, owner_token_sha256, reader_token_sha256 FROM collections").fetchall()
 
     @staticmethod
@@ -88,62 +238,53 @@ class Store:
 
     def existing_ids(self, collection: str, ids: Iterable[int]) -> set[int]:
         """Ids already stored, read on the writer connection (callers serialise writes)."""
-        with self._lock:
+        with self._sqlite_errors(), self._lock:
             return self._ids_in(self._conn, collection, list(ids))
 
     def present_ids(self, collection: str, ids: Iterable[int]) -> set[int]:
         """Ids stored as of the last commit (reader connection, never waits for a writer)."""
-        return self._ids_in(self._reader(), collection, list(ids))
+        with self._sqlite_errors():
+            return self._ids_in(self._reader(), collection, list(ids))
 
     def write_batch(self, collection: str, items: list[tuple[int, bytes, bytes, dict]], replace: bool) -> None:
         """All items or none, durable when this returns."""
         verb = "INSERT OR REPLACE" if replace else "INSERT"
         rows = [(collection, i, c, b, json.dumps(m, sort_keys=True)) for i, c, b, m in items]
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.executemany(f"{verb} INTO items VALUES (?, ?, ?, ?, ?)", rows)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._transaction() as conn:
+            conn.executemany(f"{verb} INTO items VALUES (?, ?, ?, ?, ?)", rows)
 
     def delete(self, collection: str, ids: list[int]) -> int:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                n = 0
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start:start + 500]
-                    n += self._conn.execute(
-                        f"DELETE FROM items WHERE collection = ? AND id IN ({','.join('?' * len(chunk))})",
-                        (collection, *chunk)).rowcount
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        n = 0
+        with self._transaction() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                n += conn.execute(f"DELETE FROM items WHERE collection = ? AND id IN ({','.join('?' * len(chunk))})",
+                                  (collection, *chunk)).rowcount
         return n
 
     def fetch(self, collection: str, ids: list[int]) -> Iterator[tuple[int, bytes, dict]]:
-        """Blobs in the order asked; unknown ids are skipped."""
-        for start in range(0, len(ids), 256):
-            chunk = ids[start:start + 256]
-            rows = self._reader().execute(f"SELECT id, blob, metadata FROM items WHERE collection = ? AND id IN "
-                                f"({','.join('?' * len(set(chunk)))})", (collection, *set(chunk))).fetchall()
-            found = {r[0]: r for r in rows}
-            for item_id in chunk:
-                if item_id in found:
-                    yield item_id, found[item_id][1], json.loads(found[item_id][2])
+        """Blobs in the order asked, read one at a time (memory: one blob, whatever the number
+        of ids); unknown ids are skipped."""
+        conn = self._reader()
+        for item_id in ids:
+            with self._sqlite_errors():
+                row = conn.execute("SELECT blob, metadata FROM items WHERE collection = ? AND id = ?",
+                                   (collection, item_id)).fetchone()
+            if row is not None:
+                yield item_id, row[0], json.loads(row[1])
+            del row  # drop this blob before reading the next one
 
     def codes(self, collection: str, chunk: int = 100_000) -> Iterator[tuple[list[int], bytes]]:
         """(ids, concatenated codes) of every stored item, in chunks, for rebuilding the index."""
-        cur = self._reader().execute("SELECT id, code FROM items WHERE collection = ? ORDER BY id", (collection,))
-        while rows := cur.fetchmany(chunk):
-            yield [r[0] for r in rows], b"".join(r[1] for r in rows)
+        with self._sqlite_errors():
+            cur = self._reader().execute("SELECT id, code FROM items WHERE collection = ? ORDER BY id", (collection,))
+            while rows := cur.fetchmany(chunk):
+                yield [r[0] for r in rows], b"".join(r[1] for r in rows)
 
     def stats(self, collection: str) -> tuple[int, int]:
-        n, size = self._reader().execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(blob)), 0) FROM items WHERE collection = ?", (collection,)).fetchone()
+        with self._sqlite_errors():
+            n, size = self._reader().execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(blob)), 0) FROM items WHERE collection = ?", (collection,)).fetchone()
         return n, size
 
     def close(self) -> None:

@@ -123,7 +123,10 @@ def test_bad_inputs_get_precise_statuses(cloud_server):
     code, msg = _status(lambda: list(owner.upload("c", [(1, b"\x00" * 5, b"x", {})])))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "expects 6" in msg and "5 bytes" in msg
     code, msg = _status(lambda: owner.search("nope", np.zeros((1, 6), np.uint8), 5))
-    assert code == grpc.StatusCode.NOT_FOUND
+    assert code == grpc.StatusCode.UNAUTHENTICATED  # a collection token cannot probe other names
+    admin = CloudClient(cloud_server.address, cloud_server.admin_token)
+    code, msg = _status(lambda: admin.stats("nope"))
+    assert code == grpc.StatusCode.NOT_FOUND  # the admin may know every name
     for k in (0, 10**6):
         code, msg = _status(lambda: owner.search("c", np.zeros((1, 6), np.uint8), k))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "k must be" in msg
@@ -177,8 +180,13 @@ def test_health_and_reflection(cloud_server):
     with grpc.insecure_channel(cloud_server.address) as ch:
         status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="dlheir.cloud.v1.CloudStore"))
         assert status.status == health_pb2.HealthCheckResponse.SERVING
-        responses = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        # reflection is a stream: it needs a token like every call but Health/Check
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                              metadata=[("authorization", f"Bearer {cloud_server.admin_token}")])
         names = {s.name for r in responses for s in r.list_services_response.service}
         assert "dlheir.cloud.v1.CloudStore" in names
 
@@ -209,8 +217,8 @@ def test_collections_admin_and_not_found(cloud_server):
     assert [c.name for c in owner.list_collections()] == ["a"]
     for call in (lambda: owner.stats("nope"), lambda: list(owner.fetch("nope", [1])),
                  lambda: owner.delete("nope", [1]), lambda: list(owner.upload("nope", [(1, bytes(2), b"x", {})]))):
-        code, msg = _status(call)
-        assert code == grpc.StatusCode.NOT_FOUND and "nope" in msg
+        code, msg = _status(call)  # the same answer as for a collection that exists but is not its own
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "nope" in msg
     # 12-bit codes: 2 bytes, the last 4 bits are padding and must be zero (uploads and queries)
     code, msg = _status(lambda: list(owner.upload("a", [(1, b"\x00\x01", b"x", {})])))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "padding" in msg
