@@ -12,6 +12,8 @@ Four pieces, each with a versioned, documented format:
         "collection": "photos"}                             # optional, recorded for convenience
 
    ``OwnerKeys.load`` refuses a file that group/others can access, or that is malformed.
+   Every secret file (owner key, user private key, tokens files) is read through
+   :func:`read_secret`, which refuses it when group or others have any access to it.
 
 2. **Encrypted image blob** (EncImg / Dec), AES-256-GCM, all integers big-endian::
 
@@ -61,7 +63,10 @@ Four pieces, each with a versioned, documented format:
        associated data = bytes 0 .. 7 + W (the header including the wrapped key)
 
    Only the matching private key opens it; any other key, or any altered byte, raises
-   :class:`GrantError`.
+   :class:`GrantError`. ``make_grant`` refuses a private key given as the user's public key
+   (it would otherwise seal for its public half, and the private key could travel on);
+   :func:`read_public_key_file` / :func:`read_private_key_file` refuse the wrong half of a
+   pair by file, before anything else is done with it.
 """
 
 from __future__ import annotations
@@ -70,7 +75,9 @@ import base64
 import binascii
 import json
 import os
+import stat
 import struct
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -139,6 +146,27 @@ def write_private(path: Path | str, data: bytes, what: str = "a key") -> Path:
     return _write_new(path, data, 0o600, what)
 
 
+def replace_private(path: Path | str, data: bytes) -> Path:
+    """Write ``path`` with mode 0600, replacing an existing file atomically: the bytes go to a
+    0600 temporary file in the same folder, which is then renamed over ``path``. Readers see the
+    old file or the whole new one, never a partial or group/world-readable one."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def _read(path: Path | str, what: str, hint: str = "") -> bytes:
     path = Path(path)
     if not path.is_file():
@@ -147,6 +175,71 @@ def _read(path: Path | str, what: str, hint: str = "") -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def check_private_mode(path: Path | str) -> None:
+    """UserError (one line naming the file and the fix) if group or others have any access to
+    ``path``: read, write or execute."""
+    path = Path(path)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if mode & 0o077:
+        raise UserError(f"{path} is accessible by group or others (mode {mode:04o}), refusing to use a secret "
+                        f"file others can read or change; fix with: chmod 600 {path}")
+
+
+def read_secret(path: Path | str, what: str, hint: str = "") -> bytes:
+    """Read a secret file (owner key, user private key, tokens): missing -> UserError naming
+    ``what`` (plus ``hint``); group/others access -> UserError with the ``chmod 600`` fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}{hint}")
+    check_private_mode(path)
+    return _read(path, what, hint)
+
+
+def _pem_kind(data: bytes) -> str | None:
+    """'private', 'public' or None (not recognisably either) from the PEM/OpenSSH armour."""
+    head = bytes(data[:4096])
+    if b"PRIVATE KEY-----" in head:  # PKCS#1, PKCS#8 (plain or encrypted), OpenSSH
+        return "private"
+    if b"PUBLIC KEY-----" in head or head.startswith((b"ssh-rsa ", b"ssh-ed25519 ")):
+        return "public"
+    return None
+
+
+def read_public_key_file(path: Path | str) -> bytes:
+    """The bytes of a user's public key file; a private key given instead is refused
+    (UserError) and goes no further."""
+    path = Path(path)
+    data = _read(path, "user public key", " (the .pub.pem file from 'dlheir user keygen')")
+    kind = _pem_kind(data)
+    if kind is None:  # no armour (DER): ask the parser
+        try:
+            kind = "private" if RSA.import_key(data).has_private() else "public"
+        except (ValueError, IndexError, TypeError):
+            pass  # not a key at all: make_grant says so
+    if kind == "private":
+        raise UserError(f"{path} is a private key, not a public one: give the user's public key (the .pub.pem "
+                        "file from 'dlheir user keygen'); a private key never leaves its owner")
+    return data
+
+
+def read_private_key_file(path: Path | str) -> bytes:
+    """The bytes of the user's private key file: a public key given instead, or a file that group
+    or others can access, is refused (UserError)."""
+    path = Path(path)
+    hint = " (create one with 'dlheir user keygen')"
+    if not path.is_file():
+        raise UserError(f"private key not found: {path}{hint}")
+    data = _read(path, "private key", hint)
+    if _pem_kind(data) == "public":
+        raise UserError(f"{path} is a public key: give your private key (the file 'dlheir user keygen' "
+                        "wrote next to it, e.g. user.pem)")
+    check_private_mode(path)
+    return data
 
 
 def _b64(data: bytes) -> str:
@@ -204,11 +297,7 @@ class OwnerKeys:
     def load(cls, path: Path | str) -> "OwnerKeys":
         """Read a key file; a missing, group/world-accessible or malformed file raises UserError."""
         path = Path(path)
-        raw = _read(path, "owner key file", " (create one with 'dlheir owner init')")
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise UserError(f"{path} is accessible by group or others (mode {mode:o}); "
-                            f"protect it with 'chmod 600 {path}'")
+        raw = read_secret(path, "owner key file", " (create one with 'dlheir owner init')")
         try:
             doc = json.loads(raw.decode("utf-8"))
             if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
@@ -382,6 +471,9 @@ def _import_public(pem: bytes):
         key = RSA.import_key(pem)
     except (ValueError, IndexError, TypeError):
         raise UserError("not an RSA public key (expected the user's user.pub.pem)") from None
+    if key.has_private():
+        raise UserError("that is a private key, not a public one: a grant is made for the user's public key "
+                        "(user.pub.pem); a private key never leaves its owner")
     if key.size_in_bits() < MIN_RSA_BITS:
         raise UserError(f"the user's RSA key has {key.size_in_bits()} bits; at least {MIN_RSA_BITS} are required")
     return key.public_key()

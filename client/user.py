@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlheir.client.cloud import CloudClient
-from dlheir.client.crypto import CodeTransform, Grant, decrypt_image
+from dlheir.client.crypto import CodeTransform, Grant, decrypt_image, replace_private
 from dlheir.client.triton import TritonHasher
 from dlheir.errors import UserError
 
@@ -64,13 +64,18 @@ def search_image(query, grant: Grant, cloud: CloudClient, hasher: TritonHasher, 
 
 
 def write_results(hits: list[Hit], out_dir: Path | str) -> list[Path]:
-    """Decrypted images named ``<rank>_d<distance>_<original name>``."""
+    """Decrypted images named ``<rank>_d<distance>_<original name>``, each written with mode 0600
+    (atomically, replacing an earlier result of the same name); ``out_dir`` is created with mode
+    0700 if it does not exist (an existing folder keeps its mode)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not out_dir.is_dir():
+        try:
+            out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
     paths = []
     for hit in hits:
         if hit.image:
             path = out_dir / f"{hit.rank:03d}_d{hit.distance:02d}_{Path(hit.name).name or hit.id}"
-            path.write_bytes(hit.image)
-            paths.append(path)
+            paths.append(replace_private(path, hit.image))
     return paths

@@ -1,0 +1,71 @@
+"""Where the client's keys, tokens and grants live by default: one per-user folder.
+
+``$DLHEIR_HOME`` if set, else ``$XDG_CONFIG_HOME/dlheir``, else ``~/.config/dlheir``. The
+folder is created with mode 0700 when a command first writes into it. Inside it:
+
+- ``owner.key``: written by ``owner init``, read by ``owner upload`` and ``owner grant``;
+- ``COLLECTION.tokens.json``: written by ``owner create-collection``, read by ``owner upload``
+  and ``owner grant``;
+- ``user.pem`` and ``user.pub.pem``: written by ``user keygen``, the private one read by
+  ``user search``;
+- ``grant.bin``: written by ``owner grant``, read by ``user search``.
+
+Every command's path flag (``--out``, ``--key``, ``--tokens``, ``--grant``, ``--user-key``)
+overrides its default. Import-light: only the standard library.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from dlheir.errors import UserError
+
+HOME_ENV = "DLHEIR_HOME"
+OWNER_KEY = "owner.key"
+USER_KEY = "user.pem"
+GRANT = "grant.bin"
+TOKENS_SUFFIX = ".tokens.json"
+
+_COLLECTION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # the cloud server's own rule
+
+
+def dlheir_home() -> Path:
+    """The per-user folder for keys, tokens and grants (not created here)."""
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".config"  # XDG: relative values are ignored
+    return base / "dlheir"
+
+
+def ensure_home() -> Path:
+    """:func:`dlheir_home`, created with mode 0700 (parents too) if it does not exist yet."""
+    home = dlheir_home()
+    if not home.is_dir():
+        try:
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the dlheir key folder {home}: {exc.strerror or exc} "
+                            f"(set ${HOME_ENV} to another folder)") from None
+    return home
+
+
+def default_path(name: str, create: bool = False) -> Path:
+    """``name`` inside the per-user folder; ``create`` makes the folder (0700) first, for writers."""
+    return (ensure_home() if create else dlheir_home()) / name
+
+
+def tokens_name(collection: str) -> str:
+    """File name of a collection's tokens file: ``COLLECTION.tokens.json`` (names checked: no paths)."""
+    if not isinstance(collection, str) or not _COLLECTION_RE.fullmatch(collection):
+        raise UserError(f"invalid collection name {collection!r}: letters, digits, '_', '.', '-', "
+                        "starting with a letter or digit, at most 128 characters")
+    return collection + TOKENS_SUFFIX
+
+
+def resolve(given: str | os.PathLike | None, name: str, create: bool = False) -> Path:
+    """The path a flag gave, else ``name`` in the per-user folder (created 0700 if ``create``)."""
+    return Path(given) if given is not None else default_path(name, create)
