@@ -311,6 +311,12 @@ def test_make_grant_checks_its_inputs(users):
 
 
 # --- CLI ------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Default key places (dlheir.paths) inside the test's folder, never the real ~/.config."""
+    monkeypatch.setenv("DLHEIR_HOME", str(tmp_path / "dlheir-home"))
+
+
 def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -342,6 +348,7 @@ def test_owner_init_and_grant_commands(tmp_path, capsys, users):
     OwnerKeys.generate().save(bare)
     tokens = tmp_path / "photos.tokens.json"
     tokens.write_text(json.dumps({"owner_token": "own", "reader_token": "rd", "server": "h:1", "bits": 24}))
+    os.chmod(tokens, 0o600)  # a tokens file others can read is refused (tests/test_key_hygiene.py)
     code, _, _ = run_cli(capsys, "owner", "grant", "--key", bare, "--user-pub", alice_pub, "--collection", "photos",
                          "--tokens", tokens, "--out", tmp_path / "g2.bin")
     g2 = open_grant((tmp_path / "g2.bin").read_bytes(), alice_priv.read_bytes())

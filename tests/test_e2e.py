@@ -101,22 +101,28 @@ def test_reader_token_cannot_upload_or_delete(world):
 
 
 def test_cli_flow_resumes_and_skips_unreadable(tmp_path, triton_server, cloud_server, digits_small, capsys, monkeypatch):
+    """The README's flow with no path flags: keys, tokens and the grant go to $DLHEIR_HOME."""
     monkeypatch.chdir(tmp_path)
+    home = tmp_path / "home"
+    monkeypatch.setenv("DLHEIR_HOME", str(home))
     images = shutil.copytree(digits_small, tmp_path / "images")
     (images / "0" / "zz_broken.png").write_bytes(b"garbage")
     addr, tri = cloud_server.address, triton_server.grpc_url
-    assert main(["owner", "init", "--out", "owner.key"]) == 0
+    assert main(["owner", "init"]) == 0
     assert main(["owner", "create-collection", "cli", "--server", addr,
                  "--admin-token-file", str(cloud_server.data_dir / "admin.token")]) == 0
-    assert main(["owner", "upload", str(images), "--key", "owner.key", "--collection", "cli", "--triton", tri]) == 0
+    assert main(["owner", "upload", str(images), "--collection", "cli", "--triton", tri]) == 0
     out = capsys.readouterr().out
     n = len(list(images.rglob("*.png"))) - 1
     assert f"uploaded {n} images" in out and "skipped 0/zz_broken.png" in out
-    assert main(["owner", "upload", str(images), "--key", "owner.key", "--collection", "cli", "--triton", tri]) == 0
+    assert main(["owner", "upload", str(images), "--collection", "cli", "--triton", tri]) == 0
     assert f"uploaded 0 images" in capsys.readouterr().out  # a re-run uploads only what is missing
-    assert main(["user", "keygen", "--out", "user.pem"]) == 0
-    assert main(["owner", "grant", "--key", "owner.key", "--user-pub", "user.pub.pem", "--collection", "cli"]) == 0
+    assert main(["user", "keygen"]) == 0
+    assert main(["owner", "grant", "--user-pub", str(home / "user.pub.pem"), "--collection", "cli"]) == 0
     capsys.readouterr()
+    assert sorted(p.name for p in home.iterdir()) == ["cli.tokens.json", "grant.bin", "owner.key", "user.pem",
+                                                      "user.pub.pem"]
+    assert home.stat().st_mode & 0o777 == 0o700
     query = next(images.glob("1/*.png"))
     assert main(["user", "search", str(query), "-k", "5", "--out", "found", "--triton", tri, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -124,4 +130,7 @@ def test_cli_flow_resumes_and_skips_unreadable(tmp_path, triton_server, cloud_se
     originals = {p.name: p.read_bytes() for p in images.rglob("*.png")}
     for hit in result["results"]:
         assert (tmp_path / hit["file"]).read_bytes() == originals[hit["name"]]
+        assert (tmp_path / hit["file"]).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "found").stat().st_mode & 0o777 == 0o700
     assert query.name in [hit["name"] for hit in result["results"]]  # the query itself is in the collection
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cloud", "found", "home", "images"]  # no key in the cwd
