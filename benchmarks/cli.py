@@ -14,6 +14,7 @@ BENCH_MODULES = (
     "dlheir.benchmarks.hash",  # through Triton vs in-process
     "dlheir.benchmarks.search",  # through the cloud server vs FAISS in-process
     "dlheir.benchmarks.e2e",  # the paper's efficiency figures
+    "dlheir.benchmarks.leakage",  # what the server can recover of the code transform
 )
 
 
