@@ -1,0 +1,135 @@
+"""`dlheir bench leakage`: the attacks recover a transform they were not told (the client's real
+CodeTransform under a random secret), fail when they should, and the CLI writes its results."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dlheir.benchmarks.leakage import (
+    known_pair_attack, pairs_needed, predict, prediction_scores, statistics_attack, synthetic_codes,
+)
+from dlheir.cli import main
+from dlheir.client.crypto import CodeTransform
+from dlheir.codes import pack_bits, unpack_bits
+
+
+def stored_of(raw_bits: np.ndarray, transform: CodeTransform) -> np.ndarray:
+    """What the server holds, through the client's real transform (packed and unpacked)."""
+    return unpack_bits(transform.apply(pack_bits(raw_bits)), transform.bits)
+
+
+@pytest.mark.parametrize("bits", [48, 64])
+def test_enough_known_pairs_recover_the_secret_transform(bits):
+    rng = np.random.default_rng(bits)
+    transform = CodeTransform(os.urandom(32), bits)  # nothing below is told this secret
+    raw = rng.integers(0, 2, (300, bits), dtype=np.uint8)
+    stored = stored_of(raw, transform)
+    known, held = slice(0, 60), slice(60, None)
+
+    guess = known_pair_attack(raw[known], stored[known])
+
+    assert guess.exact
+    np.testing.assert_array_equal(guess.perm, transform.perm)
+    np.testing.assert_array_equal(guess.mask, transform.mask)
+    np.testing.assert_array_equal(pack_bits(predict(guess, raw[held])), transform.apply(pack_bits(raw[held])))
+    assert prediction_scores(guess, raw[held], stored[held]) == (1.0, 1.0)
+    # the first n pairs that determine T: around log2(N^2) for uniform codes, never more than we gave
+    needed, predicts = pairs_needed(raw[known], stored[known], raw[held], stored[held])
+    assert needed is not None and 2 < needed <= 60
+    assert predicts is not None and predicts <= needed
+    assert not known_pair_attack(raw[:needed - 1], stored[:needed - 1]).exact
+
+
+@pytest.mark.parametrize("bits", [48, 64])
+def test_one_known_pair_does_not_recover_the_transform(bits):
+    rng = np.random.default_rng(100 + bits)
+    transform = CodeTransform(os.urandom(32), bits)
+    raw = rng.integers(0, 2, (200, bits), dtype=np.uint8)
+    stored = stored_of(raw, transform)
+
+    guess = known_pair_attack(raw[:1], stored[:1])
+
+    assert not guess.exact
+    assert (guess.candidates == bits).all()  # one pair says nothing about the permutation
+    np.testing.assert_array_equal(predict(guess, raw[:1]), stored[:1])  # ... but is consistent with itself
+    exact, bit_fraction = prediction_scores(guess, raw[1:], stored[1:])
+    assert exact < 0.05 and bit_fraction < 0.7
+
+
+def test_partial_guess_is_consistent_with_every_known_pair():
+    """Clustered codes leave positions ambiguous for a while; any guess must still fit the pairs."""
+    raw, _ = synthetic_codes(48, 400, 10, clusters=5, flip=0.05, seed=3)
+    transform = CodeTransform(b"k" * 32, 48)
+    stored = stored_of(raw, transform)
+    previous = np.full(48, 48)
+    for n in (0, 1, 2, 5, 10, 40, 400):
+        guess = known_pair_attack(raw[:n], stored[:n])
+        assert sorted(guess.perm) == list(range(48))
+        np.testing.assert_array_equal(predict(guess, raw[:n]), stored[:n])
+        assert (guess.candidates >= 1).all() and (guess.candidates <= previous).all()  # more pairs, fewer choices
+        previous = guess.candidates
+    assert known_pair_attack(raw, stored).exact
+
+
+def test_known_pairs_from_another_transform_are_rejected():
+    raw = np.random.default_rng(0).integers(0, 2, (30, 48), dtype=np.uint8)
+    stored = stored_of(raw, CodeTransform(b"a" * 32, 48))
+    stored[5:] = stored_of(raw[5:], CodeTransform(b"b" * 32, 48))
+    with pytest.raises(ValueError, match="not related"):
+        known_pair_attack(raw, stored)
+
+
+@pytest.mark.parametrize("bits", [48, 64])
+def test_zero_pair_statistics_attack_returns_a_valid_guess(bits):
+    raw, public = synthetic_codes(bits, 1000, 300, clusters=10, flip=0.1, seed=0)
+    transform = CodeTransform(os.urandom(32), bits)
+    stored = stored_of(raw, transform)
+
+    guess = statistics_attack(public, stored)
+
+    assert sorted(guess.perm) == list(range(bits))
+    assert guess.mask.dtype == np.uint8 and set(np.unique(guess.mask)) <= {0, 1}
+    exact, bit_fraction = prediction_scores(guess, raw, stored)
+    assert 0.0 <= exact <= 1.0 and 0.0 <= bit_fraction <= 1.0
+
+
+def test_statistics_attack_recovers_independent_bits_with_distinct_frequencies():
+    """When every bit has its own frequency, p vs 1-p alone gives P and m: the attack must find them."""
+    bits = 12
+    rng = np.random.default_rng(7)
+    p = rng.permutation(np.linspace(0.04, 0.37, bits))  # far apart, all below 1/2
+    draw = lambda n: (rng.random((n, bits)) < p).astype(np.uint8)
+    transform = CodeTransform(os.urandom(32), bits)
+    raw = draw(20000)
+
+    guess = statistics_attack(draw(20000), stored_of(raw, transform))
+
+    np.testing.assert_array_equal(guess.perm, transform.perm)
+    np.testing.assert_array_equal(guess.mask, transform.mask)
+
+
+def test_cli_bench_leakage_synthetic_writes_json_and_png(tmp_path, capsys):
+    rc = main(["bench", "leakage", "--synthetic", "--bits", "48", "--items", "300", "--public", "100",
+               "--trials", "2", "--known", "0,1,20,100", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "known pairs" in out and "pairs to recover T exactly" in out
+    doc = json.loads((tmp_path / "bench_leakage.json").read_text())
+    (result,) = [r["result"] for r in doc["runs"]]
+    assert result["bits"] == 48 and result["trials"] == 2
+    assert [p["pairs"] for p in result["known_pairs"]] == [0, 1, 20, 100]
+    assert result["known_pairs"][0]["codes_exact_median"] == 0.0
+    assert result["known_pairs"][-1]["codes_exact_median"] == 1.0
+    assert len(result["pairs_to_recover_transform"]["values"]) == 2
+    png = tmp_path / "bench_leakage.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_bench_leakage_without_checkpoint_is_one_line(tmp_path, capsys):
+    rc = main(["bench", "leakage", "--checkpoint", str(tmp_path / "missing.pt"), "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and "make demo" in err and "--synthetic" in err
+    assert not (tmp_path / "bench_leakage.json").exists()
