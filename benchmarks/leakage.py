@@ -286,7 +286,7 @@ def plot(path: Path, runs: list[dict], title: str) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_title("exact codes (median, band = min-max over secrets)", fontsize=9)
     axes[1].set_title("bits (median over secrets)", fontsize=9)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="upper left")
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -133,3 +133,23 @@ def test_cli_bench_leakage_without_checkpoint_is_one_line(tmp_path, capsys):
     assert rc == 2
     assert err.count("\n") == 1 and "make demo" in err and "--synthetic" in err
     assert not (tmp_path / "bench_leakage.json").exists()
+
+
+def test_cli_bench_leakage_on_a_checkpoint_attacks_the_networks_codes(tmp_path, capsys, digits_small):
+    """The default path: codes computed in-process from a checkpoint on its data's two splits."""
+    from conftest import SMALL_SIZE, margined_model
+    from dlheir.export.checkpoint import save_checkpoint
+    from dlheir.export.data import split_dataset
+
+    database, queries, class_names = split_dataset(digits_small)
+    ckpt = save_checkpoint(tmp_path / "model.pt", margined_model(num_classes=len(class_names)),
+                           {"image_size": SMALL_SIZE, "class_names": class_names,
+                            "config": {"data": str(digits_small), "seed": 0}})
+    rc = main(["bench", "leakage", "--checkpoint", str(ckpt), "--trials", "2", "--known", "0,1,5",
+               "--out-dir", str(tmp_path / "out")])
+    assert rc == 0
+    (run,) = json.loads((tmp_path / "out" / "bench_leakage.json").read_text())["runs"]
+    result = run["result"]
+    assert result["items"] == len(database) and result["public_lookalikes"] == len(queries)
+    assert result["bits"] == 48 and [p["pairs"] for p in result["known_pairs"]] == [0, 1, 5]
+    assert (tmp_path / "out" / "bench_leakage.png").is_file()
