@@ -199,12 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dlheir.server", description=__doc__)
     add_server_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+    # the server's own loggers at --log-level; libraries (faiss's loader, ...) at WARNING
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("dlheir").setLevel(args.log_level)
     try:
         server, service, port, token_source = build_server(args)
-    except UserError as exc:
-        log.error("not started: %s", exc)
+    except UserError as exc:  # one line, no traceback, no log record repeating it
         print(f"dlheir server: error: {exc}", file=sys.stderr, flush=True)
         return 2
     server.start()

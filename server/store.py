@@ -212,7 +212,9 @@ class Store:
         """SQLite's ``PRAGMA quick_check``: [] when the file is sound, else what is wrong."""
         with self._sqlite_errors(), self._lock:
             rows = [r[0] for r in self._conn.execute("PRAGMA quick_check").fetchall()]
-        return [] if rows == ["ok"] else rows
+        if rows == ["ok"]:
+            return []
+        return [line for row in rows for line in str(row).splitlines() if line.strip() and not line.startswith("***")]
 
     def create_collection(self, name: str, bits: int, owner_hash: str, reader_hash: str) -> bool:
         try:

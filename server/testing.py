@@ -21,6 +21,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """(cert.pem, key.pem) in ``folder``: a 1-day self-signed certificate for 127.0.0.1 and
+    localhost, made with the openssl CLI."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
 class CloudServerProcess:
     """``python -m dlheir.server`` in the foreground as a child process, on 127.0.0.1.
 

@@ -9,7 +9,7 @@ import pytest
 from dlheir.client.cloud import CloudClient, CloudError
 from dlheir.codes import hamming
 from dlheir.ids import rank
-from dlheir.server.testing import CloudServerProcess, free_port
+from dlheir.server.testing import CloudServerProcess, free_port, self_signed_certificate
 
 
 def _random_codes(rng, n, bits, distinct=None):
@@ -290,15 +290,10 @@ def test_search_never_sees_half_a_batch(cloud_server):
 
 def _self_signed(tmp_path):
     import shutil
-    import subprocess
 
     if not shutil.which("openssl"):
         pytest.skip("openssl CLI not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    return cert, key
+    return self_signed_certificate(tmp_path)
 
 
 def test_tls(tmp_path):
