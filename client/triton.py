@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -20,7 +20,29 @@ ONNX_MODEL = "dlheir_onnx_cpu"
 
 
 class HashError(UserError):
-    """Triton refused an image (e.g. it cannot be decoded); names the image."""
+    """Triton refused an image (e.g. it cannot be decoded); names the image.
+
+    ``reason`` is the one-line cause without the image's name (e.g. "truncated image",
+    "too large: 12000x12000 = 144000000 pixels exceeds the limit of 40000000 pixels").
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+class HashResult(NamedTuple):
+    """One image's outcome in ``hash_each``: probs and code, or the reason it failed."""
+
+    probs: np.ndarray | None
+    code: np.ndarray | None
+    error: str | None
+
+
+def _reason(message: str) -> str:
+    """Triton's error text -> the preprocessing model's one-line reason when it is there."""
+    marker = "dlheir_preprocess: "
+    return message[message.index(marker) + len(marker):] if marker in message else message
 
 
 def _read(source) -> bytes:
@@ -30,7 +52,7 @@ def _read(source) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise HashError(f"cannot read {path}: {exc.strerror}") from exc
+        raise HashError(f"cannot read {path}: {exc.strerror}", f"cannot read: {exc.strerror}") from exc
 
 
 class TritonHasher:
@@ -63,7 +85,8 @@ class TritonHasher:
             result = self.client.infer(model, [inp], outputs=outputs)
         except self._grpc.InferenceServerException as exc:
             where = labels[0] if len(labels) == 1 else f"one of {', '.join(labels)}"
-            raise HashError(f"Triton could not hash {where}: {exc.message()}") from exc
+            message = " ".join(str(exc.message()).split())
+            raise HashError(f"Triton could not hash {where}: {message}", _reason(message)) from exc
         return result.as_numpy("PROBS"), result.as_numpy("CODE")
 
     def _run(self, model, name, chunks, datatype, labels_of) -> tuple[np.ndarray, np.ndarray]:
@@ -81,6 +104,21 @@ class TritonHasher:
         chunks = [(i, np.array([[d] for d in data[i:i + self.batch_size]], dtype=object))
                   for i in range(0, len(data), self.batch_size)]
         return self._run(self.model, "IMAGE_BYTES", chunks, "BYTES", lambda i, n: labels[i:i + n])
+
+    def hash_each(self, sources: Iterable) -> Iterator[HashResult]:
+        """One request per image, ``max_in_flight`` at a time (Triton batches them): a failure
+        is that image's ``HashResult.error`` and the others are still hashed. Yields in order."""
+
+        def one(source) -> HashResult:
+            try:
+                probs, codes = self._infer(self.model, "IMAGE_BYTES", np.array([[_read(source)]], dtype=object),
+                                           "BYTES", [str(source) if not isinstance(source, bytes) else "image"])
+            except HashError as exc:
+                return HashResult(None, None, exc.reason)
+            return HashResult(probs[0], codes[0], None)
+
+        with ThreadPoolExecutor(self.max_in_flight) as pool:
+            yield from pool.map(one, sources)
 
     def hash_one(self, source) -> tuple[np.ndarray, np.ndarray]:
         """One image -> (probs [N], code [L]) in a single request (the trapdoor path)."""

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = tsub.add_parser("stop", help="stop the tritonserver started by 'dlheir triton start'")
     p.set_defaults(func=_stop)
 
-    p = sub.add_parser("hash", help="print the hash code of each image, computed by Triton")
+    p = sub.add_parser("hash", help="print the hash code of each image, computed by Triton",
+                       description="Hashes every image; an image that fails (unreadable, not an image, truncated, "
+                                   "corrupt, too large) is reported on its own line on stderr and the exit code is 2.")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC address (default 127.0.0.1:8001)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
@@ -72,14 +75,21 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _hash(args: argparse.Namespace) -> int:
+    """Hash every image; each failure is one line on stderr with its reason; exit 2 if any failed."""
     from dlheir.client.triton import TritonHasher
     from dlheir.codes import to_hex
 
+    failed = 0
     with TritonHasher(args.triton) as hasher:
-        for image in args.images:
-            _, code = hasher.hash_one(image)
-            if args.json:
-                print(json.dumps({"image": image, "bits": hasher.bits, "code": to_hex(code)}))
+        for image, result in zip(args.images, hasher.hash_each(args.images)):
+            if result.error is not None:
+                failed += 1
+                print(f"dlheir: error: {image}: {result.error}", file=sys.stderr, flush=True)
+            elif args.json:
+                print(json.dumps({"image": image, "bits": hasher.bits, "code": to_hex(result.code)}), flush=True)
             else:
-                print(f"{to_hex(code)}  {image}")
+                print(f"{to_hex(result.code)}  {image}", flush=True)
+    if failed:
+        print(f"dlheir: error: {failed} of {len(args.images)} images could not be hashed", file=sys.stderr)
+        return 2
     return 0
