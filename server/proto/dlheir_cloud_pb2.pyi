@@ -27,16 +27,18 @@ class ListCollectionsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CollectionInfo(_message.Message):
-    __slots__ = ("name", "bits", "items", "blob_bytes")
+    __slots__ = ("name", "bits", "items", "blob_bytes", "key_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     BLOB_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     bits: int
     items: int
     blob_bytes: int
-    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ..., items: _Optional[int] = ..., blob_bytes: _Optional[int] = ...) -> None: ...
+    key_id: int
+    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ..., items: _Optional[int] = ..., blob_bytes: _Optional[int] = ..., key_id: _Optional[int] = ...) -> None: ...
 
 class ListCollectionsResponse(_message.Message):
     __slots__ = ("collections",)
@@ -173,3 +175,79 @@ class ContainsResponse(_message.Message):
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     present: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, present: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AddReaderRequest(_message.Message):
+    __slots__ = ("collection", "user", "replace")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    user: str
+    replace: bool
+    def __init__(self, collection: _Optional[str] = ..., user: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class AddReaderResponse(_message.Message):
+    __slots__ = ("token", "created")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    created: float
+    def __init__(self, token: _Optional[str] = ..., created: _Optional[float] = ...) -> None: ...
+
+class ReaderInfo(_message.Message):
+    __slots__ = ("user", "created", "revoked")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    created: float
+    revoked: float
+    def __init__(self, user: _Optional[str] = ..., created: _Optional[float] = ..., revoked: _Optional[float] = ...) -> None: ...
+
+class ListReadersResponse(_message.Message):
+    __slots__ = ("readers", "shared_token_active", "key_id")
+    READERS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TOKEN_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    readers: _containers.RepeatedCompositeFieldContainer[ReaderInfo]
+    shared_token_active: bool
+    key_id: int
+    def __init__(self, readers: _Optional[_Iterable[_Union[ReaderInfo, _Mapping]]] = ..., shared_token_active: _Optional[bool] = ..., key_id: _Optional[int] = ...) -> None: ...
+
+class RevokeReaderRequest(_message.Message):
+    __slots__ = ("collection", "user", "shared_token")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    user: str
+    shared_token: bool
+    def __init__(self, collection: _Optional[str] = ..., user: _Optional[str] = ..., shared_token: _Optional[bool] = ...) -> None: ...
+
+class RevokeReaderResponse(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: bool
+    def __init__(self, revoked: _Optional[bool] = ...) -> None: ...
+
+class RekeyCodesRequest(_message.Message):
+    __slots__ = ("collection", "from_key_id", "to_key_id", "perm", "mask")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    FROM_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    PERM_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    from_key_id: int
+    to_key_id: int
+    perm: _containers.RepeatedScalarFieldContainer[int]
+    mask: bytes
+    def __init__(self, collection: _Optional[str] = ..., from_key_id: _Optional[int] = ..., to_key_id: _Optional[int] = ..., perm: _Optional[_Iterable[int]] = ..., mask: _Optional[bytes] = ...) -> None: ...
+
+class RekeyCodesResponse(_message.Message):
+    __slots__ = ("items", "revoked_users")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_USERS_FIELD_NUMBER: _ClassVar[int]
+    items: int
+    revoked_users: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, items: _Optional[int] = ..., revoked_users: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -74,6 +74,26 @@ class CloudStoreStub:
                 request_serializer=dlheir__cloud__pb2.ContainsRequest.SerializeToString,
                 response_deserializer=dlheir__cloud__pb2.ContainsResponse.FromString,
                 _registered_method=True)
+        self.AddReader = channel.unary_unary(
+                '/dlheir.cloud.v1.CloudStore/AddReader',
+                request_serializer=dlheir__cloud__pb2.AddReaderRequest.SerializeToString,
+                response_deserializer=dlheir__cloud__pb2.AddReaderResponse.FromString,
+                _registered_method=True)
+        self.ListReaders = channel.unary_unary(
+                '/dlheir.cloud.v1.CloudStore/ListReaders',
+                request_serializer=dlheir__cloud__pb2.CollectionRequest.SerializeToString,
+                response_deserializer=dlheir__cloud__pb2.ListReadersResponse.FromString,
+                _registered_method=True)
+        self.RevokeReader = channel.unary_unary(
+                '/dlheir.cloud.v1.CloudStore/RevokeReader',
+                request_serializer=dlheir__cloud__pb2.RevokeReaderRequest.SerializeToString,
+                response_deserializer=dlheir__cloud__pb2.RevokeReaderResponse.FromString,
+                _registered_method=True)
+        self.RekeyCodes = channel.unary_unary(
+                '/dlheir.cloud.v1.CloudStore/RekeyCodes',
+                request_serializer=dlheir__cloud__pb2.RekeyCodesRequest.SerializeToString,
+                response_deserializer=dlheir__cloud__pb2.RekeyCodesResponse.FromString,
+                _registered_method=True)
 
 
 class CloudStoreServicer:
@@ -135,6 +155,38 @@ class CloudStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddReader(self, request, context):
+        """Per-user access (owner token only). AddReader issues a new reader credential for one
+        user label and returns it once (the server keeps its SHA-256); with replace, an active
+        label gets a new token and its old one stops working. RevokeReader makes a label's token
+        (or, with shared_token, the collection's shared reader token) fail at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReaders(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeReader(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RekeyCodes(self, request, context):
+        """Owner token. Key rotation: applies one bit permutation + XOR mask (the owner's
+        T_new o T_old^-1) to every stored code of the collection in one transaction, records
+        the new key id and revokes every reader credential (per-user and shared); the index
+        is rebuilt and swapped in before the call returns.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CloudStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +229,26 @@ def add_CloudStoreServicer_to_server(servicer, server):
                     servicer.Contains,
                     request_deserializer=dlheir__cloud__pb2.ContainsRequest.FromString,
                     response_serializer=dlheir__cloud__pb2.ContainsResponse.SerializeToString,
+            ),
+            'AddReader': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddReader,
+                    request_deserializer=dlheir__cloud__pb2.AddReaderRequest.FromString,
+                    response_serializer=dlheir__cloud__pb2.AddReaderResponse.SerializeToString,
+            ),
+            'ListReaders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReaders,
+                    request_deserializer=dlheir__cloud__pb2.CollectionRequest.FromString,
+                    response_serializer=dlheir__cloud__pb2.ListReadersResponse.SerializeToString,
+            ),
+            'RevokeReader': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeReader,
+                    request_deserializer=dlheir__cloud__pb2.RevokeReaderRequest.FromString,
+                    response_serializer=dlheir__cloud__pb2.RevokeReaderResponse.SerializeToString,
+            ),
+            'RekeyCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.RekeyCodes,
+                    request_deserializer=dlheir__cloud__pb2.RekeyCodesRequest.FromString,
+                    response_serializer=dlheir__cloud__pb2.RekeyCodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +467,114 @@ class CloudStore:
             '/dlheir.cloud.v1.CloudStore/Contains',
             dlheir__cloud__pb2.ContainsRequest.SerializeToString,
             dlheir__cloud__pb2.ContainsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddReader(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dlheir.cloud.v1.CloudStore/AddReader',
+            dlheir__cloud__pb2.AddReaderRequest.SerializeToString,
+            dlheir__cloud__pb2.AddReaderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReaders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dlheir.cloud.v1.CloudStore/ListReaders',
+            dlheir__cloud__pb2.CollectionRequest.SerializeToString,
+            dlheir__cloud__pb2.ListReadersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeReader(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dlheir.cloud.v1.CloudStore/RevokeReader',
+            dlheir__cloud__pb2.RevokeReaderRequest.SerializeToString,
+            dlheir__cloud__pb2.RevokeReaderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RekeyCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dlheir.cloud.v1.CloudStore/RekeyCodes',
+            dlheir__cloud__pb2.RekeyCodesRequest.SerializeToString,
+            dlheir__cloud__pb2.RekeyCodesResponse.FromString,
             options,
             channel_credentials,
             insecure,
