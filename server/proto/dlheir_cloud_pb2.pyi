@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,13 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CollectionMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SERVER_RANKED: _ClassVar[CollectionMode]
+    PRIVATE_RANKING: _ClassVar[CollectionMode]
+SERVER_RANKED: CollectionMode
+PRIVATE_RANKING: CollectionMode
+
 class CreateCollectionRequest(_message.Message):
-    __slots__ = ("name", "bits")
+    __slots__ = ("name", "bits", "mode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     bits: int
-    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ...) -> None: ...
+    mode: CollectionMode
+    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ..., mode: _Optional[_Union[CollectionMode, str]] = ...) -> None: ...
 
 class CreateCollectionResponse(_message.Message):
     __slots__ = ("owner_token", "reader_token")
@@ -27,18 +37,24 @@ class ListCollectionsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CollectionInfo(_message.Message):
-    __slots__ = ("name", "bits", "items", "blob_bytes", "key_id")
+    __slots__ = ("name", "bits", "items", "blob_bytes", "mode", "code_pages", "code_page_bytes", "key_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     BLOB_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    CODE_PAGES_FIELD_NUMBER: _ClassVar[int]
+    CODE_PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     bits: int
     items: int
     blob_bytes: int
+    mode: CollectionMode
+    code_pages: int
+    code_page_bytes: int
     key_id: int
-    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ..., items: _Optional[int] = ..., blob_bytes: _Optional[int] = ..., key_id: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ..., items: _Optional[int] = ..., blob_bytes: _Optional[int] = ..., mode: _Optional[_Union[CollectionMode, str]] = ..., code_pages: _Optional[int] = ..., code_page_bytes: _Optional[int] = ..., key_id: _Optional[int] = ...) -> None: ...
 
 class ListCollectionsResponse(_message.Message):
     __slots__ = ("collections",)
@@ -251,3 +267,35 @@ class RekeyCodesResponse(_message.Message):
     items: int
     revoked_users: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, items: _Optional[int] = ..., revoked_users: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AppendCodePageRequest(_message.Message):
+    __slots__ = ("collection", "page", "data")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    PAGE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    page: int
+    data: bytes
+    def __init__(self, collection: _Optional[str] = ..., page: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class AppendCodePageResponse(_message.Message):
+    __slots__ = ("pages",)
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    pages: int
+    def __init__(self, pages: _Optional[int] = ...) -> None: ...
+
+class SyncCodePagesRequest(_message.Message):
+    __slots__ = ("collection", "from_page")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    FROM_PAGE_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    from_page: int
+    def __init__(self, collection: _Optional[str] = ..., from_page: _Optional[int] = ...) -> None: ...
+
+class CodePage(_message.Message):
+    __slots__ = ("page", "data")
+    PAGE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    page: int
+    data: bytes
+    def __init__(self, page: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -94,6 +94,16 @@ class CloudStoreStub:
                 request_serializer=dlheir__cloud__pb2.RekeyCodesRequest.SerializeToString,
                 response_deserializer=dlheir__cloud__pb2.RekeyCodesResponse.FromString,
                 _registered_method=True)
+        self.AppendCodePage = channel.unary_unary(
+                '/dlheir.cloud.v1.CloudStore/AppendCodePage',
+                request_serializer=dlheir__cloud__pb2.AppendCodePageRequest.SerializeToString,
+                response_deserializer=dlheir__cloud__pb2.AppendCodePageResponse.FromString,
+                _registered_method=True)
+        self.SyncCodePages = channel.unary_stream(
+                '/dlheir.cloud.v1.CloudStore/SyncCodePages',
+                request_serializer=dlheir__cloud__pb2.SyncCodePagesRequest.SerializeToString,
+                response_deserializer=dlheir__cloud__pb2.CodePage.FromString,
+                _registered_method=True)
 
 
 class CloudStoreServicer:
@@ -187,6 +197,24 @@ class CloudStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AppendCodePage(self, request, context):
+        """Private-ranking mode (issue 10, section 4): the collection's codes live only in
+        append-only pages sealed by the owner (AES-GCM); the server stores and serves them
+        without being able to read them. Owner token: append page number `page`, which must be
+        the collection's current page count (FAILED_PRECONDITION otherwise, naming it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SyncCodePages(self, request, context):
+        """Owner or reader token: the pages numbered from_page onwards, in order, one per message
+        (OUT_OF_RANGE when from_page is past the last page: the caller's copy is not this one's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CloudStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +277,16 @@ def add_CloudStoreServicer_to_server(servicer, server):
                     servicer.RekeyCodes,
                     request_deserializer=dlheir__cloud__pb2.RekeyCodesRequest.FromString,
                     response_serializer=dlheir__cloud__pb2.RekeyCodesResponse.SerializeToString,
+            ),
+            'AppendCodePage': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendCodePage,
+                    request_deserializer=dlheir__cloud__pb2.AppendCodePageRequest.FromString,
+                    response_serializer=dlheir__cloud__pb2.AppendCodePageResponse.SerializeToString,
+            ),
+            'SyncCodePages': grpc.unary_stream_rpc_method_handler(
+                    servicer.SyncCodePages,
+                    request_deserializer=dlheir__cloud__pb2.SyncCodePagesRequest.FromString,
+                    response_serializer=dlheir__cloud__pb2.CodePage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -575,6 +613,60 @@ class CloudStore:
             '/dlheir.cloud.v1.CloudStore/RekeyCodes',
             dlheir__cloud__pb2.RekeyCodesRequest.SerializeToString,
             dlheir__cloud__pb2.RekeyCodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendCodePage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dlheir.cloud.v1.CloudStore/AppendCodePage',
+            dlheir__cloud__pb2.AppendCodePageRequest.SerializeToString,
+            dlheir__cloud__pb2.AppendCodePageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncCodePages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dlheir.cloud.v1.CloudStore/SyncCodePages',
+            dlheir__cloud__pb2.SyncCodePagesRequest.SerializeToString,
+            dlheir__cloud__pb2.CodePage.FromString,
             options,
             channel_credentials,
             insecure,
