@@ -34,6 +34,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-token-file", help=f"file holding the admin token (else ${ADMIN_ENV}, else generated "
                                               "into DATA_DIR/admin.token)")
     p.add_argument("--shards", type=int, default=None, help="index shards searched in parallel (default: cores)")
+    p.add_argument("--mih-min-items", type=int, default=None, metavar="N",
+                   help="collection size from which searches use exact multi-index hashing instead of a "
+                        "flat scan (codes of <= 64 bits; default 200000)")
     p.add_argument("--workers", type=int, default=8, help="gRPC worker threads (default 8)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=64,
                    help="calls in progress at once; more are refused with RESOURCE_EXHAUSTED (default 64)")
@@ -164,7 +167,7 @@ def build_server(args: argparse.Namespace):
     max_bytes = args.max_store_mb * 1024 * 1024 if args.max_store_mb else None
     try:
         store = open_store(data_dir, integrity_check=not args.skip_integrity_check, max_bytes=max_bytes)
-        service = CloudStoreService(store, token, args.shards)
+        service = CloudStoreService(store, token, args.shards, args.mih_min_items)
     except StoreError as exc:
         raise UserError(str(exc)) from None
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -74,7 +74,7 @@ def server_command(args: argparse.Namespace) -> list[str]:
            "--port", str(args.port), "--workers", str(args.workers),
            "--max-concurrent-rpcs", str(args.max_concurrent_rpcs), "--stream-idle-timeout", str(args.stream_idle_timeout),
            "--log-level", args.log_level]
-    for flag in ("tls_cert", "tls_key", "admin_token_file", "shards", "max_store_mb"):
+    for flag in ("tls_cert", "tls_key", "admin_token_file", "shards", "max_store_mb", "mih_min_items"):
         if getattr(args, flag, None):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     for flag in ("insecure", "skip_integrity_check"):

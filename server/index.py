@@ -10,6 +10,13 @@
   returned distance still equals the k-th distance overall may hold more items at that
   distance, and for those (query, shard) pairs the full set at distance <= d_k is taken with
   a FAISS range search before the final (distance, id) sort.
+* Large collections (``mih_min`` codes or more, codes of at most 64 bits, CPU) are searched
+  with multi-index hashing (``dlheir.server.mih``), exact by construction and sublinear: the
+  items are "sealed" into an immutable multi-index hash, new items go to the flat shards
+  (the delta), deletes mark sealed rows dead. When the delta passes ``RESEAL_FRACTION`` of
+  the sealed part (or a quarter of it is dead) everything is sealed again: built from a
+  snapshot outside the lock (searches go on), swapped in under it. Results are the union of
+  both parts' exact top k, merged by (distance, id).
 * Concurrency: a readers-writer lock (writer preferring). Searches share it and run
   concurrently; an upload batch / delete takes it exclusively only for the in-memory append
   or removal (the durable SQLite commit happens before, outside it), so a search never sees a
@@ -26,8 +33,12 @@ from contextlib import contextmanager
 import faiss
 import numpy as np
 
+from dlheir.server.mih import MultiIndexHash
+
 FAST_BYTES = (8, 16, 32, 64)  # code sizes IndexBinaryFlat has specialised paths for
 PARALLEL_MIN_WORK = 65536
+MIH_MIN_ITEMS = 200_000  # from here on, multi-index hashing beats the flat scan (bench search)
+RESEAL_FRACTION = 0.1  # re-seal when the flat delta passes this share of the sealed part
 MERGE_BUDGET = 4_000_000  # candidates (distance + id: 12 bytes each) held at once by one search  # (codes x queries) below which a thread hand-off costs more than the scan it splits
 
 
@@ -141,6 +152,11 @@ class _Shard:
         self.n = len(kept)
         return len(rows)
 
+    def codes(self) -> np.ndarray:
+        """The padded codes [n, nbytes], in row order (a copy)."""
+        index = faiss.index_binary_gpu_to_cpu(self.index) if gpu_available() else self.index
+        return faiss.vector_to_array(index.xb).reshape(-1, self.nbytes)[: self.n]
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances int32 [Q, min(k, n)], ids int64 [Q, min(k, n)]) sorted by distance."""
         k = min(k, self.n)
@@ -165,8 +181,12 @@ def _shard_k(k: int) -> int:
 class BinaryIndex:
     """One collection's codes in ``n_shards`` FAISS ``IndexBinaryFlat`` shards."""
 
-    def __init__(self, bits: int, n_shards: int | None = None, pool: ThreadPoolExecutor | None = None) -> None:
+    def __init__(self, bits: int, n_shards: int | None = None, pool: ThreadPoolExecutor | None = None,
+                 mih_min: int | None = None) -> None:
         self.bits = bits
+        self.mih_min = MIH_MIN_ITEMS if mih_min is None else mih_min
+        self.sealed: MultiIndexHash | None = None
+        self._generation = 0  # bumped by every change: a seal built from an older snapshot is dropped
         self.code_len = -(-bits // 8)
         self.nbytes = padded_bytes(self.code_len)
         self.shards = [_Shard(self.nbytes) for _ in range(max(1, n_shards or default_shards()))]
@@ -185,11 +205,19 @@ class BinaryIndex:
         out[:, : self.code_len] = codes
         return out
 
-    def add(self, ids, codes, replace_ids=None) -> None:
-        """Add one batch atomically (as seen by searches); ``replace_ids`` are removed first."""
+    @property
+    def kind(self) -> str:
+        """Which index answers: 'flat' or 'mih+flat' (sealed multi-index hash plus flat delta)."""
+        return "flat" if self.sealed is None else "mih+flat"
+
+    def add(self, ids, codes, replace_ids=None, seal: bool = True) -> None:
+        """Add one batch atomically (as seen by searches); ``replace_ids`` are removed first.
+        ``seal=False`` skips the re-seal check (bulk loading calls ``maybe_seal()`` once at the end).
+        Callers serialise writes (the service holds its write lock)."""
         ids = np.asarray(ids, dtype=np.int64)
         padded = self._pad(codes)  # outside the lock
         with self.lock.write():
+            self._generation += 1
             if replace_ids is not None and len(replace_ids):
                 self._remove(np.asarray(replace_ids, dtype=np.int64))
             # fill the smallest shards first so shards stay balanced
@@ -204,15 +232,51 @@ class BinaryIndex:
             if start < len(ids):
                 self.shards[int(np.argmin(sizes))].add(ids[start:], padded[start:])
             self._n += len(ids)
+        if seal:
+            self.maybe_seal()
 
     def _remove(self, ids: np.ndarray) -> int:
         n = sum(shard.remove(ids) for shard in self.shards)
+        if self.sealed is not None:
+            n += self.sealed.remove(ids)
         self._n -= n
+        self._generation += 1
         return n
 
     def remove(self, ids) -> int:
         with self.lock.write():
-            return self._remove(np.asarray(ids, dtype=np.int64))
+            n = self._remove(np.asarray(ids, dtype=np.int64))
+        self.maybe_seal()
+        return n
+
+    def maybe_seal(self) -> bool:
+        """(Re)build the multi-index hash over every live item when the collection is large
+        and the flat delta (or the dead part of the sealed one) has grown; returns whether it did."""
+        if self.bits > 64 or gpu_available() or self._n < self.mih_min:
+            return False
+        delta = sum(s.n for s in self.shards)
+        if self.sealed is not None:
+            size = len(self.sealed.ids)
+            if delta <= RESEAL_FRACTION * size and size - self.sealed.n_alive <= size // 4:
+                return False
+        with self.lock.read():  # snapshot; the build below runs without the lock
+            generation = self._generation
+            ids, codes = [], []
+            if self.sealed is not None:
+                live = self.sealed.alive
+                ids.append(self.sealed.ids[live])
+                codes.append(self.sealed.codes_bytes(live, self.code_len))
+            for shard in self.shards:
+                if shard.n:
+                    ids.append(shard.ids.copy())
+                    codes.append(shard.codes()[:, : self.code_len])
+        sealed = MultiIndexHash(np.concatenate(ids), np.concatenate(codes), self.bits)
+        with self.lock.write():
+            if generation != self._generation:  # changed meanwhile (callers should serialise writes)
+                return False
+            self.sealed = sealed
+            self.shards = [_Shard(self.nbytes) for _ in self.shards]
+        return True
 
     def _search_shards(self, q: np.ndarray, kk: int) -> list[tuple[np.ndarray, np.ndarray]]:
         if len(self.shards) == 1 or self._n * len(q) < PARALLEL_MIN_WORK:
@@ -237,6 +301,32 @@ class BinaryIndex:
         return results
 
     def _search_chunk(self, q: np.ndarray, k: int, kk: int, max_distance: int | None):
+        flat = self._search_flat(q, k, kk, max_distance)
+        if self.sealed is None:
+            return flat
+        sealed = self._search_sealed(q, k)
+        results = []
+        for (fi, fd), (si, sd) in zip(flat, sealed):
+            ids, d = np.concatenate([fi, si]), np.concatenate([fd.astype(np.int64), sd])
+            top = np.lexsort((ids, d))[:k]
+            ids, d = ids[top], d[top]
+            if max_distance is not None:
+                keep = d <= max_distance
+                ids, d = ids[keep], d[keep]
+            results.append((ids, d.astype(np.uint32)))
+        return results
+
+    def _search_sealed(self, q: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query, the sealed part's exact top k; a batch is spread over the pool's threads."""
+        search = self.sealed.search_one
+        if len(q) < 2 * len(self.shards):
+            return [search(row, k) for row in q]
+        groups = np.array_split(np.arange(len(q)), len(self.shards))
+        futures = [self.pool.submit(lambda g: [search(q[i], k) for i in g], g) for g in groups[1:]]
+        first = [search(q[i], k) for i in groups[0]]
+        return first + [r for f in futures for r in f.result()]
+
+    def _search_flat(self, q: np.ndarray, k: int, kk: int, max_distance: int | None):
         nq = len(q)
         parts = self._search_shards(q, kk)
         dist = np.concatenate([d for d, _ in parts], axis=1)

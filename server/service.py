@@ -50,7 +50,9 @@ class Collection:
 
 
 class CloudStoreService(pb_grpc.CloudStoreServicer):
-    def __init__(self, store: Store, admin_token: str, n_shards: int | None = None) -> None:
+    def __init__(self, store: Store, admin_token: str, n_shards: int | None = None,
+                 mih_min: int | None = None) -> None:
+        self.mih_min = mih_min  # collection size from which search uses multi-index hashing
         self.store = store
         self.admin_hash = token_hash(admin_token)
         self.n_shards = n_shards or default_shards()
@@ -61,10 +63,11 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
         for name, bits, owner_hash, reader_hash in store.collections():  # rebuild the index from the store
             col = self._open(name, bits, owner_hash, reader_hash)
             for ids, codes in store.codes(name):
-                col.index.add(np.array(ids, dtype=np.int64), np.frombuffer(codes, np.uint8))
+                col.index.add(np.array(ids, dtype=np.int64), np.frombuffer(codes, np.uint8), seal=False)
+            col.index.maybe_seal()  # large collections: one multi-index hash build, after loading
 
     def _open(self, name, bits, owner_hash, reader_hash) -> Collection:
-        col = Collection(name, bits, owner_hash, reader_hash, BinaryIndex(bits, self.n_shards, self.pool))
+        col = Collection(name, bits, owner_hash, reader_hash, BinaryIndex(bits, self.n_shards, self.pool, self.mih_min))
         self.collections[name] = col
         self._known_hashes = self._known_hashes | {owner_hash, reader_hash}
         return col

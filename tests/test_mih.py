@@ -1,0 +1,100 @@
+"""Multi-index hashing (server/mih.py) and the index that switches to it (server/index.py):
+exact top k by (distance, id), ties included, equal to brute force on random and tie-heavy
+codes, after deletes and replaces, below and across the size threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dlheir.server.index import BinaryIndex
+from dlheir.server.mih import MultiIndexHash, popcount64, substring_lengths, to_uint64
+
+
+def _brute_force(ids: np.ndarray, codes: np.ndarray, query: np.ndarray, k: int, max_distance=None):
+    d = popcount64(to_uint64(codes) ^ to_uint64(query[None])[0]).astype(np.int64)
+    order = np.lexsort((ids, d))[:k]
+    ids, d = ids[order], d[order]
+    if max_distance is not None:
+        ids, d = ids[d <= max_distance], d[d <= max_distance]
+    return list(ids), list(d)
+
+
+def _codes(rng, n: int, bits: int, kind: str) -> np.ndarray:
+    nbytes = -(-bits // 8)
+    if kind == "random":
+        codes = rng.integers(0, 256, (n, nbytes), dtype=np.uint8)
+    elif kind == "tie-heavy":
+        codes = rng.integers(0, 4, (n, nbytes), dtype=np.uint8)
+    else:  # clustered, like a trained network's codes: a few centres with bit noise
+        centres = rng.integers(0, 2, (10, nbytes * 8), dtype=np.uint8)
+        noisy = centres[rng.integers(0, 10, n)] ^ (rng.random((n, nbytes * 8)) < 0.05)
+        codes = np.packbits(noisy.astype(np.uint8), axis=1)
+    if bits % 8:
+        codes[:, -1] &= (0xFF << (8 - bits % 8)) & 0xFF
+    return codes
+
+
+@pytest.mark.parametrize("bits", [12, 48, 64])
+@pytest.mark.parametrize("kind", ["random", "tie-heavy", "clustered"])
+def test_multi_index_hash_equals_brute_force(bits, kind):
+    rng = np.random.default_rng(bits)
+    n = 20_000
+    codes = _codes(rng, n, bits, kind)
+    ids = rng.choice(10 * n, n, replace=False).astype(np.int64)
+    mih = MultiIndexHash(ids, codes, bits)
+    assert len(mih.tables) == len(substring_lengths(bits, n)) >= 1
+    queries = np.concatenate([codes[:10], _codes(rng, 10, bits, kind)])
+    for k in (1, 7, 100):
+        for q in queries:
+            got_ids, got_d = mih.search_one(q, k)
+            assert (list(got_ids), list(got_d)) == _brute_force(ids, codes, q, k)
+    # deletes: dead rows are never returned
+    dead = ids[::3]
+    assert mih.remove(np.concatenate([dead, [-5]])) == len(dead)
+    keep = ~np.isin(ids, dead)
+    for q in queries[:5]:
+        got_ids, got_d = mih.search_one(q, 50)
+        assert (list(got_ids), list(got_d)) == _brute_force(ids[keep], codes[keep], q, 50)
+
+
+@pytest.mark.parametrize("kind", ["random", "tie-heavy", "clustered"])
+def test_index_across_the_threshold_with_deletes_and_replaces(kind):
+    """A BinaryIndex that seals into multi-index hashing at 3,000 items answers exactly what
+    the flat one answers at every step (and what brute force says)."""
+    rng = np.random.default_rng(7)
+    bits, n = 48, 12_000
+    codes = _codes(rng, n, bits, kind)
+    ids = rng.choice(10 * n, n, replace=False).astype(np.int64)
+    flat = BinaryIndex(bits, n_shards=2, mih_min=10**12)
+    mih = BinaryIndex(bits, n_shards=2, mih_min=3_000)
+    store: dict[int, np.ndarray] = {}  # what the indexes hold
+    queries = codes[rng.integers(0, n, 12)]
+
+    def check():
+        all_ids = np.array(sorted(store), dtype=np.int64)
+        all_codes = np.array([store[i] for i in all_ids.tolist()], dtype=np.uint8)
+        for k, max_d in ((1, None), (20, None), (200, None), (20, 6)):
+            for (fi, fd), (mi, md), q in zip(flat.search(queries, k, max_d), mih.search(queries, k, max_d), queries):
+                want = _brute_force(all_ids, all_codes, q, k, max_d)
+                assert (list(mi), list(md)) == want == (list(fi), list(fd))
+
+    for start in range(0, n, 2_000):  # grows past the threshold and re-seals as the delta grows
+        for index in (flat, mih):
+            index.add(ids[start:start + 2_000], codes[start:start + 2_000])
+        store.update(zip(ids[start:start + 2_000].tolist(), codes[start:start + 2_000]))
+        check()
+    assert mih.kind == "mih+flat" and flat.kind == "flat"
+    gone = ids[rng.choice(n, 1_500, replace=False)]
+    for index in (flat, mih):
+        index.remove(gone)
+    for i in gone.tolist():
+        del store[i]
+    check()
+    replaced = np.array(sorted(store)[:400], dtype=np.int64)
+    new_codes = _codes(rng, 400, bits, kind)
+    for index in (flat, mih):
+        index.add(replaced, new_codes, replace_ids=replaced)
+    store.update(zip(replaced.tolist(), new_codes))
+    check()
+    assert len(mih) == len(flat) == len(store)
