@@ -1,17 +1,19 @@
-"""`dlheir bench search`: top-k through the cloud server vs FAISS in-process on the same codes.
+"""`dlheir bench search`: top-k through the cloud server, side by side with its baselines.
 
-For each collection size (the collection grows from one size to the next, so the upload
-throughput of each step is measured too):
+For each kind of codes (``random``: uniform bits; ``structured``: clustered like a trained
+network's codes, a few centres with bit noise) a fresh server is started and one collection
+grows through the given sizes. At each size:
 
-* ``server (gRPC)``: one query per Search request (p50/p99), and one batched request;
-* ``faiss flat in-process``: a plain ``IndexBinaryFlat`` on the same (unpadded) codes, one
-  FAISS call per query on one thread (FAISS answers a single query on one thread anyway), and
-  the batch on all cores;
-* ``sharded index in-process``: the server's own index class (padded, sharded, exact ties)
-  called directly, which isolates the gRPC + protobuf cost.
+* ``bare gRPC``: the standard health check on the same channel, the floor of any call;
+* ``server``: one query per Search request (p50/p99), and batched requests (queries/s);
+* ``faiss flat``: a plain ``IndexBinaryFlat`` in-process on the same codes, one thread;
+* ``index in-process``: the server's own index class called directly (flat shards, or exact
+  multi-index hashing from ``--mih-min-items`` codes), which isolates the gRPC cost;
+* the index the server chose, its RSS per stored item (RSS after a restart minus an empty
+  server's; SQLite's page cache is a few MB and not subtracted), the restart time (SIGTERM,
+  start, until the health check answers SERVING), and the upload rate.
 
-Uses the shared helpers of ``dlheir.benchmarks.common`` (timing loop, percentiles, table,
-JSON, PNG).
+Writes ``OUT_DIR/bench_search.json`` and ``OUT_DIR/bench_search.png``.
 """
 
 from __future__ import annotations
@@ -23,21 +25,57 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("search", help="server search latency/throughput vs in-process FAISS, plus upload speed",
-                       description="Single-query p50/p99 and batched queries/s of top-k search through the cloud "
-                                   "server, side by side with FAISS in-process on the same random codes, and the "
-                                   "upload throughput (items/s, MB/s). Writes results/bench_search.json and .png.")
+    p = sub.add_parser("search", help="server search latency/throughput, index chosen, RSS, restart time, "
+                                      "vs bare gRPC and in-process FAISS",
+                       description="Single-query p50/p99 and batched queries/s of exact top-k search through the "
+                                   "cloud server, beside a bare gRPC call and FAISS in-process on the same codes, "
+                                   "for random and structured codes; also the index the server chose, RSS per item, "
+                                   "restart time and upload rate. Writes OUT_DIR/bench_search.json and .png.")
     p.add_argument("--sizes", default="10000,100000,1000000", help="collection sizes, comma separated "
                                                                   "(default 10000,100000,1000000)")
+    p.add_argument("--codes", default="random,structured", help="kinds of codes: random, structured or both "
+                                                               "(default both)")
     p.add_argument("--bits", type=int, default=48, help="code length in bits (default 48)")
     p.add_argument("-k", type=int, default=20, help="top k (default 20)")
     p.add_argument("--queries", type=int, default=300, help="single queries timed per size and path (default 300)")
     p.add_argument("--batch-queries", type=int, default=1000, help="queries in one batched request (default 1000)")
-    p.add_argument("--blob-bytes", type=int, default=1024, help="size of each uploaded blob (default 1024)")
-    p.add_argument("--upload-batch", type=int, default=2000, help="items per upload batch / ack (default 2000)")
+    p.add_argument("--blob-bytes", type=int, default=16, help="size of each uploaded blob (default 16)")
+    p.add_argument("--upload-batch", type=int, default=10000, help="items per upload batch / ack (default 10000)")
     p.add_argument("--shards", type=int, default=None, help="server index shards (default: one per core)")
-    p.add_argument("--out-dir", default="results", help="where JSON and PNG go (default results/)")
+    p.add_argument("--mih-min-items", type=int, default=None,
+                   help="collection size from which the server uses multi-index hashing (default: the server's)")
+    p.add_argument("--out-dir", default="results/bench_search", help="where JSON and PNG go "
+                                                                    "(default results/bench_search)")
     p.set_defaults(func=run)
+
+
+def make_codes(kind: str, n: int, bits: int, seed: int = 0):
+    """``n`` codes of ``bits`` bits (packed, zero padding bits): uniform random, or structured
+    (100 random centres, each bit flipped with probability 0.08, like a trained network's
+    clustered codes)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    nbytes = -(-bits // 8)
+    if kind == "random":
+        codes = rng.integers(0, 256, (n, nbytes), dtype=np.uint8)
+    else:
+        centres = rng.integers(0, 2, (100, nbytes * 8), dtype=np.uint8)
+        codes = np.empty((n, nbytes), dtype=np.uint8)
+        for start in range(0, n, 1_000_000):  # in chunks: the unpacked bits are 8x the codes
+            m = min(n, start + 1_000_000) - start
+            noisy = centres[rng.integers(0, 100, m)] ^ (rng.random((m, nbytes * 8)) < 0.08)
+            codes[start:start + m] = np.packbits(noisy.astype(np.uint8), axis=1)
+    if bits % 8:
+        codes[:, -1] &= (0xFF << (8 - bits % 8)) & 0xFF
+    return codes
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def _cycle(n: int):
@@ -48,101 +86,149 @@ def _cycle(n: int):
 def run(args: argparse.Namespace) -> int:
     import faiss
     import numpy as np
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from dlheir.benchmarks.common import bar_plot, latency_stats, save_json, table, time_calls
+    from dlheir.benchmarks.common import latency_stats, save_json, table, time_calls
     from dlheir.client.cloud import CloudClient
     from dlheir.codes import code_bytes, validate_bits
     from dlheir.errors import UserError
-    from dlheir.server.index import BinaryIndex, default_shards
-    from dlheir.server.testing import run_cloud_server
+    from dlheir.server.index import MIH_MIN_ITEMS, BinaryIndex, default_shards
+    from dlheir.server.testing import CloudServerProcess
 
     validate_bits(args.bits)
     try:
         sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
     except ValueError:
         raise UserError(f"--sizes: comma-separated integers, got {args.sizes!r}") from None
-    if not sizes or sizes[0] < 1 or args.k < 1 or args.queries < 1 or args.batch_queries < 1:
-        raise UserError("--sizes, -k, --queries and --batch-queries must be positive")
+    kinds = [k.strip() for k in args.codes.split(",") if k.strip()]
+    if not kinds or set(kinds) - {"random", "structured"}:
+        raise UserError(f"--codes: random, structured or both, got {args.codes!r}")
+    if not sizes or sizes[0] < 1 or args.k < 1 or args.queries < 1 or args.batch_queries < 1 or args.blob_bytes < 0:
+        raise UserError("--sizes, -k, --queries and --batch-queries must be positive, --blob-bytes >= 0")
     shards = args.shards or default_shards()
-    L = code_bytes(args.bits)
-    rng = np.random.default_rng(0)
-    codes = rng.integers(0, 256, (sizes[-1], L), dtype=np.uint8)
-    queries = rng.integers(0, 256, (max(args.queries, args.batch_queries), L), dtype=np.uint8)
-    if args.bits % 8:  # zero padding bits, as the code format says
-        mask = (0xFF << (8 - args.bits % 8)) & 0xFF
-        codes[:, -1] &= mask
-        queries[:, -1] &= mask
-    blob = rng.bytes(args.blob_bytes)
-    single_q = queries[: args.queries]
-    batch_q = queries[: args.batch_queries]
-    rows, uploads = [], []
-    server_args = ["--shards", str(shards)]
-    print(f"search bench: sizes {sizes}, {args.bits} bits, k={args.k}, {shards} shard(s), "
-          f"{args.blob_bytes}-byte blobs", flush=True)
-    with tempfile.TemporaryDirectory(prefix="dlheir-bench-") as tmp, \
-            run_cloud_server(Path(tmp) / "cloud", extra_args=server_args) as server:
-        with CloudClient(server.address) as admin:
-            owner_token, _ = admin.create_collection("bench", args.bits, server.admin_token)
-        client = CloudClient(server.address, owner_token)
-        have = 0
-        for size in sizes:
-            n = size - have
-            t0 = time.perf_counter()
-            for _ in client.upload("bench", ((i, codes[i].tobytes(), blob, {}) for i in range(have, size)),
-                                   batch_size=args.upload_batch):
-                pass
-            secs = time.perf_counter() - t0
-            have = size
-            uploads.append({"size": size, "items": n, "seconds": secs, "items_per_s": n / secs,
-                            "mb_per_s": n * (args.blob_bytes + L) / 1e6 / secs})
-            # through the server: one query per request, then one batched request
-            nxt = _cycle(args.queries)
-            srv_single = time_calls(lambda: client.search("bench", single_q[nxt()][None, :], args.k),
-                                    args.queries, warmup=10)
-            srv_batch = time_calls(lambda: client.search("bench", batch_q, args.k), 3, warmup=1)
-            # in-process baselines on the same codes
-            flat = faiss.IndexBinaryFlat(L * 8)
-            flat.add(codes[:size])
-            faiss.omp_set_num_threads(1)
-            nxt = _cycle(args.queries)
-            flat_single = time_calls(lambda: flat.search(single_q[nxt()][None, :], args.k), args.queries, warmup=10)
-            faiss.omp_set_num_threads(default_shards())
-            flat_batch = time_calls(lambda: flat.search(batch_q, args.k), 3, warmup=1)
-            faiss.omp_set_num_threads(1)  # as the server's index runs it
-            del flat
-            ours = BinaryIndex(args.bits, shards)
-            ours.add(np.arange(size), codes[:size])
-            nxt = _cycle(args.queries)
-            ours_single = time_calls(lambda: ours.search(single_q[nxt()][None, :], args.k), args.queries, warmup=10)
-            ours_batch = time_calls(lambda: ours.search(batch_q, args.k), 3, warmup=1)
-            del ours
-            for name, single, batch in (("server (gRPC)", srv_single, srv_batch),
-                                        ("faiss flat in-process", flat_single, flat_batch),
-                                        ("sharded index in-process", ours_single, ours_batch)):
-                rows.append({"size": size, "path": name, **latency_stats(single),
-                             "batch_qps": args.batch_queries / float(np.median(batch))})
-            r = rows[-3:]
-            print(f"size {size}: upload {uploads[-1]['items_per_s']:.0f} items/s; single-query p50 server "
-                  f"{r[0]['p50_ms']:.3f} ms, faiss flat {r[1]['p50_ms']:.3f} ms, sharded {r[2]['p50_ms']:.3f} ms",
-                  flush=True)
-        client.close()
-    print(table(rows, [("size", "codes", "d"), ("path", "path", ""), ("p50_ms", "p50 ms", ".3f"),
-                       ("p99_ms", "p99 ms", ".3f"), ("batch_qps", "batched q/s", ".0f")]))
-    print(table(uploads, [("size", "to size", "d"), ("items", "items", "d"), ("items_per_s", "items/s", ".0f"),
-                          ("mb_per_s", "MB/s", ".2f")]))
-    big = [r for r in rows if r["size"] == sizes[-1]]
-    target = 2 * big[1]["p50_ms"] + 1.0
-    met = big[0]["p50_ms"] <= target
-    print(f"at {sizes[-1]} codes: server p50 {big[0]['p50_ms']:.3f} ms vs target 2 x FAISS flat "
-          f"({big[1]['p50_ms']:.3f} ms) + 1 ms = {target:.3f} ms -> {'met' if met else 'NOT met'}")
-    path = save_json("bench_search", {"bits": args.bits, "k": args.k, "shards": shards, "blob_bytes": args.blob_bytes,
-                                      "upload_batch": args.upload_batch, "rows": rows, "uploads": uploads,
-                                      "target": {"size": sizes[-1], "server_p50_ms": big[0]["p50_ms"],
-                                                 "limit_ms": target, "met": met}}, args.out_dir)
-    labels = [str(s) for s in sizes]
-    series = {name: [r["p50_ms"] for r in rows if r["path"] == name]
-              for name in ("server (gRPC)", "faiss flat in-process", "sharded index in-process")}
-    png = bar_plot(Path(args.out_dir) / "bench_search.png",
-                   f"single-query p50 latency, {args.bits}-bit codes, k={args.k}", labels, series, "ms", log=True)
+    mih_min = args.mih_min_items or MIH_MIN_ITEMS
+    code_len = code_bytes(args.bits)
+    server_args = ["--shards", str(shards), "--mih-min-items", str(mih_min)]
+    print(f"search bench: {kinds} codes, sizes {sizes}, {args.bits} bits, k={args.k}, {shards} shard(s), "
+          f"multi-index hashing from {mih_min} codes, {args.blob_bytes}-byte blobs", flush=True)
+    rows = []
+    for kind in kinds:
+        codes = make_codes(kind, sizes[-1], args.bits, seed=0)
+        # queries: noisy copies of stored codes (a look-alike image), 2 bits flipped on average
+        rng = np.random.default_rng(1)
+        n_q = max(args.queries, args.batch_queries)
+        flips = np.packbits((rng.random((n_q, code_len * 8)) < 2 / args.bits).astype(np.uint8), axis=1)
+        if args.bits % 8:
+            flips[:, -1] &= (0xFF << (8 - args.bits % 8)) & 0xFF
+        blob = np.random.default_rng(2).bytes(args.blob_bytes)
+        with tempfile.TemporaryDirectory(prefix="dlheir-bench-") as tmp:
+            server = CloudServerProcess(Path(tmp) / "cloud", extra_args=server_args).start()
+            try:
+                time.sleep(0.5)
+                rss_empty = _rss_bytes(server.process.pid)
+                with CloudClient(server.address) as admin:
+                    owner_token, _ = admin.create_collection("bench", args.bits, server.admin_token)
+                have = 0
+                for size in sizes:
+                    queries = codes[rng.integers(0, size, n_q)] ^ flips
+                    client = CloudClient(server.address, owner_token)
+                    t0 = time.perf_counter()
+                    for _ in client.upload("bench", ((i, codes[i].tobytes(), blob, {}) for i in range(have, size)),
+                                           batch_size=args.upload_batch):
+                        pass
+                    upload_s = time.perf_counter() - t0
+                    n_new, have = size - have, size
+                    client.close()
+                    server.stop()  # restart: the index is rebuilt from the store
+                    t0 = time.perf_counter()
+                    server.start()
+                    restart_s = time.perf_counter() - t0
+                    time.sleep(0.5)
+                    rss = _rss_bytes(server.process.pid) - rss_empty
+                    client = CloudClient(server.address, owner_token)
+                    health = health_pb2_grpc.HealthStub(client.channel)
+                    single = queries[: args.queries]
+                    nxt = _cycle(len(single))
+                    bare = time_calls(lambda: health.Check(health_pb2.HealthCheckRequest()), args.queries, warmup=20)
+                    srv = time_calls(lambda: client.search("bench", single[nxt()][None, :], args.k), args.queries,
+                                     warmup=20)
+                    batch = queries[: args.batch_queries]
+                    srv_batch = time_calls(lambda: client.search("bench", batch, args.k), 3, warmup=1)
+                    client.close()
+                    # in-process baselines on the same codes
+                    n_base = args.queries if size <= 2_000_000 else min(args.queries, 30)
+                    flat = faiss.IndexBinaryFlat(code_len * 8)
+                    flat.add(codes[:size])
+                    faiss.omp_set_num_threads(1)
+                    nxt = _cycle(n_base)
+                    flat_t = time_calls(lambda: flat.search(single[nxt()][None, :], args.k), n_base, warmup=3)
+                    del flat
+                    ours = BinaryIndex(args.bits, shards, mih_min=mih_min)
+                    ours.add(np.arange(size), codes[:size], seal=False)
+                    t0 = time.perf_counter()
+                    ours.maybe_seal()
+                    build_s = time.perf_counter() - t0
+                    nxt = _cycle(len(single))
+                    ours_t = time_calls(lambda: ours.search(single[nxt()][None, :], args.k), args.queries, warmup=10)
+                    index_kind = ours.kind
+                    del ours
+                    row = {"codes": kind, "size": size, "index": index_kind,
+                           "bare_grpc_p50_ms": latency_stats(bare)["p50_ms"],
+                           "server_p50_ms": latency_stats(srv)["p50_ms"], "server_p99_ms": latency_stats(srv)["p99_ms"],
+                           "server_batch_qps": args.batch_queries / float(np.median(srv_batch)),
+                           "index_p50_ms": latency_stats(ours_t)["p50_ms"], "index_build_s": build_s,
+                           "faiss_flat_p50_ms": latency_stats(flat_t)["p50_ms"],
+                           "rss_bytes_per_item": rss / size, "code_and_id_bytes": code_len + 8,
+                           "restart_s": restart_s, "upload_items_per_s": n_new / upload_s}
+                    row["server_overhead_ms"] = row["server_p50_ms"] - row["bare_grpc_p50_ms"]
+                    rows.append(row)
+                    print(f"{kind} {size}: index {index_kind}; p50 bare gRPC {row['bare_grpc_p50_ms']:.3f} ms, "
+                          f"server {row['server_p50_ms']:.3f} ms (p99 {row['server_p99_ms']:.3f}), in-process index "
+                          f"{row['index_p50_ms']:.3f} ms, FAISS flat {row['faiss_flat_p50_ms']:.3f} ms; batched "
+                          f"{row['server_batch_qps']:.0f} q/s; RSS {row['rss_bytes_per_item']:.1f} B/item; restart "
+                          f"{restart_s:.1f} s; upload {row['upload_items_per_s']:.0f} items/s", flush=True)
+            finally:
+                server.stop()
+    print(table(rows, [("codes", "codes", ""), ("size", "size", "d"), ("index", "index", ""),
+                       ("bare_grpc_p50_ms", "bare gRPC p50 ms", ".3f"), ("server_p50_ms", "server p50 ms", ".3f"),
+                       ("server_p99_ms", "p99 ms", ".3f"), ("index_p50_ms", "index in-proc ms", ".3f"),
+                       ("faiss_flat_p50_ms", "FAISS flat ms", ".3f"), ("server_batch_qps", "batched q/s", ".0f"),
+                       ("rss_bytes_per_item", "RSS B/item", ".1f"), ("restart_s", "restart s", ".1f"),
+                       ("upload_items_per_s", "upload items/s", ".0f")]))
+    out = Path(args.out_dir)
+    path = save_json("bench_search", {"bits": args.bits, "k": args.k, "shards": shards, "mih_min_items": mih_min,
+                                      "blob_bytes": args.blob_bytes, "queries": args.queries,
+                                      "batch_queries": args.batch_queries, "rows": rows}, out)
+    png = _plot(out / "bench_search.png", rows, kinds, args)
     print(f"written {path}, {png}")
     return 0
+
+
+def _plot(path: Path, rows: list[dict], kinds: list[str], args) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        mine = [r for r in rows if r["codes"] == kind]
+        x = [r["size"] for r in mine]
+        for key, label, style in (("server_p50_ms", "server p50 (gRPC)", "o-"),
+                                  ("server_p99_ms", "server p99 (gRPC)", "o:"),
+                                  ("index_p50_ms", "server's index in-process p50", "s-"),
+                                  ("faiss_flat_p50_ms", "FAISS IndexBinaryFlat in-process p50", "^-"),
+                                  ("bare_grpc_p50_ms", "bare gRPC call p50 (health check)", "x--")):
+            ax.plot(x, [r[key] for r in mine], style, label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("codes in the collection (log scale)")
+        ax.set_ylabel("single-query latency, ms (log scale)")
+        ax.set_title(f"{kind} {args.bits}-bit codes, exact top-{args.k}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
