@@ -144,7 +144,7 @@ def _decode(source: str | Path | bytes, max_pixels: int | None, draft_size: int 
         if draft_size:  # JPEG: decode at 1/2, 1/4 or 1/8 scale, keeping both sides >= draft_size
             img.draft("RGB", (draft_size, draft_size))
         img.load()
-        return img.convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")
     except ImageDecodeError:
         raise
     except FileNotFoundError as exc:
@@ -183,7 +183,9 @@ def load_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS,
 
 def warp_resize(img: Image.Image, size: int) -> np.ndarray:
     """RGB PIL image -> uint8 array [size, size, 3], warped (no crop, aspect not kept)."""
-    return np.asarray(img.convert("RGB").resize((size, size), RESAMPLE), dtype=np.uint8)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img.resize((size, size), RESAMPLE), dtype=np.uint8)
 
 
 def preprocess(source: ImageSource, size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
