@@ -8,6 +8,7 @@ import io
 import shutil
 import struct
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -121,6 +122,7 @@ def test_committed_preprocess_config_bounds_decoding():
                                model_config_pb2.ModelConfig())
     assert int(config.parameters["max_pixels"].string_value) == DEFAULT_MAX_PIXELS
     assert sum(group.count for group in config.instance_group) >= 2
+    assert not config.HasField("dynamic_batching")  # a small request never shares an execution with a heavy one
 
 
 # --- item 13: a bomb (or any bad image) fails its own request only, with one line, no traceback ---
@@ -189,6 +191,31 @@ def test_triton_refuses_too_large_and_hashes_large_jpeg(triton_server, good_file
     assert refused.error == "too large: 7000x7000 = 49000000 pixels exceeds the limit of 40000000 pixels"
     assert ok.error is None
     np.testing.assert_array_equal(ok.code, onnx_codes([jpeg])[0])
+
+
+def test_small_requests_are_served_while_a_heavy_one_runs(triton_server, good_files, onnx_codes):
+    """An ordering check, not a timing one: 3 small requests sent after a heavy request started all
+    complete before it does (with one instance, or merged into its batch, they would wait for it)."""
+    from dlheir.client.triton import TritonHasher
+    from dlheir.triton.stall import heavy_png
+
+    heavy = heavy_png(5000)  # 25 MP, 85 KB on disk; 8 of them take seconds to decode
+    done = threading.Event()
+
+    def send_heavy() -> None:
+        assert not isinstance(_infer_raw(triton_server.grpc_url, "dlheir", [heavy] * 8, "CODE"), Exception)
+        done.set()
+
+    thread = threading.Thread(target=send_heavy)
+    thread.start()
+    try:
+        time.sleep(0.5)  # the heavy request is being decoded
+        with TritonHasher(triton_server.grpc_url) as hasher:
+            codes = [hasher.hash_one(f)[1] for f in good_files[:3]]
+        assert not done.is_set(), "the small requests waited for the heavy one"
+    finally:
+        thread.join()
+    np.testing.assert_array_equal(np.stack(codes), onnx_codes(good_files[:3]))
 
 
 @pytest.fixture(scope="module")
