@@ -48,21 +48,72 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_owner_upload)
 
     p = osub.add_parser(
-        "grant", help="seal the collection's keys and reader token for one user's RSA public key",
-        description="Key delivery: write a grant file holding the collection name, its reader token, the image "
-                    "key and the transform secret, encrypted with a fresh AES-256-GCM key that is wrapped with "
-                    "RSA-OAEP (SHA-256) for the user's public key. Only that user's private key opens it; the "
-                    "file can travel over any channel.")
+        "grant", help="issue one user a reader token and seal it with the collection's keys for their RSA public key",
+        description="Key delivery: the cloud server issues a reader token for this user (owner token from the tokens "
+                    "file; the server keeps only its hash, under the user's label); the grant file holds the "
+                    "collection name, that token, the image keys and the transform secret, encrypted with a fresh "
+                    "AES-256-GCM key wrapped with RSA-OAEP (SHA-256) for the user's public key. Only that user's "
+                    "private key opens it; the file can travel over any channel. The public key is kept in "
+                    f"{HOME}/{paths.READERS_DIR}/COLLECTION/ so that 'owner rotate' can re-grant the user. "
+                    "Granting a user again issues a new token (the old grant stops working). With --reader-token "
+                    "no server is contacted and the grant carries that token (e.g. the shared one).")
     p.add_argument("--key", help=f"owner key file (default {HOME}/{paths.OWNER_KEY})")
     p.add_argument("--user-pub", required=True, help="the user's public key (user.pub.pem from 'dlheir user keygen'); "
                                                      "a private key is refused")
     p.add_argument("--collection", help="collection name (default: the one recorded in the key file)")
-    p.add_argument("--reader-token", help="the collection's reader token (default: from the tokens file)")
+    p.add_argument("--user", help="the user's label on the server (default: the public key's file name, "
+                                  "alice.pub.pem -> alice)")
+    p.add_argument("--replace", action="store_true",
+                   help="hand an active label to this public key (its previous token stops working)")
+    p.add_argument("--reader-token", help="seal this reader token instead of asking the server for the user's own "
+                                          "(offline; e.g. the collection's shared token, which rotation revokes)")
     p.add_argument("--tokens", help=f"tokens file from create-collection (default {HOME}/COLLECTION{paths.TOKENS_SUFFIX})")
-    p.add_argument("--server", default=None, help="server address recorded in the grant for the user's convenience")
+    p.add_argument("--server", default=None, help="cloud server (default: from the tokens file); also recorded in "
+                                                  "the grant for the user's convenience")
     p.add_argument("--bits", type=int, default=None, help="code length recorded in the grant (checked at search)")
     p.add_argument("--out", help=f"grant file to create (default {HOME}/{paths.GRANT}; must not exist)")
     p.set_defaults(func=_owner_grant)
+
+    def access_args(p):
+        p.add_argument("--collection", help="collection name (default: the one recorded in the key file)")
+        p.add_argument("--key", help=f"owner key file (default {HOME}/{paths.OWNER_KEY})")
+        p.add_argument("--tokens", help=f"tokens file from create-collection (default {HOME}/COLLECTION"
+                                        f"{paths.TOKENS_SUFFIX})")
+        p.add_argument("--server", default=None, help=f"cloud server (default: from the tokens file, else {DEFAULT_SERVER})")
+
+    p = osub.add_parser("grants", help="list the collection's readers: user, issued, revoked",
+                        description="List every user label the collection's server knows a reader token for, when it "
+                                    "was issued and when it was revoked, whether the shared reader token (version-1 "
+                                    "grants) still works, and the key version of the stored codes.")
+    access_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_owner_grants)
+
+    p = osub.add_parser("revoke", help="revoke one user's reader token at once (others unaffected)",
+                        description="Revoke USER's reader token: from the next call on, the server answers it "
+                                    "UNAUTHENTICATED (also after a restart); other users keep working. The user "
+                                    "still holds the keys in the grant: run 'owner rotate' so that what is uploaded "
+                                    "from now on is under keys they do not have.")
+    p.add_argument("user", metavar="USER", nargs="?")
+    p.add_argument("--shared-token", action="store_true",
+                   help="revoke the collection's shared reader token instead (the one version-1 grants carry)")
+    access_args(p)
+    p.set_defaults(func=_owner_revoke)
+
+    p = osub.add_parser(
+        "rotate", help="new image key and transform secret; stored codes re-keyed on the server; grants re-issued",
+        description="Key rotation: add a new key version (image key + transform secret) to the owner key file, have "
+                    "the server re-transform every stored code to it in one transaction (it is sent the composed map "
+                    "T_new o T_old^-1, a bit permutation + XOR mask) and revoke every reader token of the collection; "
+                    "then issue new grants to the users who were active (less --drop) from their kept public keys. "
+                    "Old grants stop working; stored images are not re-encrypted and keep decrypting with the older "
+                    "image keys, which new grants carry; new uploads use the new key.")
+    access_args(p)
+    p.add_argument("--drop", action="append", default=[], metavar="USER",
+                   help="do not re-grant this user (repeatable)")
+    p.add_argument("--out-dir", help=f"folder for the new grants, USER.grant (default {HOME}/{paths.GRANTS_DIR}/"
+                                     "COLLECTION/)")
+    p.set_defaults(func=_owner_rotate)
 
     usr = sub.add_parser("user", help="query user: RSA key pair, encrypted search")
     usub = usr.add_subparsers(dest="action", metavar="ACTION")
@@ -163,6 +214,8 @@ def _owner_upload(args):
 
 
 def _owner_grant(args):
+    from dlheir.client.access import default_label, issue_grant
+    from dlheir.client.cloud import CloudClient
     from dlheir.client.crypto import OwnerKeys, make_grant, read_public_key_file, write_private
 
     pub = Path(args.user_pub)
@@ -172,14 +225,93 @@ def _owner_grant(args):
     collection = args.collection or keys.collection
     if not collection:
         raise UserError(f"give --collection ({key_path} records no collection name)")
-    reader, server, bits = args.reader_token, args.server, args.bits
-    if reader is None:
+    user = paths.check_label(args.user) if args.user else None
+    out = paths.resolve(args.out, paths.GRANT)
+    if out.exists():
+        raise UserError(f"{out} already exists; refusing to overwrite a grant")
+    if args.reader_token is not None:  # offline: the caller's token (no per-user credential on the server)
+        grant = make_grant(keys, public_pem, collection, args.reader_token, server=args.server, bits=args.bits,
+                           user=user)
+    else:
         tokens = _load_tokens(args, collection)
-        reader, server, bits = tokens["reader_token"], server or tokens.get("server"), bits or tokens.get("bits")
-    grant = make_grant(keys, public_pem, collection, reader, server=server, bits=bits)
+        server = args.server or tokens.get("server") or DEFAULT_SERVER
+        user = user or paths.check_label(default_label(pub))
+        with CloudClient(server, tokens["owner_token"]) as cloud:
+            grant = issue_grant(keys, public_pem, collection, user, cloud, server=server,
+                                bits=args.bits or tokens.get("bits"), replace=args.replace)
     out = paths.resolve(args.out, paths.GRANT, create=True)
     write_private(out, grant, "a grant")
-    print(f"grant for {collection!r} written to {out}; only the holder of the private key matching {pub} can open it")
+    who = f" (user {user!r}, own reader token)" if args.reader_token is None else ""
+    print(f"grant for {collection!r}{who} written to {out}; only the holder of the private key matching {pub} can "
+          "open it")
+
+
+def _access(args):
+    """(collection, key path, owner CloudClient, server) for grants/revoke/rotate."""
+    from dlheir.client.cloud import CloudClient
+    from dlheir.client.crypto import OwnerKeys
+
+    key_path = paths.resolve(args.key, paths.OWNER_KEY)
+    collection = args.collection
+    if not collection:
+        collection = OwnerKeys.load(key_path).collection
+        if not collection:
+            raise UserError(f"give --collection ({key_path} records no collection name)")
+    tokens = _load_tokens(args, collection)
+    server = args.server or tokens.get("server") or DEFAULT_SERVER
+    return collection, key_path, CloudClient(server, tokens["owner_token"]), server
+
+
+def _when(seconds: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
+
+
+def _owner_grants(args):
+    collection, _, cloud, _ = _access(args)
+    with cloud:
+        answer = cloud.list_readers(collection)
+    readers = [{"user": r.user, "created": r.created, "revoked": r.revoked or None} for r in answer.readers]
+    if args.json:
+        print(json.dumps({"collection": collection, "key_id": answer.key_id or 1,
+                          "shared_token_active": answer.shared_token_active, "readers": readers}, indent=2))
+        return 0
+    print(f"collection {collection!r}: codes under key version {answer.key_id or 1}; shared reader token "
+          f"{'active' if answer.shared_token_active else 'revoked'}")
+    print(f"{'user':<24} {'issued':<19}  {'revoked':<19}")
+    for r in answer.readers:
+        print(f"{r.user:<24} {_when(r.created):<19}  {_when(r.revoked):<19}")
+    return 0
+
+
+def _owner_revoke(args):
+    if bool(args.user) == bool(args.shared_token):
+        raise UserError("give a USER to revoke, or --shared-token")
+    user = paths.check_label(args.user) if args.user else None
+    collection, _, cloud, _ = _access(args)
+    with cloud:
+        revoked = cloud.revoke_reader(collection, user, shared_token=args.shared_token)
+    what = f"user {user!r}" if user else "the shared reader token"
+    print(f"{what} of {collection!r} {'revoked: its token is refused from now on' if revoked else 'was already revoked'}")
+    return 0
+
+
+def _owner_rotate(args):
+    from dlheir.client.access import rotate
+
+    collection, key_path, cloud, server = _access(args)
+    with cloud:
+        report = rotate(key_path, collection, cloud, server=server, drop=args.drop, out_dir=args.out_dir)
+    print(f"collection {collection!r}: key version {report.from_key} -> {report.to_key} (added to {key_path}); "
+          f"{report.items} stored codes re-keyed on the server; {len(report.revoked)} reader token(s) revoked")
+    for user, path in sorted(report.granted.items()):
+        print(f"new grant for {user!r}: {path}")
+    for user in report.dropped:
+        print(f"not re-granted (--drop): {user!r}")
+    for user in report.no_public_key:
+        print(f"not re-granted, no kept public key: {user!r} (grant again with 'dlheir owner grant --user {user}')")
+    return 0
 
 
 def _user_keygen(args):

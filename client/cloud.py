@@ -105,6 +105,26 @@ class CloudClient:
     def contains(self, name: str, ids: Iterable[int]) -> set[int]:
         return set(self._call(self.stub.Contains, pb.ContainsRequest(collection=name, ids=[int(i) for i in ids])).present)
 
+    # --- per-user access and key rotation (owner token) ----------------------------------
+    def add_reader(self, name: str, user: str, replace: bool = False) -> str:
+        """A new reader token for ``user`` (returned once; the server keeps its hash)."""
+        return self._call(self.stub.AddReader, pb.AddReaderRequest(collection=name, user=user, replace=replace)).token
+
+    def list_readers(self, name: str) -> pb.ListReadersResponse:
+        """Readers (user, created, revoked: 0 = active), whether the shared reader token is active, the key id."""
+        return self._call(self.stub.ListReaders, pb.CollectionRequest(collection=name))
+
+    def revoke_reader(self, name: str, user: str | None = None, shared_token: bool = False) -> bool:
+        """Revoke ``user``'s token (or the shared reader token); False if it was already revoked."""
+        req = pb.RevokeReaderRequest(collection=name, user=user or "", shared_token=shared_token)
+        return self._call(self.stub.RevokeReader, req).revoked
+
+    def rekey_codes(self, name: str, from_key_id: int, to_key_id: int, perm, mask: bytes) -> pb.RekeyCodesResponse:
+        """Apply new bit j = old bit perm[j] XOR mask bit j to every stored code (one transaction)."""
+        req = pb.RekeyCodesRequest(collection=name, from_key_id=from_key_id, to_key_id=to_key_id,
+                                   perm=[int(p) for p in perm], mask=bytes(mask))
+        return self._call(self.stub.RekeyCodes, req)
+
     def close(self) -> None:
         self.channel.close()
 

@@ -11,23 +11,39 @@ Four pieces, each with a versioned, documented format:
         "transform_secret": "<base64 of 32 random bytes>",  # separate secret for the code transform
         "collection": "photos"}                             # optional, recorded for convenience
 
+   After a key rotation (``dlheir owner rotate``) the file holds every key version, oldest
+   first, and is written as version 2 (a file with one key stays version 1; both are read)::
+
+       {"format": "dlheir-owner-key", "version": 2, "collection": "photos",
+        "keys": [{"id": 1, "image_key": ..., "transform_secret": ...},
+                 {"id": 2, "image_key": ..., "transform_secret": ...}]}
+
+   The server records which version a collection's codes are under (``CollectionInfo.key_id``);
+   uploads and grants use that version (:meth:`OwnerKeys.at`). A rotated key file serves the one
+   collection it was rotated for (``owner rotate`` refuses another).
    ``OwnerKeys.load`` refuses a file that group/others can access, or that is malformed.
    Every secret file (owner key, user private key, tokens files) is read through
    :func:`read_secret`, which refuses it when group or others have any access to it.
 
-2. **Encrypted image blob** (EncImg / Dec), AES-256-GCM, all integers big-endian::
+2. **Encrypted image blob** (EncImg / Dec), AES-256-GCM, all integers big-endian; version 2
+   (written) carries the owner's key version, so blobs stored before a rotation keep
+   decrypting with the older image key that grants carry::
 
        offset    size  field
        0         4     magic b"DLHB"
-       4         1     version = 1
-       5         12    nonce: 96 random bits, fresh for every blob
-       17        L     ciphertext of the payload (L = payload length)
-       17 + L    16    GCM tag
+       4         1     version = 2
+       5         4     key id: the image key version (u32, >= 1)
+       9         12    nonce: 96 random bits, fresh for every blob
+       21        L     ciphertext of the payload (L = payload length)
+       21 + L    16    GCM tag
 
        payload         = u16 len(name) | name (UTF-8) | image bytes (the original file, verbatim)
-       associated data = b"DLHB" | version | u16 len(collection) | collection (UTF-8) | u64 item id
+       associated data = b"DLHB" | version | u32 key id | u16 len(collection) | collection (UTF-8) | u64 item id
 
-   A blob is 35 + len(name) + len(image) bytes. The collection and the item id are bound as
+   A blob is 39 + len(name) + len(image) bytes. Version 1 (read, no longer written) has no
+   key id field (key version 1): magic, version = 1, nonce at 5, ciphertext at 17, tag, and
+   associated data without the key id; 35 + len(name) + len(image) bytes.
+   :func:`decrypt_image` takes one key or a keyring {key id: key}. The collection and the item id are bound as
    associated data (length-prefixed, so no two (collection, id) pairs encode alike): a blob
    that was altered, truncated, stored under another id or collection, or opened with
    another key raises :class:`BlobAuthenticationError`; it never decrypts to garbage. The
@@ -44,23 +60,32 @@ Four pieces, each with a versioned, documented format:
    bytes give the mask (mask_j = byte_j & 1). ``apply``: out_bit[j] = in_bit[perm[j]] XOR
    mask[j], repacked MSB-first with zero padding (``dlheir.codes``).
 
-4. **Grant** (key delivery, ``dlheir owner grant``): a JSON payload ::
+4. **Grant** (key delivery, ``dlheir owner grant``): a JSON payload (version 2, written) ::
 
-       {"format": "dlheir-grant", "version": 1, "collection": ..., "reader_token": ...,
-        "image_key": <base64>, "transform_secret": <base64>, "server": str|null, "bits": int|null}
+       {"format": "dlheir-grant", "version": 2, "collection": ..., "user": <label>|null,
+        "reader_token": ...,            # this user's own token (the server keeps its SHA-256)
+        "key_id": <int>,                # the key version the collection's codes are under
+        "image_keys": {"1": <base64>, ..., "<key_id>": <base64>},   # every version up to key_id
+        "transform_secret": <base64>,   # of version key_id
+        "server": str|null, "bits": int|null}
+
+   Version 1 grants (still opened) hold ``image_key`` instead of ``image_keys`` (key version 1),
+   no ``user`` and no ``key_id``, and carry the collection's shared reader token; they work
+   until the owner revokes that token (``owner revoke --shared-token``) or rotates.
 
    encrypted with a fresh AES-256-GCM key, which is wrapped with RSA-OAEP (SHA-256, MGF1
    SHA-256) for the user's RSA public key. Binary layout::
 
        offset      size  field
        0           4     magic b"DLHG"
-       4           1     version = 1
+       4           1     version = 2 (or 1)
        5           2     W = length of the wrapped key (384 for RSA-3072)
        7           W     RSA-OAEP(SHA-256) wrapped 32-byte session key
        7 + W       12    GCM nonce
        19 + W      16    GCM tag
        35 + W      ...   GCM ciphertext of the JSON payload
-       associated data = bytes 0 .. 7 + W (the header including the wrapped key)
+       associated data = bytes 0 .. 7 + W (the header including the wrapped key; the version
+                         byte too, so a grant cannot be passed off as another version)
 
    Only the matching private key opens it; any other key, or any altered byte, raises
    :class:`GrantError`. ``make_grant`` refuses a private key given as the user's public key
@@ -80,7 +105,7 @@ import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import numpy as np
 from Crypto.Cipher import AES, PKCS1_OAEP
@@ -92,17 +117,20 @@ from Crypto.Random import get_random_bytes
 from dlheir.codes import code_bytes, pack_bits, unpack_bits, validate_bits
 from dlheir.errors import UserError
 
-KEY_FORMAT, KEY_VERSION = "dlheir-owner-key", 1
+KEY_FORMAT, KEY_VERSION = "dlheir-owner-key", 2  # version 1 (one key) is still written while there is one key
+MAX_KEY_ID = 2**32 - 1
 KEY_BYTES = 32  # AES-256 image key and transform secret
 
-BLOB_MAGIC, BLOB_VERSION = b"DLHB", 1
+BLOB_MAGIC, BLOB_VERSION = b"DLHB", 2  # written; version 1 blobs (no key id: key version 1) are still read
 NONCE_BYTES, TAG_BYTES = 12, 16
-BLOB_HEADER_BYTES = len(BLOB_MAGIC) + 1 + NONCE_BYTES  # 17
-BLOB_OVERHEAD = BLOB_HEADER_BYTES + 2 + TAG_BYTES  # 35 + len(name) + len(image) = blob size
+BLOB_HEADER_BYTES = len(BLOB_MAGIC) + 1 + 4 + NONCE_BYTES  # 21: magic, version, u32 key id, nonce
+BLOB_OVERHEAD = BLOB_HEADER_BYTES + 2 + TAG_BYTES  # 39 + len(name) + len(image) = blob size
+BLOB_V1_HEADER_BYTES = len(BLOB_MAGIC) + 1 + NONCE_BYTES  # 17
+BLOB_V1_OVERHEAD = BLOB_V1_HEADER_BYTES + 2 + TAG_BYTES  # 35
 
 TRANSFORM_SALT = b"dlheir-code-transform-v1"
 
-GRANT_MAGIC, GRANT_VERSION = b"DLHG", 1
+GRANT_MAGIC, GRANT_VERSION = b"DLHG", 2  # written; version 1 grants are still opened
 GRANT_FORMAT = "dlheir-grant"
 RSA_BITS = 3072
 MIN_RSA_BITS = 2048
@@ -264,27 +292,65 @@ def _check_key(key: bytes, what: str = "image key") -> bytes:
 # --- KeyGen: the owner's keys ---------------------------------------------------------------
 @dataclass(frozen=True)
 class OwnerKeys:
-    """The owner's two independent secrets (never printed in a repr) and, optionally, the
-    collection they were made for."""
+    """The owner's two independent secrets of key version ``key_id`` (never printed in a repr),
+    the older versions kept after rotations (``previous``: (id, image key, transform secret),
+    oldest first) and, optionally, the collection they were made for.
+
+    ``image_key``/``transform_secret`` are the newest version's; a collection's stored codes
+    are under the version the server records for it (:meth:`at` gives that version)."""
 
     image_key: bytes = field(repr=False)
     transform_secret: bytes = field(repr=False)
     collection: str | None = None
+    key_id: int = 1
+    previous: tuple[tuple[int, bytes, bytes], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
-        _check_key(self.image_key, "image key")
-        _check_key(self.transform_secret, "transform secret")
-        if self.image_key == self.transform_secret:
-            raise UserError("the image key and the transform secret must be separate keys")
+        ids = [v[0] for v in self.previous] + [self.key_id]
+        if any(not isinstance(i, int) or not 1 <= i <= MAX_KEY_ID for i in ids) or ids != sorted(set(ids)):
+            raise UserError("key ids must be distinct integers from 1 to 2^32-1, oldest first")
+        for _, image_key, secret in (*self.previous, (self.key_id, self.image_key, self.transform_secret)):
+            _check_key(image_key, "image key")
+            _check_key(secret, "transform secret")
+            if image_key == secret:
+                raise UserError("the image key and the transform secret must be separate keys")
 
     @classmethod
     def generate(cls, collection: str | None = None) -> "OwnerKeys":
-        """Two fresh 256-bit keys from the OS CSPRNG."""
+        """Two fresh 256-bit keys from the OS CSPRNG (key version 1)."""
         return cls(get_random_bytes(KEY_BYTES), get_random_bytes(KEY_BYTES), collection)
 
+    @property
+    def key_ids(self) -> list[int]:
+        return [v[0] for v in self.previous] + [self.key_id]
+
+    def image_keys(self) -> dict[int, bytes]:
+        """Key id -> image key, for every version up to this one (what grants carry)."""
+        return {**{i: k for i, k, _ in self.previous}, self.key_id: self.image_key}
+
+    def at(self, key_id: int) -> "OwnerKeys":
+        """The keys as they were at version ``key_id`` (that version's secrets, the older ones kept)."""
+        if key_id == self.key_id:
+            return self
+        for n, (i, image_key, secret) in enumerate(self.previous):
+            if i == key_id:
+                return OwnerKeys(image_key, secret, self.collection, i, self.previous[:n])
+        raise UserError(f"this owner key file has no key version {key_id} (it holds versions "
+                        f"{', '.join(map(str, self.key_ids))}): use the key file the collection was rotated with")
+
+    def rotated(self) -> "OwnerKeys":
+        """A new version (id = newest + 1, two fresh random keys), every older version kept."""
+        return OwnerKeys(get_random_bytes(KEY_BYTES), get_random_bytes(KEY_BYTES), self.collection, self.key_id + 1,
+                         (*self.previous, (self.key_id, self.image_key, self.transform_secret)))
+
     def to_json(self) -> bytes:
-        doc = {"format": KEY_FORMAT, "version": KEY_VERSION,
-               "image_key": _b64(self.image_key), "transform_secret": _b64(self.transform_secret)}
+        if self.previous or self.key_id != 1:
+            doc = {"format": KEY_FORMAT, "version": KEY_VERSION,
+                   "keys": [{"id": i, "image_key": _b64(k), "transform_secret": _b64(s)}
+                            for i, k, s in (*self.previous, (self.key_id, self.image_key, self.transform_secret))]}
+        else:  # one key, version 1: the format every dlheir reads
+            doc = {"format": KEY_FORMAT, "version": 1,
+                   "image_key": _b64(self.image_key), "transform_secret": _b64(self.transform_secret)}
         if self.collection is not None:
             doc["collection"] = self.collection
         return (json.dumps(doc, indent=2) + "\n").encode()
@@ -292,6 +358,10 @@ class OwnerKeys:
     def save(self, path: Path | str) -> Path:
         """Write the key file: mode 0600, created atomically, refusing to overwrite (UserError)."""
         return write_private(path, self.to_json(), "a key")
+
+    def replace_file(self, path: Path | str) -> Path:
+        """Rewrite an existing key file atomically (0600): rotation adds a version to it."""
+        return replace_private(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path | str) -> "OwnerKeys":
@@ -302,17 +372,26 @@ class OwnerKeys:
             doc = json.loads(raw.decode("utf-8"))
             if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
                 raise ValueError("not a dlheir owner key file")
-            if doc.get("version") != KEY_VERSION:
-                raise ValueError(f"unsupported version {doc.get('version')!r} (this dlheir reads {KEY_VERSION})")
-            image_key = _unb64(doc.get("image_key"), "image_key")
-            secret = _unb64(doc.get("transform_secret"), "transform_secret")
+            version = doc.get("version")
+            if version == 1:
+                versions = [(1, doc)]
+            elif version == 2:
+                keys = doc.get("keys")
+                if not isinstance(keys, list) or not keys or not all(isinstance(k, dict) for k in keys):
+                    raise ValueError("keys must be a non-empty list")
+                versions = [(k.get("id"), k) for k in keys]
+            else:
+                raise ValueError(f"unsupported version {version!r} (this dlheir reads 1 and {KEY_VERSION})")
+            parsed = [(i, _unb64(k.get("image_key"), "image_key"), _unb64(k.get("transform_secret"), "transform_secret"))
+                      for i, k in versions]
             collection = doc.get("collection")
             if collection is not None and not isinstance(collection, str):
                 raise ValueError("collection must be a string")
         except ValueError as exc:  # includes JSON and UTF-8 decoding errors
             raise UserError(f"{path}: malformed owner key file: {exc}") from None
+        (key_id, image_key, secret), previous = parsed[-1], tuple(parsed[:-1])
         try:
-            return cls(image_key, secret, collection)
+            return cls(image_key, secret, collection, key_id, previous)
         except UserError as exc:
             raise UserError(f"{path}: malformed owner key file: {exc}") from None
 
@@ -323,7 +402,7 @@ class DecryptedImage(NamedTuple):
     data: bytes  # the original file's bytes, verbatim
 
 
-def _blob_aad(collection: str, item_id: int) -> bytes:
+def _blob_aad(collection: str, item_id: int, version: int = BLOB_VERSION, key_id: int = 1) -> bytes:
     if not isinstance(collection, str):
         raise UserError("the collection name must be a string")
     name = collection.encode("utf-8")
@@ -331,38 +410,64 @@ def _blob_aad(collection: str, item_id: int) -> bytes:
         raise UserError("the collection name is too long")
     if not isinstance(item_id, (int, np.integer)) or not 0 <= int(item_id) < 2**64:
         raise UserError(f"item id must be an integer in [0, 2^64), got {item_id!r}")
-    return BLOB_MAGIC + bytes([BLOB_VERSION]) + struct.pack(">H", len(name)) + name + struct.pack(">Q", int(item_id))
+    head = BLOB_MAGIC + bytes([version]) + (struct.pack(">I", key_id) if version >= 2 else b"")
+    return head + struct.pack(">H", len(name)) + name + struct.pack(">Q", int(item_id))
 
 
-def encrypt_image(key: bytes, plaintext: bytes, collection: str, item_id: int, name: str = "") -> bytes:
-    """EncImg: AES-256-GCM under ``key`` with a fresh random 96-bit nonce; the original file
-    name (optional) is encrypted with the bytes; (collection, item id) are associated data."""
+def encrypt_image(key: bytes, plaintext: bytes, collection: str, item_id: int, name: str = "",
+                  key_id: int = 1) -> bytes:
+    """EncImg: AES-256-GCM under ``key`` (the owner's image key of version ``key_id``, recorded
+    in the blob's header) with a fresh random 96-bit nonce; the original file name (optional)
+    is encrypted with the bytes; (version, key id, collection, item id) are associated data."""
     key = _check_key(key)
+    if not isinstance(key_id, (int, np.integer)) or not 1 <= int(key_id) <= MAX_KEY_ID:
+        raise UserError(f"key id must be an integer from 1 to 2^32-1, got {key_id!r}")
     raw_name = name.encode("utf-8", errors="surrogateescape")  # POSIX names need not be UTF-8
     if len(raw_name) > 0xFFFF:
         raise UserError(f"file name too long to store ({len(raw_name)} bytes)")
-    aad = _blob_aad(collection, item_id)
+    aad = _blob_aad(collection, item_id, BLOB_VERSION, int(key_id))
     nonce = get_random_bytes(NONCE_BYTES)
     cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
     cipher.update(aad)
     ciphertext, tag = cipher.encrypt_and_digest(struct.pack(">H", len(raw_name)) + raw_name + bytes(plaintext))
-    return BLOB_MAGIC + bytes([BLOB_VERSION]) + nonce + ciphertext + tag
+    return BLOB_MAGIC + bytes([BLOB_VERSION]) + struct.pack(">I", int(key_id)) + nonce + ciphertext + tag
 
 
-def decrypt_image(key: bytes, blob: bytes, collection: str, item_id: int) -> DecryptedImage:
+def blob_key_id(blob: bytes) -> int | None:
+    """The key version a blob was encrypted with (version 1 blobs: 1), or None if it is no blob."""
+    blob = bytes(blob[:BLOB_HEADER_BYTES])
+    if blob[:4] != BLOB_MAGIC or len(blob) < 5:
+        return None
+    if blob[4] == 1:
+        return 1
+    return struct.unpack(">I", blob[5:9])[0] if blob[4] == 2 and len(blob) >= 9 else None
+
+
+def decrypt_image(key: bytes | Mapping[int, bytes], blob: bytes, collection: str, item_id: int) -> DecryptedImage:
     """Dec: ``(name, data)`` with ``data`` byte-identical to the encrypted file, or
-    :class:`BlobAuthenticationError` (never garbage)."""
-    key = _check_key(key)
-    aad = _blob_aad(collection, item_id)
+    :class:`BlobAuthenticationError` (never garbage). ``key`` is one image key, or a keyring
+    {key id: image key} (a grant's ``image_keys``) from which the blob's key version is taken."""
     where = f"item {item_id} of collection {collection!r}"
     blob = bytes(blob)
     if blob[:4] != BLOB_MAGIC:
         raise BlobAuthenticationError(f"{where}: not a dlheir encrypted blob (bad magic)")
-    if len(blob) < BLOB_OVERHEAD:
-        raise BlobAuthenticationError(f"{where}: truncated blob ({len(blob)} bytes, at least {BLOB_OVERHEAD} expected)")
-    if blob[4] != BLOB_VERSION:
-        raise BlobAuthenticationError(f"{where}: unsupported blob version {blob[4]} (this dlheir reads {BLOB_VERSION})")
-    nonce, ciphertext, tag = blob[5:BLOB_HEADER_BYTES], blob[BLOB_HEADER_BYTES:-TAG_BYTES], blob[-TAG_BYTES:]
+    version = blob[4] if len(blob) > 4 else None
+    if version not in (1, 2):
+        if version is None:
+            raise BlobAuthenticationError(f"{where}: truncated blob ({len(blob)} bytes)")
+        raise BlobAuthenticationError(f"{where}: unsupported blob version {version} (this dlheir reads 1 and 2)")
+    header, overhead = (BLOB_V1_HEADER_BYTES, BLOB_V1_OVERHEAD) if version == 1 else (BLOB_HEADER_BYTES, BLOB_OVERHEAD)
+    if len(blob) < overhead:
+        raise BlobAuthenticationError(f"{where}: truncated blob ({len(blob)} bytes, at least {overhead} expected)")
+    key_id = blob_key_id(blob)
+    if isinstance(key, Mapping):
+        if key_id not in key:
+            raise BlobAuthenticationError(f"{where}: encrypted with key version {key_id}, which this grant does "
+                                          f"not hold (it holds {', '.join(map(str, sorted(key))) or 'none'})")
+        key = key[key_id]
+    key = _check_key(key)
+    aad = _blob_aad(collection, item_id, version, key_id)
+    nonce, ciphertext, tag = blob[header - NONCE_BYTES:header], blob[header:-TAG_BYTES], blob[-TAG_BYTES:]
     cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
     cipher.update(aad)
     try:
@@ -424,6 +529,21 @@ class CodeTransform:
         return pack_bits((self._bits_of(codes) ^ self.mask)[:, self.inverse])
 
 
+def rekey_map(old: CodeTransform, new: CodeTransform) -> tuple[np.ndarray, np.ndarray]:
+    """T_new o T_old^-1 as (perm, mask bits): a code stored under ``old`` becomes the same raw
+    code under ``new`` by ``out_bit[j] = in_bit[perm[j]] XOR mask[j]`` (the form of
+    :meth:`CodeTransform.apply`). It is what the owner sends the server at rotation."""
+    if old.bits != new.bits:
+        raise UserError(f"cannot map {old.bits}-bit codes to {new.bits}-bit codes")
+    perm = old.inverse[new.perm]
+    return perm.astype(np.intp), (old.mask[perm] ^ new.mask).astype(np.uint8)
+
+
+def apply_map(codes: np.ndarray, perm: np.ndarray, mask: np.ndarray, bits: int) -> np.ndarray:
+    """``out_bit[j] = in_bit[perm[j]] XOR mask[j]`` on packed codes [B, L] (what the server does)."""
+    return pack_bits(unpack_bits(np.atleast_2d(np.asarray(codes, np.uint8)), bits)[:, perm] ^ mask)
+
+
 # --- user keys and grants ------------------------------------------------------------------
 def public_key_path(private_path: Path | str) -> Path:
     """Where ``user keygen`` puts the public key: ``user.pem`` -> ``user.pub.pem``."""
@@ -456,7 +576,12 @@ def generate_user_keypair(private_path: Path | str, passphrase: str | None = Non
 
 @dataclass(frozen=True)
 class Grant:
-    """What a user receives from the owner (the keys are never printed in a repr)."""
+    """What a user receives from the owner (the keys are never printed in a repr).
+
+    ``image_key``/``transform_secret`` are those of key version ``key_id`` (the collection's
+    current one when the grant was made); ``image_keys`` holds every version up to it, so blobs
+    uploaded before a rotation still decrypt. ``user`` is the label the owner's server knows
+    this grant's reader token by (None in version-1 grants, which carry the shared token)."""
 
     collection: str
     reader_token: str = field(repr=False)
@@ -464,6 +589,14 @@ class Grant:
     transform_secret: bytes = field(repr=False)
     server: str | None = None
     bits: int | None = None
+    key_id: int = 1
+    image_keys: dict[int, bytes] = field(default_factory=dict, repr=False)
+    user: str | None = None
+    version: int = GRANT_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.image_keys:
+            object.__setattr__(self, "image_keys", {self.key_id: self.image_key})
 
 
 def _import_public(pem: bytes):
@@ -480,9 +613,11 @@ def _import_public(pem: bytes):
 
 
 def make_grant(owner_keys: OwnerKeys, user_public_pem: bytes, collection: str, reader_token: str,
-               server: str | None = None, bits: int | None = None) -> bytes:
+               server: str | None = None, bits: int | None = None, user: str | None = None) -> bytes:
     """Seal the collection's keys, name, reader token (and, for convenience, the server address
-    and code length) for the holder of ``user_public_pem``'s private key."""
+    and code length) for the holder of ``user_public_pem``'s private key. ``owner_keys`` is the
+    version the collection is at (``OwnerKeys.at(key id)``): the grant carries its transform
+    secret and the image keys of it and every older version; ``user`` is the token's label."""
     if not isinstance(collection, str) or not collection:
         raise UserError("a grant needs the collection name")
     if not isinstance(reader_token, str) or not reader_token:
@@ -491,7 +626,8 @@ def make_grant(owner_keys: OwnerKeys, user_public_pem: bytes, collection: str, r
         bits = validate_bits(bits)
     public = _import_public(user_public_pem)
     payload = json.dumps({"format": GRANT_FORMAT, "version": GRANT_VERSION, "collection": collection,
-                          "reader_token": reader_token, "image_key": _b64(owner_keys.image_key),
+                          "user": user, "reader_token": reader_token, "key_id": owner_keys.key_id,
+                          "image_keys": {str(i): _b64(k) for i, k in owner_keys.image_keys().items()},
                           "transform_secret": _b64(owner_keys.transform_secret),
                           "server": server, "bits": bits}).encode()
     session_key = get_random_bytes(KEY_BYTES)
@@ -527,8 +663,9 @@ def open_grant(grant_bytes: bytes, user_private_pem: bytes, passphrase: str | No
     data = bytes(grant_bytes)
     if len(data) < 7 or data[:4] != GRANT_MAGIC:
         raise GrantError("not a dlheir grant file (bad magic or truncated)")
-    if data[4] != GRANT_VERSION:
-        raise GrantError(f"unsupported grant version {data[4]} (this dlheir reads {GRANT_VERSION})")
+    version = data[4]
+    if version not in (1, GRANT_VERSION):
+        raise GrantError(f"unsupported grant version {version} (this dlheir reads 1 and {GRANT_VERSION})")
     (w,) = struct.unpack(">H", data[5:7])
     body = 7 + w
     if len(data) < body + NONCE_BYTES + TAG_BYTES:
@@ -549,11 +686,23 @@ def open_grant(grant_bytes: bytes, user_private_pem: bytes, passphrase: str | No
     except ValueError:
         raise GrantError("the grant was altered (authentication failed)") from None
     try:
-        if not isinstance(doc, dict) or doc.get("format") != GRANT_FORMAT or doc.get("version") != GRANT_VERSION:
+        if not isinstance(doc, dict) or doc.get("format") != GRANT_FORMAT or doc.get("version") != version:
             raise ValueError("unknown payload format")
-        grant = Grant(str(doc["collection"]), str(doc["reader_token"]), _unb64(doc["image_key"], "image_key"),
-                      _unb64(doc["transform_secret"], "transform_secret"), doc.get("server"), doc.get("bits"))
-        _check_key(grant.image_key)
+        secret = _unb64(doc["transform_secret"], "transform_secret")
+        if version == 1:
+            grant = Grant(str(doc["collection"]), str(doc["reader_token"]), _unb64(doc["image_key"], "image_key"),
+                          secret, doc.get("server"), doc.get("bits"), version=1)
+        else:
+            key_id = doc["key_id"]
+            if not isinstance(key_id, int) or not isinstance(doc["image_keys"], dict):
+                raise ValueError("key_id must be an integer and image_keys an object")
+            image_keys = {int(i): _unb64(k, f"image key {i}") for i, k in doc["image_keys"].items()}
+            user = doc.get("user")
+            grant = Grant(str(doc["collection"]), str(doc["reader_token"]), image_keys[key_id], secret,
+                          doc.get("server"), doc.get("bits"), key_id, image_keys,
+                          None if user is None else str(user), version=2)
+        for key in grant.image_keys.values():
+            _check_key(key)
         _check_key(grant.transform_secret, "transform secret")
     except (ValueError, KeyError, TypeError, UserError) as exc:
         raise GrantError(f"malformed grant payload: {exc}") from None

@@ -66,6 +66,7 @@ def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys, collection
     info = cloud.stats(collection)
     if info.bits != hasher.bits:
         raise UserError(f"collection {collection!r} holds {info.bits}-bit codes; the Triton model makes {hasher.bits}")
+    keys = keys.at(info.key_id or 1)  # the key version the collection's codes are under (rotation moves it)
     transform = CodeTransform(keys.transform_secret, hasher.bits)
     report = UploadReport()
     ids = [item_id(rel) for rel, _ in files]
@@ -90,7 +91,7 @@ def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys, collection
                 continue
             codes = transform.apply(codes)
             for (rel, i, data), code in zip(batch, codes):
-                blob = encrypt_image(keys.image_key, data, collection, i, name=Path(rel).name)
+                blob = encrypt_image(keys.image_key, data, collection, i, name=Path(rel).name, key_id=keys.key_id)
                 report.bytes_uploaded += len(blob)
                 yield i, code.tobytes(), blob, {}
 

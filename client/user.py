@@ -57,7 +57,7 @@ def search_image(query, grant: Grant, cloud: CloudClient, hasher: TritonHasher, 
     for rank, (i, d) in enumerate(zip(ids, dists), start=1):
         name, image = ("", b"")
         if int(i) in blobs:
-            name, image = decrypt_image(grant.image_key, blobs[int(i)], grant.collection, int(i))
+            name, image = decrypt_image(grant.image_keys, blobs[int(i)], grant.collection, int(i))
         hits.append(Hit(rank, int(i), int(d), name, image))
     t3 = time.perf_counter()
     return hits, QueryTimings(t1 - t0, t2 - t1, t3 - t2)

@@ -8,7 +8,10 @@ folder is created with mode 0700 when a command first writes into it. Inside it:
   and ``owner grant``;
 - ``user.pem`` and ``user.pub.pem``: written by ``user keygen``, the private one read by
   ``user search``;
-- ``grant.bin``: written by ``owner grant``, read by ``user search``.
+- ``grant.bin``: written by ``owner grant``, read by ``user search``;
+- ``readers/COLLECTION/USER.pub.pem``: the public key of each user ``owner grant`` made a grant
+  for, kept so that ``owner rotate`` can issue that user a new grant;
+- ``grants/COLLECTION/USER.grant``: the grants ``owner rotate`` issues (mode 0600).
 
 Every command's path flag (``--out``, ``--key``, ``--tokens``, ``--grant``, ``--user-key``)
 overrides its default. Import-light: only the standard library.
@@ -27,6 +30,8 @@ OWNER_KEY = "owner.key"
 USER_KEY = "user.pem"
 GRANT = "grant.bin"
 TOKENS_SUFFIX = ".tokens.json"
+READERS_DIR = "readers"
+GRANTS_DIR = "grants"
 
 _COLLECTION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # the cloud server's own rule
 
@@ -69,3 +74,24 @@ def tokens_name(collection: str) -> str:
 def resolve(given: str | os.PathLike | None, name: str, create: bool = False) -> Path:
     """The path a flag gave, else ``name`` in the per-user folder (created 0700 if ``create``)."""
     return Path(given) if given is not None else default_path(name, create)
+
+
+def check_label(user: str) -> str:
+    """A user label (the server's rule for names: no paths), else UserError."""
+    if not isinstance(user, str) or not _COLLECTION_RE.fullmatch(user):
+        raise UserError(f"invalid user label {user!r}: letters, digits, '_', '.', '-', starting with a letter "
+                        "or digit, at most 128 characters")
+    return user
+
+
+def kept_public_key(collection: str, user: str) -> Path:
+    """Where ``owner grant`` keeps ``user``'s public key for ``collection`` (folder not created)."""
+    tokens_name(collection)  # checks the name
+    return dlheir_home() / READERS_DIR / collection / f"{check_label(user)}.pub.pem"
+
+
+def rotated_grant(collection: str, user: str, folder: str | os.PathLike | None = None) -> Path:
+    """Where ``owner rotate`` writes ``user``'s new grant (``folder`` overrides the default)."""
+    tokens_name(collection)
+    base = Path(folder) if folder is not None else dlheir_home() / GRANTS_DIR / collection
+    return base / f"{check_label(user)}.grant"

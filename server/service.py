@@ -9,12 +9,12 @@ import re
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
-from dlheir.codes import MAX_BITS, MIN_BITS, code_bytes
+from dlheir.codes import MAX_BITS, MIN_BITS, code_bytes, pack_bits, unpack_bits
 from dlheir.server.guard import bearer_token, clip
 from dlheir.server.index import BinaryIndex, default_shards
 from dlheir.server.proto import dlheir_cloud_pb2 as pb
@@ -45,8 +45,10 @@ class Collection:
     name: str
     bits: int
     owner_hash: str
-    reader_hash: str
+    reader_hash: str  # the shared reader token's hash; '' once revoked
     index: BinaryIndex
+    readers: dict[str, str] = field(default_factory=dict)  # active per-user token hash -> user label
+    key_id: int = 1  # the owner's key version the stored codes are under
 
 
 class CloudStoreService(pb_grpc.CloudStoreServicer):
@@ -65,6 +67,8 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
             for ids, codes in store.codes(name):
                 col.index.add(np.array(ids, dtype=np.int64), np.frombuffer(codes, np.uint8), seal=False)
             col.index.maybe_seal()  # large collections: one multi-index hash build, after loading
+        self._user_hashes: frozenset[str] = frozenset()  # active per-user reader tokens, all collections
+        self._load_access()
 
     def _open(self, name, bits, owner_hash, reader_hash) -> Collection:
         col = Collection(name, bits, owner_hash, reader_hash, BinaryIndex(bits, self.n_shards, self.pool, self.mih_min))
@@ -76,7 +80,8 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
     def known_token(self, token: str) -> bool:
         """Whether ``token`` opens anything on this server (the interceptor's check, made before
         a handler runs; which collection it opens is checked by the handler)."""
-        return token_hash(token) in self._known_hashes
+        given = token_hash(token)
+        return given in self._known_hashes or given in self._user_hashes
 
     @staticmethod
     def _token(context) -> str:
@@ -94,7 +99,7 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
         if col is not None:
             if hmac.compare_digest(given, col.owner_hash):
                 return col
-            if hmac.compare_digest(given, col.reader_hash):
+            if hmac.compare_digest(given, col.reader_hash) or given in col.readers:
                 if write:
                     context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                   f"the reader token of {clip(name)} can search and fetch, not upload or delete")
@@ -110,7 +115,7 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
         given = token_hash(self._token(context))
         if hmac.compare_digest(given, self.admin_hash):
             return None
-        if any(given in (c.owner_hash, c.reader_hash) for c in list(self.collections.values())):
+        if any(given in (c.owner_hash, c.reader_hash) or given in c.readers for c in list(self.collections.values())):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "this call needs the server's admin token, "
                                                              "not a collection token")
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown token: this call needs the server's admin token")
@@ -135,14 +140,14 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
 
     def _info(self, col: Collection) -> pb.CollectionInfo:
         n, size = self.store.stats(col.name)
-        return pb.CollectionInfo(name=col.name, bits=col.bits, items=n, blob_bytes=size)
+        return pb.CollectionInfo(name=col.name, bits=col.bits, items=n, blob_bytes=size, key_id=col.key_id)
 
     def ListCollections(self, request, context):
         given = token_hash(self._token(context))
         if hmac.compare_digest(given, self.admin_hash):
             cols = list(self.collections.values())
         else:
-            cols = [c for c in self.collections.values() if given in (c.owner_hash, c.reader_hash)]
+            cols = [c for c in self.collections.values() if given in (c.owner_hash, c.reader_hash) or given in c.readers]
             if not cols:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "token not valid for any collection")
         return pb.ListCollectionsResponse(collections=[self._info(c) for c in cols])
@@ -253,3 +258,124 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
         if len(request.ids) > MAX_IDS:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"ask about at most {MAX_IDS} ids per call, got {len(request.ids)}")
         return pb.ContainsResponse(present=sorted(self.store.present_ids(col.name, request.ids)))
+
+    # --- per-user readers and key rotation (owner token only) ----------------------------
+    # Tokens are issued here, returned once and stored as SHA-256 only; a revocation is durable
+    # (store first) and then dropped from the in-memory sets the interceptor and _collection
+    # consult, so the next call with that token is UNAUTHENTICATED. Calls already past the
+    # check (a running Fetch stream) finish.
+    def _load_access(self) -> None:
+        """Per-user credentials and key ids from the store (at start)."""
+        for name, label, h, _created, revoked in self.store.readers():
+            col = self.collections.get(name)
+            if col is not None and revoked is None:
+                col.readers[h] = label
+        for name, key_id in self.store.key_ids().items():
+            if name in self.collections:
+                self.collections[name].key_id = int(key_id)
+        self._refresh_user_hashes()
+
+    def _refresh_user_hashes(self) -> None:
+        self._user_hashes = frozenset(h for c in list(self.collections.values()) for h in c.readers)
+
+    def _drop_shared_reader(self, col: Collection) -> None:
+        if col.reader_hash:
+            self._known_hashes = self._known_hashes - {col.reader_hash}
+            col.reader_hash = ""
+
+    def _user_label(self, user: str, context) -> str:
+        if not NAME_RE.fullmatch(user):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"user label {clip(user)}: 1-128 letters, digits, '_', '.', '-', starting with a letter or digit")
+        return user
+
+    def AddReader(self, request, context):
+        col = self._collection(request.collection, context, write=True)
+        user = self._user_label(request.user, context)
+        token = secrets.token_urlsafe(32)
+        with self.write_lock:
+            done, previous, created = self.store.add_reader(col.name, user, token_hash(token), request.replace)
+            if not done:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                              f"user {clip(user)} already holds an active reader token for {clip(col.name)}; "
+                              "revoke it first or set replace")
+            readers = {h: u for h, u in col.readers.items() if h != previous}  # the re-issued token stops working
+            readers[token_hash(token)] = user
+            col.readers = readers  # copy on write: concurrent checks see the old or the new dict, never a change
+            self._refresh_user_hashes()
+        log.info("collection %r: reader %r %s by %s", col.name, user, "re-issued" if previous else "added",
+                 context.peer())
+        return pb.AddReaderResponse(token=token, created=created)
+
+    def ListReaders(self, request, context):
+        col = self._collection(request.collection, context, write=True)
+        readers = [pb.ReaderInfo(user=label, created=created, revoked=revoked or 0.0)
+                   for name, label, _h, created, revoked in self.store.readers() if name == col.name]
+        return pb.ListReadersResponse(readers=readers, shared_token_active=bool(col.reader_hash), key_id=col.key_id)
+
+    def RevokeReader(self, request, context):
+        col = self._collection(request.collection, context, write=True)
+        with self.write_lock:
+            if request.shared_token:
+                if request.user:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give a user or shared_token, not both")
+                revoked = self.store.disable_shared_reader(col.name)
+                self._drop_shared_reader(col)
+                what = "the shared reader token"
+            else:
+                user = self._user_label(request.user, context)
+                found = self.store.revoke_reader(col.name, user)
+                if found is None:
+                    context.abort(grpc.StatusCode.NOT_FOUND, f"collection {clip(col.name)} has no reader {clip(user)}")
+                h, revoked = found
+                col.readers = {k: u for k, u in col.readers.items() if k != h}  # copy on write
+                self._refresh_user_hashes()
+                what = f"reader {user!r}"
+        log.info("collection %r: %s %s by %s", col.name, what, "revoked" if revoked else "was already revoked",
+                 context.peer())
+        return pb.RevokeReaderResponse(revoked=revoked)
+
+    def RekeyCodes(self, request, context):
+        col = self._collection(request.collection, context, write=True)
+        bits = col.bits
+        perm = np.array(request.perm, dtype=np.int64)
+        if len(perm) != bits or not np.array_equal(np.sort(perm), np.arange(bits)):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"perm must be a permutation of 0..{bits - 1} ({bits} entries), got {len(perm)} entries")
+        self._check_code(col, request.mask, "mask", context)
+        if request.to_key_id <= request.from_key_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"to_key_id ({request.to_key_id}) must be greater than from_key_id ({request.from_key_id})")
+        mask = unpack_bits(np.frombuffer(request.mask, np.uint8)[None, :], bits)[0]
+        width = code_bytes(bits)
+
+        def transform(codes: list[bytes]) -> list[bytes]:
+            out = list(codes)
+            rows = [i for i, c in enumerate(codes) if len(c) == width]  # items stored without a code stay so
+            if rows:
+                old = unpack_bits(np.frombuffer(b"".join(codes[i] for i in rows), np.uint8).reshape(-1, width), bits)
+                for i, row in zip(rows, pack_bits(old[:, perm] ^ mask)):
+                    out[i] = row.tobytes()
+            return out
+
+        with self.write_lock:  # no upload or delete between the rewrite and the index swap
+            done = self.store.rekey_codes(col.name, request.from_key_id, request.to_key_id, transform)
+            if done is None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"collection {clip(col.name)} is at key {col.key_id}, not {request.from_key_id}")
+            n, revoked = done
+            # durable from here: revoke in memory at once, then rebuild the index and swap it in
+            col.key_id = request.to_key_id
+            col.readers = {}
+            self._refresh_user_hashes()
+            self._drop_shared_reader(col)
+            index = BinaryIndex(bits, self.n_shards, self.pool, self.mih_min)
+            for ids, codes in self.store.codes(col.name):
+                if codes:  # items stored without a code (private-ranking mode) have nothing to index
+                    index.add(np.array(ids, dtype=np.int64), np.frombuffer(codes, np.uint8), seal=False)
+            index.maybe_seal()
+            with col.index.lock.write():  # searches already running finish on the old index
+                col.index = index
+        log.info("collection %r: %d codes re-keyed from key %d to %d, %d reader(s) revoked, by %s", col.name, n,
+                 request.from_key_id, request.to_key_id, len(revoked), context.peer())
+        return pb.RekeyCodesResponse(items=n, revoked_users=sorted(label for label, _ in revoked))

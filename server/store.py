@@ -15,7 +15,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 log = logging.getLogger("dlheir.server.store")
 
@@ -69,6 +69,25 @@ CREATE TABLE IF NOT EXISTS items (
 );
 -- covering index: rebuilding the FAISS index at start reads codes without touching the blobs
 CREATE INDEX IF NOT EXISTS items_codes ON items (collection, id, code);
+"""
+# Per-user access and key rotation (issue 10, section 2). CREATE TABLE IF NOT EXISTS runs at
+# every open, so a store made before these tables existed gains them on its next start.
+# readers: one row per (collection, user label): the SHA-256 of that user's reader token, when
+# it was issued and when it was revoked (NULL while active); the token itself is never stored.
+# code_keys: the owner's key version the collection's stored codes are under (no row: 1).
+ACCESS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS readers (
+    collection TEXT NOT NULL REFERENCES collections(name),
+    label TEXT NOT NULL,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    revoked REAL,
+    PRIMARY KEY (collection, label)
+);
+CREATE TABLE IF NOT EXISTS code_keys (
+    collection TEXT PRIMARY KEY REFERENCES collections(name),
+    key_id INTEGER NOT NULL
+);
 """
 # A rowid table on 16 KiB pages: measured 3-6x faster inserts of 1 KiB blobs than a WITHOUT
 # ROWID table on 4 KiB pages (rows that large overflow a clustered b-tree), and as fast for 32 KiB.
@@ -155,6 +174,7 @@ class Store:
         try:
             self._conn = self._connect()
             self._conn.executescript(SCHEMA)
+            self._conn.executescript(ACCESS_SCHEMA)
             if max_bytes:  # a quota: SQLite answers SQLITE_FULL past it, exactly as on a full disk
                 self._conn.execute(f"PRAGMA max_page_count={max(1, max_bytes // PAGE_SIZE)}")
         except sqlite3.Error as exc:
@@ -209,9 +229,13 @@ class Store:
                 raise
 
     def quick_check(self) -> list[str]:
-        """SQLite's ``PRAGMA quick_check``: [] when the file is sound, else what is wrong."""
-        with self._sqlite_errors(), self._lock:
-            rows = [r[0] for r in self._conn.execute("PRAGMA quick_check").fetchall()]
+        """SQLite's ``PRAGMA quick_check``: [] when the file is sound, else what is wrong (a check
+        that cannot even run because a page is malformed is one such answer, not a logged error)."""
+        try:
+            with self._lock:
+                rows = [r[0] for r in self._conn.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.DatabaseError as exc:
+            return [str(exc)]
         if rows == ["ok"]:
             return []
         return [line for row in rows for line in str(row).splitlines() if line.strip() and not line.startswith("***")]
@@ -288,6 +312,72 @@ class Store:
             n, size = self._reader().execute(
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(blob)), 0) FROM items WHERE collection = ?", (collection,)).fetchone()
         return n, size
+
+    # --- per-user readers and key rotation -------------------------------------------------
+    def readers(self) -> list[tuple[str, str, str, float, float | None]]:
+        """Every reader credential: (collection, label, token sha256, created, revoked or None)."""
+        with self._sqlite_errors(), self._lock:
+            return self._conn.execute("SELECT collection, label, token_sha256, created, revoked FROM readers "
+                                      "ORDER BY collection, label").fetchall()
+
+    def add_reader(self, collection: str, label: str, token_hash: str,
+                   replace: bool) -> tuple[bool, str | None, float]:
+        """Issue ``label``'s credential: (done, the hash it replaces if that one was active, created).
+        An active label is replaced only with ``replace``; a revoked one is re-issued."""
+        now = time.time()
+        with self._transaction() as conn:
+            row = conn.execute("SELECT token_sha256, revoked FROM readers WHERE collection = ? AND label = ?",
+                               (collection, label)).fetchone()
+            active = row[0] if row is not None and row[1] is None else None
+            if active is not None and not replace:
+                return False, active, 0.0
+            conn.execute("INSERT OR REPLACE INTO readers VALUES (?, ?, ?, ?, NULL)", (collection, label, token_hash, now))
+        return True, active, now
+
+    def revoke_reader(self, collection: str, label: str) -> tuple[str, bool] | None:
+        """(token hash, newly revoked) of ``label``, or None if the collection never had it."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT token_sha256, revoked FROM readers WHERE collection = ? AND label = ?",
+                               (collection, label)).fetchone()
+            if row is None:
+                return None
+            if row[1] is None:
+                conn.execute("UPDATE readers SET revoked = ? WHERE collection = ? AND label = ?",
+                             (time.time(), collection, label))
+        return row[0], row[1] is None
+
+    def disable_shared_reader(self, collection: str) -> bool:
+        """Revoke the collection's shared reader token (its stored hash becomes ''); True if it was active."""
+        with self._transaction() as conn:
+            return conn.execute("UPDATE collections SET reader_token_sha256 = '' WHERE name = ? "
+                                "AND reader_token_sha256 != ''", (collection,)).rowcount > 0
+
+    def key_ids(self) -> dict[str, int]:
+        """Collection -> the key version of its stored codes (collections never rotated are absent: 1)."""
+        with self._sqlite_errors(), self._lock:
+            return dict(self._conn.execute("SELECT collection, key_id FROM code_keys").fetchall())
+
+    def rekey_codes(self, collection: str, from_key: int, to_key: int,
+                    transform: Callable[[list[bytes]], list[bytes]]) -> tuple[int, list[tuple[str, str]]] | None:
+        """In ONE transaction: every stored code of ``collection`` -> ``transform`` of it, the key
+        id ``from_key`` -> ``to_key``, every active reader credential revoked and the shared
+        reader token disabled. Returns (codes rewritten, [(label, token hash) revoked]), or None
+        (nothing written) when the collection's key id is not ``from_key``."""
+        now = time.time()
+        with self._transaction() as conn:
+            row = conn.execute("SELECT key_id FROM code_keys WHERE collection = ?", (collection,)).fetchone()
+            if (row[0] if row else 1) != from_key:
+                return None
+            rows = conn.execute("SELECT id, code FROM items WHERE collection = ?", (collection,)).fetchall()
+            new_codes = transform([r[1] for r in rows])  # every row read before any is written
+            conn.executemany("UPDATE items SET code = ? WHERE collection = ? AND id = ?",
+                             [(c, collection, r[0]) for r, c in zip(rows, new_codes)])
+            conn.execute("INSERT OR REPLACE INTO code_keys VALUES (?, ?)", (collection, to_key))
+            revoked = conn.execute("SELECT label, token_sha256 FROM readers WHERE collection = ? AND revoked IS NULL",
+                                   (collection,)).fetchall()
+            conn.execute("UPDATE readers SET revoked = ? WHERE collection = ? AND revoked IS NULL", (now, collection))
+            conn.execute("UPDATE collections SET reader_token_sha256 = '' WHERE name = ?", (collection,))
+        return len(rows), [(label, h) for label, h in revoked]
 
     def close(self) -> None:
         with self._lock:

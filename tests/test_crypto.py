@@ -79,7 +79,9 @@ def test_owner_key_file_is_0600_even_with_open_umask_and_never_overwritten(tmp_p
     (b"\xff\xfe", "malformed"),
     (b"[1, 2]", "not a dlheir owner key"),
     (b'{"format": "something-else", "version": 1}', "not a dlheir owner key"),
-    (b'{"format": "dlheir-owner-key", "version": 2}', "unsupported version 2"),
+    (b'{"format": "dlheir-owner-key", "version": 3}', "unsupported version 3"),
+    (b'{"format": "dlheir-owner-key", "version": 2}', "keys must be a non-empty list"),
+    (b'{"format": "dlheir-owner-key", "version": 2, "keys": [{"id": 1, "image_key": "AAAA"}]}', "transform_secret"),
     (b'{"format": "dlheir-owner-key", "version": 1, "image_key": "%%%", "transform_secret": "AA=="}', "base64"),
     (b'{"format": "dlheir-owner-key", "version": 1, "transform_secret": "AA=="}', "image_key"),
     (b'{"format": "dlheir-owner-key", "version": 1, "image_key": "AAAA", "transform_secret": "AAAA"}', "32 bytes"),
@@ -102,14 +104,14 @@ def test_missing_owner_key_file(tmp_path):
 def test_blob_layout_is_the_documented_one():
     key = OwnerKeys.generate().image_key
     image = os.urandom(3000)
-    blob = encrypt_image(key, image, "photos", 0x0102030405060708, name="cat.jpg")
-    assert blob[:4] == b"DLHB" and blob[4] == 1
-    assert len(blob) == BLOB_OVERHEAD + len("cat.jpg") + len(image) == 35 + 7 + 3000
-    # decrypt by hand from the README's byte layout, with pycryptodome directly
-    aad = b"DLHB\x01" + struct.pack(">H", 6) + b"photos" + bytes.fromhex("0102030405060708")
-    cipher = AES.new(key, AES.MODE_GCM, nonce=blob[5:17])
+    blob = encrypt_image(key, image, "photos", 0x0102030405060708, name="cat.jpg", key_id=3)
+    assert blob[:4] == b"DLHB" and blob[4] == 2 and blob[5:9] == b"\x00\x00\x00\x03"
+    assert len(blob) == BLOB_OVERHEAD + len("cat.jpg") + len(image) == 39 + 7 + 3000
+    # decrypt by hand from the README's byte layout (version 2), with pycryptodome directly
+    aad = b"DLHB\x02" + struct.pack(">I", 3) + struct.pack(">H", 6) + b"photos" + bytes.fromhex("0102030405060708")
+    cipher = AES.new(key, AES.MODE_GCM, nonce=blob[9:21])
     cipher.update(aad)
-    payload = cipher.decrypt_and_verify(blob[17:-16], blob[-16:])
+    payload = cipher.decrypt_and_verify(blob[21:-16], blob[-16:])
     assert payload == struct.pack(">H", 7) + b"cat.jpg" + image
 
 
@@ -121,7 +123,7 @@ def test_blob_round_trip_is_byte_identical_and_hides_name_and_content():
     assert data == image and name == "holiday-photo-ünïcode.png"
     assert decrypt_image(key, encrypt_image(key, b"", "col", 1), "col", 1) == ("", b"")
     assert image[:64] not in blob and b"holiday" not in blob
-    nonces = {encrypt_image(key, image, "col", 42)[5:17] for _ in range(20)}
+    nonces = {encrypt_image(key, image, "col", 42)[9:21] for _ in range(20)}
     assert len(nonces) == 20  # fresh random nonce per blob
     odd = "name-\udcff.jpg"  # a POSIX file name that is not valid UTF-8
     assert decrypt_image(key, encrypt_image(key, b"x", "col", 3, name=odd), "col", 3).name == odd
@@ -143,7 +145,7 @@ def test_every_altered_swapped_truncated_or_foreign_blob_is_rejected():
         altered = bytearray(blob)
         altered[i] ^= 0x01
         cases[f"byte {i} altered"] = (keys.image_key, bytes(altered), "col", 42)
-    for n in (1, 5, 17, 34, 35, len(blob) - 16, len(blob) - 1):
+    for n in (1, 5, 17, 21, 38, 39, len(blob) - 16, len(blob) - 1):
         cases[f"truncated to {n}"] = (keys.image_key, blob[:n], "col", 42)
     cases["extended"] = (keys.image_key, blob + b"\x00", "col", 42)
     for what, args in cases.items():
@@ -281,8 +283,10 @@ def test_any_altered_or_truncated_grant_is_rejected(users):
     for n in (0, 6, 100, 391, 420, len(grant) - 1):
         with pytest.raises(GrantError):
             open_grant(grant[:n], private)
-    with pytest.raises(GrantError, match="unsupported grant version 2"):
-        open_grant(grant[:4] + b"\x02" + grant[5:], private)
+    with pytest.raises(GrantError, match="unsupported grant version 9"):
+        open_grant(grant[:4] + b"\x09" + grant[5:], private)
+    with pytest.raises(GrantError, match="altered"):  # the version byte is authenticated: no downgrade
+        open_grant(grant[:4] + b"\x01" + grant[5:], private)
     with pytest.raises(GrantError, match="altered"):
         open_grant(grant[:-1] + bytes([grant[-1] ^ 1]), private)
 
@@ -347,12 +351,12 @@ def test_owner_init_and_grant_commands(tmp_path, capsys, users):
     bare = tmp_path / "bare.key"
     OwnerKeys.generate().save(bare)
     tokens = tmp_path / "photos.tokens.json"
-    tokens.write_text(json.dumps({"owner_token": "own", "reader_token": "rd", "server": "h:1", "bits": 24}))
+    tokens.write_text(json.dumps({"owner_token": "own", "reader_token": "rd", "server": "127.0.0.1:1", "bits": 24}))
     os.chmod(tokens, 0o600)  # a tokens file others can read is refused (tests/test_key_hygiene.py)
-    code, _, _ = run_cli(capsys, "owner", "grant", "--key", bare, "--user-pub", alice_pub, "--collection", "photos",
-                         "--tokens", tokens, "--out", tmp_path / "g2.bin")
-    g2 = open_grant((tmp_path / "g2.bin").read_bytes(), alice_priv.read_bytes())
-    assert code == 0 and (g2.reader_token, g2.server, g2.bits) == ("rd", "h:1", 24)
+    # without --reader-token the server issues the user's own token (tests/test_access.py): no server, no grant
+    code, _, err = run_cli(capsys, "owner", "grant", "--key", bare, "--user-pub", alice_pub, "--collection", "photos",
+                           "--tokens", tokens, "--out", tmp_path / "g2.bin")
+    assert code == 2 and "UNAVAILABLE" in err and err.count("\n") == 1 and not (tmp_path / "g2.bin").exists()
 
     loose = tmp_path / "loose.key"
     OwnerKeys.generate().save(loose)

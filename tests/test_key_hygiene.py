@@ -78,7 +78,7 @@ def test_home_is_dlheir_home_then_xdg_then_dot_config(tmp_path, monkeypatch):
     assert not (tmp_path / "user").exists()  # asking where it is creates nothing
 
 
-def test_keys_tokens_and_grants_go_to_the_home_folder_without_path_flags(home, capsys):
+def test_keys_tokens_and_grants_go_to_the_home_folder_without_path_flags(home, capsys, cloud_server):
     cwd = Path.cwd()
     old = os.umask(0)  # even with a wide-open umask
     try:
@@ -92,10 +92,9 @@ def test_keys_tokens_and_grants_go_to_the_home_folder_without_path_flags(home, c
     assert code == 0 and str(home / "user.pem") in out and str(home / "user.pub.pem") in out
     assert mode_of(home / "user.pem") == 0o600
 
-    # create-collection needs a server (tests/test_e2e.py runs it); its tokens file, as it writes it:
-    write_private(home / "photos.tokens.json", json.dumps(
-        {"collection": "photos", "server": "127.0.0.1:9", "bits": 48, "owner_token": "own", "reader_token": "rd"}
-    ).encode())
+    code, _, _ = run_cli(capsys, "owner", "create-collection", "photos", "--server", cloud_server.address,
+                         "--admin-token-file", cloud_server.data_dir / "admin.token")
+    assert code == 0 and mode_of(home / "photos.tokens.json") == 0o600
     (cwd / "q.png").write_bytes(b"query")
     code, _, err = run_cli(capsys, "user", "search", "q.png")  # the default grant is looked for in the home
     one_line_error(code, err, "grant not found", home / "grant.bin")
@@ -103,11 +102,18 @@ def test_keys_tokens_and_grants_go_to_the_home_folder_without_path_flags(home, c
     code, out, _ = run_cli(capsys, "owner", "grant", "--user-pub", home / "user.pub.pem")
     assert code == 0 and str(home / "grant.bin") in out and mode_of(home / "grant.bin") == 0o600
     grant = open_grant((home / "grant.bin").read_bytes(), (home / "user.pem").read_bytes())
-    assert (grant.collection, grant.reader_token, grant.server, grant.bits) == ("photos", "rd", "127.0.0.1:9", 48)
+    tokens = json.loads((home / "photos.tokens.json").read_text())
+    assert (grant.collection, grant.user, grant.server, grant.bits) == ("photos", "user", cloud_server.address, 48)
+    assert grant.reader_token not in (tokens["reader_token"], tokens["owner_token"])  # the user's own token
     assert grant.image_key == OwnerKeys.load(home / "owner.key").image_key
+    # the user's public key is kept (for 'owner rotate') in a 0700 folder of the home
+    kept = home / "readers" / "photos" / "user.pub.pem"
+    assert kept.read_bytes() == (home / "user.pub.pem").read_bytes()
+    assert mode_of(home / "readers") == 0o700 and mode_of(home / "readers" / "photos") == 0o700
 
     assert sorted(os.listdir(cwd)) == ["q.png"]  # nothing secret in the working folder
-    assert sorted(os.listdir(home)) == ["grant.bin", "owner.key", "photos.tokens.json", "user.pem", "user.pub.pem"]
+    assert sorted(os.listdir(home)) == ["grant.bin", "owner.key", "photos.tokens.json", "readers", "user.pem",
+                                        "user.pub.pem"]
 
 
 def test_explicit_paths_still_win_over_the_home(home, tmp_path, capsys):
