@@ -125,6 +125,18 @@ def test_committed_preprocess_config_bounds_decoding():
     assert not config.HasField("dynamic_batching")  # a small request never shares an execution with a heavy one
 
 
+def test_bad_max_pixels_is_refused_at_start(served_model, tmp_path):
+    from dlheir.errors import UserError
+    from dlheir.triton.repository import check_repository, max_pixels
+
+    assert max_pixels(served_model["repo"]) == DEFAULT_MAX_PIXELS
+    repo = shutil.copytree(served_model["repo"], tmp_path / "model_repository")
+    config_path = repo / "dlheir_preprocess" / "config.pbtxt"
+    config_path.write_text(config_path.read_text().replace('"40000000"', '"40 MP"'))
+    with pytest.raises(UserError, match="max_pixels must be a whole number of pixels"):
+        check_repository(repo)
+
+
 # --- item 13: a bomb (or any bad image) fails its own request only, with one line, no traceback ---
 
 def _infer_raw(url: str, model: str, items: list[bytes], output: str):

@@ -96,4 +96,19 @@ def check_repository(repo: Path | str) -> tuple[int, int]:
                     f"{repo / model / 'config.pbtxt'}: {tensor.name} dims {list(tensor.dims)} do not match "
                     f"the model ({want}); run 'dlheir export onnx' again to rewrite the configs"
                 )
+    max_pixels(repo)
     return size, bits
+
+
+def max_pixels(repo: Path | str) -> int:
+    """dlheir_preprocess's pixel limit (its ``max_pixels`` parameter; 0 = Pillow's own limit only)."""
+    from dlheir.preprocess import DEFAULT_MAX_PIXELS
+
+    config = load_config(repo, "dlheir_preprocess")
+    if "max_pixels" not in config.parameters:
+        return DEFAULT_MAX_PIXELS
+    value = config.parameters["max_pixels"].string_value
+    if not value.isdigit():
+        raise UserError(f"{Path(repo) / 'dlheir_preprocess' / 'config.pbtxt'}: max_pixels must be a whole number "
+                        f"of pixels (0 for Pillow's own limit only), not {value!r}")
+    return int(value)
