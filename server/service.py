@@ -19,6 +19,7 @@ from dlheir.server.guard import bearer_token, clip
 from dlheir.server.index import BinaryIndex, default_shards
 from dlheir.server.proto import dlheir_cloud_pb2 as pb
 from dlheir.server.proto import dlheir_cloud_pb2_grpc as pb_grpc
+from dlheir.server.sealed import CodePagesMixin, mode_name
 from dlheir.server.store import Store
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # one gRPC message (gRPC itself answers RESOURCE_EXHAUSTED above it)
@@ -49,9 +50,10 @@ class Collection:
     index: BinaryIndex
     readers: dict[str, str] = field(default_factory=dict)  # active per-user token hash -> user label
     key_id: int = 1  # the owner's key version the stored codes are under
+    private: bool = False  # private-ranking mode: no codes on the server, sealed code pages (sealed.py)
 
 
-class CloudStoreService(pb_grpc.CloudStoreServicer):
+class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
     def __init__(self, store: Store, admin_token: str, n_shards: int | None = None,
                  mih_min: int | None = None) -> None:
         self.mih_min = mih_min  # collection size from which search uses multi-index hashing
@@ -62,8 +64,10 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
         self.collections: dict[str, Collection] = {}
         self.write_lock = threading.Lock()  # uploads/deletes are applied one batch at a time
         self._known_hashes: frozenset[str] = frozenset({self.admin_hash})
+        private = store.page_private_collections()
         for name, bits, owner_hash, reader_hash in store.collections():  # rebuild the index from the store
             col = self._open(name, bits, owner_hash, reader_hash)
+            col.private = name in private  # no codes stored: its index stays empty
             for ids, codes in store.codes(name):
                 col.index.add(np.array(ids, dtype=np.int64), np.frombuffer(codes, np.uint8), seal=False)
             col.index.maybe_seal()  # large collections: one multi-index hash build, after loading
@@ -130,17 +134,23 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
         if not (MIN_BITS <= request.bits <= MAX_BITS) or request.bits % 4:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"bits must be a multiple of 4 from {MIN_BITS} to {MAX_BITS}, got {request.bits}")
+        if request.mode not in (pb.SERVER_RANKED, pb.PRIVATE_RANKING):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown collection mode {request.mode}")
+        private = request.mode == pb.PRIVATE_RANKING
         owner, reader = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         with self.write_lock:
-            if not self.store.create_collection(request.name, request.bits, token_hash(owner), token_hash(reader)):
+            if not self.store.create_collection(request.name, request.bits, token_hash(owner), token_hash(reader),
+                                                private=private):
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"collection {clip(request.name)} already exists")
-            self._open(request.name, request.bits, token_hash(owner), token_hash(reader))
-        log.info("collection %r created (%d bits) by %s", request.name, request.bits, context.peer())
+            self._open(request.name, request.bits, token_hash(owner), token_hash(reader)).private = private
+        log.info("collection %r created (%d bits, %s) by %s", request.name, request.bits, mode_name(private),
+                 context.peer())
         return pb.CreateCollectionResponse(owner_token=owner, reader_token=reader)
 
     def _info(self, col: Collection) -> pb.CollectionInfo:
         n, size = self.store.stats(col.name)
-        return pb.CollectionInfo(name=col.name, bits=col.bits, items=n, blob_bytes=size, key_id=col.key_id)
+        return self._page_info(col, pb.CollectionInfo(name=col.name, bits=col.bits, items=n, blob_bytes=size,
+                                                      key_id=col.key_id))
 
     def ListCollections(self, request, context):
         given = token_hash(self._token(context))
@@ -159,7 +169,7 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
     def _validate_item(self, col: Collection, item, seen: set, context) -> None:
         if item.id < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"id must be >= 0, got {item.id}")
-        self._check_code(col, item.code, f"item {item.id}", context)
+        self._check_item_code(col, item, context)  # private mode: no code at all
         if len(item.blob) > MAX_BLOB_BYTES:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"item {item.id}: blob of {len(item.blob)} bytes exceeds the limit of {MAX_BLOB_BYTES} bytes")
@@ -190,9 +200,10 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
                 context.abort(grpc.StatusCode.ALREADY_EXISTS,
                               f"{len(existing)} id(s) already stored, e.g. {min(existing)}; set replace to overwrite")
             self.store.write_batch(col.name, batch, replace)  # durable from here
-            codes = np.frombuffer(b"".join(b[1] for b in batch), np.uint8)
-            col.index.add(np.array(ids, dtype=np.int64), codes, replace_ids=sorted(existing) if existing else None)
-        return len(col.index)
+            if not col.private:  # private mode: nothing to index
+                codes = np.frombuffer(b"".join(b[1] for b in batch), np.uint8)
+                col.index.add(np.array(ids, dtype=np.int64), codes, replace_ids=sorted(existing) if existing else None)
+            return self._size(col)
 
     def Upload(self, request_iterator, context):
         col = None
@@ -210,12 +221,13 @@ class CloudStoreService(pb_grpc.CloudStoreServicer):
                 self._validate_item(col, item, seen, context)
                 batch.append((item.id, item.code, item.blob, dict(item.metadata)))
             # an empty batch is acknowledged too (nothing to make durable): one ack per batch
-            total = self._commit(col, batch, request.replace, context) if batch else len(col.index)
+            total = self._commit(col, batch, request.replace, context) if batch else self._size(col)
             yield pb.UploadAck(batch=n_batch, ids=[b[0] for b in batch], total_items=total)
 
     # --- search, fetch, delete ----------------------------------------------------------
     def Search(self, request, context):
         col = self._collection(request.collection, context, write=False)
+        self._refuse_if_private(col, context, "answer Search")
         if not 1 <= request.k <= MAX_K:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k must be from 1 to {MAX_K}, got {request.k}")
         if not 1 <= len(request.codes) <= MAX_QUERIES:

@@ -89,6 +89,20 @@ CREATE TABLE IF NOT EXISTS code_keys (
     key_id INTEGER NOT NULL
 );
 """
+# Private-ranking mode (issue 10, section 4). private_collections: the collections created in
+# that mode (their items carry an empty code). code_pages: their append-only sealed code pages,
+# numbered 0, 1, 2, ... per collection with no gap; the server cannot open them.
+PAGES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS private_collections (
+    name TEXT PRIMARY KEY REFERENCES collections(name)
+);
+CREATE TABLE IF NOT EXISTS code_pages (
+    collection TEXT NOT NULL REFERENCES collections(name),
+    page INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (collection, page)
+);
+"""
 # A rowid table on 16 KiB pages: measured 3-6x faster inserts of 1 KiB blobs than a WITHOUT
 # ROWID table on 4 KiB pages (rows that large overflow a clustered b-tree), and as fast for 32 KiB.
 PAGE_SIZE = 16384
@@ -174,6 +188,7 @@ class Store:
         try:
             self._conn = self._connect()
             self._conn.executescript(SCHEMA)
+            self._conn.executescript(PAGES_SCHEMA)
             self._conn.executescript(ACCESS_SCHEMA)
             if max_bytes:  # a quota: SQLite answers SQLITE_FULL past it, exactly as on a full disk
                 self._conn.execute(f"PRAGMA max_page_count={max(1, max_bytes // PAGE_SIZE)}")
@@ -240,10 +255,13 @@ class Store:
             return []
         return [line for row in rows for line in str(row).splitlines() if line.strip() and not line.startswith("***")]
 
-    def create_collection(self, name: str, bits: int, owner_hash: str, reader_hash: str) -> bool:
+    def create_collection(self, name: str, bits: int, owner_hash: str, reader_hash: str,
+                          private: bool = False) -> bool:
         try:
             with self._transaction() as conn:
                 conn.execute("INSERT INTO collections VALUES (?, ?, ?, ?)", (name, bits, owner_hash, reader_hash))
+                if private:  # the mode is part of the collection from its first commit
+                    conn.execute("INSERT INTO private_collections VALUES (?)", (name,))
         except sqlite3.IntegrityError:
             return False
         return True
@@ -303,7 +321,9 @@ class Store:
     def codes(self, collection: str, chunk: int = 100_000) -> Iterator[tuple[list[int], bytes]]:
         """(ids, concatenated codes) of every stored item, in chunks, for rebuilding the index."""
         with self._sqlite_errors():
-            cur = self._reader().execute("SELECT id, code FROM items WHERE collection = ? ORDER BY id", (collection,))
+            # empty codes (items of a private-ranking collection) are not indexable: skipped
+            cur = self._reader().execute("SELECT id, code FROM items WHERE collection = ? AND code != x'' ORDER BY id",
+                                         (collection,))
             while rows := cur.fetchmany(chunk):
                 yield [r[0] for r in rows], b"".join(r[1] for r in rows)
 
@@ -378,6 +398,48 @@ class Store:
             conn.execute("UPDATE readers SET revoked = ? WHERE collection = ? AND revoked IS NULL", (now, collection))
             conn.execute("UPDATE collections SET reader_token_sha256 = '' WHERE name = ?", (collection,))
         return len(rows), [(label, h) for label, h in revoked]
+
+    # --- private-ranking mode: sealed code pages ----------------------------------------------
+    def page_private_collections(self) -> set[str]:
+        """Names of the collections created in private-ranking mode."""
+        with self._sqlite_errors(), self._lock:
+            return {r[0] for r in self._conn.execute("SELECT name FROM private_collections")}
+
+    def page_append(self, collection: str, page: int, data: bytes) -> int | None:
+        """Store page number ``page`` if it is the next one (pages are append-only, numbered
+        without gaps): returns the page count after it, or None (nothing written) when ``page``
+        is not the current count. Durable when this returns."""
+        with self._transaction() as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM code_pages WHERE collection = ?", (collection,)).fetchone()
+            if page != count:
+                return None
+            conn.execute("INSERT INTO code_pages VALUES (?, ?, ?)", (collection, page, data))
+        return count + 1
+
+    def page_stats(self, collection: str) -> tuple[int, int]:
+        """(pages, total bytes) of a collection's sealed code pages."""
+        with self._sqlite_errors():
+            return tuple(self._reader().execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM code_pages WHERE collection = ?",
+                (collection,)).fetchone())
+
+    def page_read(self, collection: str, from_page: int, to_page: int) -> Iterator[tuple[int, bytes]]:
+        """(page, data) of pages ``from_page`` .. ``to_page - 1``, in order, read one at a time
+        (memory: one page; pages never change once written, so no long read transaction)."""
+        conn = self._reader()
+        for page in range(from_page, to_page):
+            with self._sqlite_errors():
+                row = conn.execute("SELECT data FROM code_pages WHERE collection = ? AND page = ?",
+                                   (collection, page)).fetchone()
+            if row is None:  # pages are never removed: only a damaged store gets here
+                raise StoreCorruptError(f"{self.path}: code page {page} of {collection!r} is missing")
+            yield page, row[0]
+            del row
+
+    def page_item_count(self, collection: str) -> int:
+        """Items stored (read on the writer connection: callers serialise writes)."""
+        with self._sqlite_errors(), self._lock:
+            return self._conn.execute("SELECT COUNT(*) FROM items WHERE collection = ?", (collection,)).fetchone()[0]
 
     def close(self) -> None:
         with self._lock:

@@ -292,6 +292,18 @@ class SyncCodePagesRequest(_message.Message):
     from_page: int
     def __init__(self, collection: _Optional[str] = ..., from_page: _Optional[int] = ...) -> None: ...
 
+class SyncHeader(_message.Message):
+    __slots__ = ("mode", "bits", "pages", "page_bytes")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    mode: CollectionMode
+    bits: int
+    pages: int
+    page_bytes: int
+    def __init__(self, mode: _Optional[_Union[CollectionMode, str]] = ..., bits: _Optional[int] = ..., pages: _Optional[int] = ..., page_bytes: _Optional[int] = ...) -> None: ...
+
 class CodePage(_message.Message):
     __slots__ = ("page", "data")
     PAGE_FIELD_NUMBER: _ClassVar[int]
@@ -299,3 +311,11 @@ class CodePage(_message.Message):
     page: int
     data: bytes
     def __init__(self, page: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SyncCodePagesResponse(_message.Message):
+    __slots__ = ("header", "page")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PAGE_FIELD_NUMBER: _ClassVar[int]
+    header: SyncHeader
+    page: CodePage
+    def __init__(self, header: _Optional[_Union[SyncHeader, _Mapping]] = ..., page: _Optional[_Union[CodePage, _Mapping]] = ...) -> None: ...

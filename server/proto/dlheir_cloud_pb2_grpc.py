@@ -102,7 +102,7 @@ class CloudStoreStub:
         self.SyncCodePages = channel.unary_stream(
                 '/dlheir.cloud.v1.CloudStore/SyncCodePages',
                 request_serializer=dlheir__cloud__pb2.SyncCodePagesRequest.SerializeToString,
-                response_deserializer=dlheir__cloud__pb2.CodePage.FromString,
+                response_deserializer=dlheir__cloud__pb2.SyncCodePagesResponse.FromString,
                 _registered_method=True)
 
 
@@ -208,8 +208,10 @@ class CloudStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SyncCodePages(self, request, context):
-        """Owner or reader token: the pages numbered from_page onwards, in order, one per message
-        (OUT_OF_RANGE when from_page is past the last page: the caller's copy is not this one's).
+        """Owner or reader token. First a header (the collection's mode, code length and page
+        count: a client learns the mode and syncs in one round trip), then, in private-ranking
+        mode, the pages numbered from_page onwards, in order, one per message. A from_page past
+        the page count gets the header alone (the caller's copy is not this collection's).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -286,7 +288,7 @@ def add_CloudStoreServicer_to_server(servicer, server):
             'SyncCodePages': grpc.unary_stream_rpc_method_handler(
                     servicer.SyncCodePages,
                     request_deserializer=dlheir__cloud__pb2.SyncCodePagesRequest.FromString,
-                    response_serializer=dlheir__cloud__pb2.CodePage.SerializeToString,
+                    response_serializer=dlheir__cloud__pb2.SyncCodePagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -666,7 +668,7 @@ class CloudStore:
             target,
             '/dlheir.cloud.v1.CloudStore/SyncCodePages',
             dlheir__cloud__pb2.SyncCodePagesRequest.SerializeToString,
-            dlheir__cloud__pb2.CodePage.FromString,
+            dlheir__cloud__pb2.SyncCodePagesResponse.FromString,
             options,
             channel_credentials,
             insecure,
