@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--admin-token-file", required=True, help="the server's admin token (e.g. DATA_DIR/admin.token)")
     p.add_argument("--out", help=f"where to keep the owner/reader tokens (default {HOME}/NAME{paths.TOKENS_SUFFIX}, "
                                  "mode 0600)")
+    p.add_argument("--mode", choices=("server-ranked", "private"), default="server-ranked",
+                   help="server-ranked (default): the server keeps transformed codes and ranks; private: the server "
+                        "keeps no code, only sealed code pages, and users rank on their own machine (fixed at creation)")
+    p.add_argument("--private", dest="mode", action="store_const", const="private", help="same as --mode private")
     p.set_defaults(func=_owner_create)
 
     p = osub.add_parser("upload", help="hash (Triton), encrypt and upload every image of a folder; resumable")
@@ -186,10 +190,12 @@ def _owner_create(args):
     if out.exists():
         raise UserError(f"{out} already exists; refusing to overwrite")
     with CloudClient(args.server) as cloud:
-        owner, reader = cloud.create_collection(args.name, args.bits, admin_token)
-    doc = {"collection": args.name, "server": args.server, "bits": args.bits, "owner_token": owner, "reader_token": reader}
+        owner, reader = cloud.create_collection(args.name, args.bits, admin_token, private=args.mode == "private")
+    doc = {"collection": args.name, "server": args.server, "bits": args.bits, "mode": args.mode,
+           "owner_token": owner, "reader_token": reader}
     write_private(out, (json.dumps(doc, indent=2) + "\n").encode())
-    print(f"collection {args.name!r} ({args.bits} bits) created on {args.server}; tokens in {out} (mode 0600)")
+    print(f"collection {args.name!r} ({args.bits} bits, {args.mode}) created on {args.server}; tokens in {out} "
+          f"(mode 0600)")
 
 
 def _owner_upload(args):
@@ -326,6 +332,7 @@ def _user_keygen(args):
 def _user_search(args):
     from dlheir.client.cloud import CloudClient
     from dlheir.client.crypto import open_grant, read_private_key_file
+    from dlheir.client.private import open_local
     from dlheir.client.triton import TritonHasher
     from dlheir.client.user import search_image, write_results
 
@@ -338,16 +345,27 @@ def _user_search(args):
     grant = open_grant(grant_path.read_bytes(), private_pem, _passphrase(args.passphrase_env))
     server = args.server or grant.server or DEFAULT_SERVER
     with CloudClient(server, grant.reader_token) as cloud, TritonHasher(args.triton) as hasher:
-        hits, timings = search_image(args.query, grant, cloud, hasher, args.k)
+        local = open_local(cloud, grant)  # one round trip: the mode, and (private mode) the new sealed pages
+        first_sync = local.last_sync if local is not None else None
+        hits, timings = search_image(args.query, grant, cloud, hasher, args.k, local=local)
     files = write_results(hits, args.out)
     if args.json:
         print(json.dumps({"query": args.query, "results": [
             {"rank": h.rank, "id": h.id, "distance": h.distance, "name": h.name, "file": str(p)}
-            for h, p in zip(hits, files)], "seconds": {"trapdoor": timings.trapdoor_s, "search": timings.search_s,
-                                                      "fetch_decrypt": timings.fetch_decrypt_s}}, indent=2))
+            for h, p in zip(hits, files)], "ranking": "server" if local is None else "local (private mode)",
+            "sync": None if first_sync is None else {"pages_cached": first_sync.pages_cached,
+                                                     "pages_fetched": first_sync.pages_fetched,
+                                                     "bytes_fetched": first_sync.bytes_fetched,
+                                                     "seconds": first_sync.seconds},
+            "seconds": {"trapdoor": timings.trapdoor_s, "sync": timings.sync_s, "search": timings.search_s,
+                        "fetch_decrypt": timings.fetch_decrypt_s}}, indent=2))
         return 0
     print(f"{'rank':>4} {'dist':>4}  {'id':>20}  file")
     for h, p in zip(hits, files):
         print(f"{h.rank:>4} {h.distance:>4}  {h.id:>20}  {p}")
+    if first_sync is not None:
+        print(f"private mode: {len(local)} codes ranked on this machine from {local.pages} sealed page(s) "
+              f"({first_sync.pages_cached} cached, {first_sync.pages_fetched} fetched, "
+              f"{first_sync.bytes_fetched / 1e3:.1f} KB, {first_sync.seconds * 1e3:.1f} ms)")
     print(f"trapdoor {timings.trapdoor_s * 1e3:.1f} ms, search {timings.search_s * 1e3:.1f} ms, "
           f"fetch+decrypt {timings.fetch_decrypt_s * 1e3:.1f} ms; {len(files)} images in {args.out}")

@@ -51,8 +51,12 @@ class CloudClient:
         except grpc.RpcError as exc:
             raise _wrap(exc) from None
 
-    def create_collection(self, name: str, bits: int, admin_token: str) -> tuple[str, str]:
-        r = self._call(self.stub.CreateCollection, pb.CreateCollectionRequest(name=name, bits=bits), admin_token)
+    def create_collection(self, name: str, bits: int, admin_token: str, private: bool = False) -> tuple[str, str]:
+        """(owner token, reader token); ``private`` creates it in private-ranking mode (no codes on
+        the server: see ``dlheir.client.private``)."""
+        mode = pb.PRIVATE_RANKING if private else pb.SERVER_RANKED
+        r = self._call(self.stub.CreateCollection, pb.CreateCollectionRequest(name=name, bits=bits, mode=mode),
+                       admin_token)
         return r.owner_token, r.reader_token
 
     def list_collections(self, token: str | None = None) -> list[pb.CollectionInfo]:

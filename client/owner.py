@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from dlheir.client.cloud import CloudClient
 from dlheir.client.crypto import CodeTransform, OwnerKeys, encrypt_image
+from dlheir.client.private import PageWriter, is_private
 from dlheir.client.triton import HashError, TritonHasher
 from dlheir.errors import UserError
 from dlheir.ids import item_id
@@ -68,6 +69,10 @@ def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys, collection
         raise UserError(f"collection {collection!r} holds {info.bits}-bit codes; the Triton model makes {hasher.bits}")
     keys = keys.at(info.key_id or 1)  # the key version the collection's codes are under (rotation moves it)
     transform = CodeTransform(keys.transform_secret, hasher.bits)
+    # private-ranking mode: the codes go in sealed pages (dlheir.client.private), the items carry none
+    pages = (PageWriter(cloud, keys.image_key, collection, hasher.bits, getattr(keys, "key_id", 1))
+             if is_private(info) else None)
+    failed: list[UserError] = []  # a page append that failed inside the stream, raised once it has ended
     report = UploadReport()
     ids = [item_id(rel) for rel, _ in files]
     present: set[int] = set()
@@ -89,7 +94,15 @@ def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys, collection
             batch, codes = _hash_batch(hasher, batch, report)
             if not batch:
                 continue
-            codes = transform.apply(codes)
+            if pages is not None:  # the page goes before its blobs: no blob is ever stored without its code
+                try:
+                    pages.put([i for _, i, _ in batch], codes)  # raw codes: sealed, the transform adds nothing
+                except UserError as exc:
+                    failed.append(exc)
+                    return
+                codes = np.zeros((len(batch), 0), np.uint8)  # items of a private collection carry no code
+            else:
+                codes = transform.apply(codes)
             for (rel, i, data), code in zip(batch, codes):
                 blob = encrypt_image(keys.image_key, data, collection, i, name=Path(rel).name, key_id=keys.key_id)
                 report.bytes_uploaded += len(blob)
@@ -101,5 +114,7 @@ def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys, collection
         elapsed = time.perf_counter() - t0
         bar.set_postfix(MB=f"{report.bytes_uploaded / 1e6:.1f}", MBps=f"{report.bytes_uploaded / 1e6 / max(elapsed, 1e-9):.2f}")
     bar.close()
+    if failed:
+        raise failed[0]
     report.seconds = time.perf_counter() - t0
     return report

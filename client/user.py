@@ -5,11 +5,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dlheir.client.cloud import CloudClient
 from dlheir.client.crypto import CodeTransform, Grant, decrypt_image, replace_private
 from dlheir.client.triton import TritonHasher
 from dlheir.errors import UserError
+
+if TYPE_CHECKING:
+    from dlheir.client.private import LocalIndex
 
 
 @dataclass
@@ -26,10 +30,11 @@ class QueryTimings:
     trapdoor_s: float
     search_s: float
     fetch_decrypt_s: float
+    sync_s: float = 0.0  # private-ranking mode: syncing new code pages (search_s is then the local ranking)
 
     @property
     def total_s(self) -> float:
-        return self.trapdoor_s + self.search_s + self.fetch_decrypt_s
+        return self.trapdoor_s + self.sync_s + self.search_s + self.fetch_decrypt_s
 
 
 def trapdoor(hasher: TritonHasher, transform: CodeTransform, query) -> bytes:
@@ -39,17 +44,28 @@ def trapdoor(hasher: TritonHasher, transform: CodeTransform, query) -> bytes:
 
 
 def search_image(query, grant: Grant, cloud: CloudClient, hasher: TritonHasher, k: int = 20,
-                 fetch: int | None = None) -> tuple[list[Hit], QueryTimings]:
-    """Top-k for one query image; the first ``fetch`` hits (default all k) are fetched and decrypted."""
+                 fetch: int | None = None, local: "LocalIndex | None" = None) -> tuple[list[Hit], QueryTimings]:
+    """Top-k for one query image; the first ``fetch`` hits (default all k) are fetched and decrypted.
+
+    ``local`` (from :func:`dlheir.client.private.open_local`, for a collection in private-ranking
+    mode): sync its new code pages and rank on this machine; the query's code never leaves it.
+    Otherwise the server ranks the transformed code."""
     if grant.bits is not None and grant.bits != hasher.bits:
         raise UserError(f"the grant is for {grant.bits}-bit codes; the Triton model makes {hasher.bits}")
     import numpy as np
 
     transform = CodeTransform(grant.transform_secret, hasher.bits)
     t0 = time.perf_counter()
-    code = trapdoor(hasher, transform, query)
+    # private mode ranks the raw code against the pages' raw codes (same distances as transformed ones)
+    code = (trapdoor(hasher, transform, query) if local is None
+            else np.asarray(hasher.hash_one(query)[1], np.uint8).reshape(-1).tobytes())
     t1 = time.perf_counter()
-    (ids, dists), = cloud.search(grant.collection, np.frombuffer(code, np.uint8)[None, :], k)
+    sync_s = 0.0
+    if local is None:
+        (ids, dists), = cloud.search(grant.collection, np.frombuffer(code, np.uint8)[None, :], k)
+    else:
+        sync_s = local.sync().seconds
+        (ids, dists), = local.search(np.frombuffer(code, np.uint8)[None, :], k)
     t2 = time.perf_counter()
     wanted = ids[: k if fetch is None else fetch]
     blobs = {i: b for i, b, _ in cloud.fetch(grant.collection, wanted)}
@@ -60,7 +76,7 @@ def search_image(query, grant: Grant, cloud: CloudClient, hasher: TritonHasher, 
             name, image = decrypt_image(grant.image_keys, blobs[int(i)], grant.collection, int(i))
         hits.append(Hit(rank, int(i), int(d), name, image))
     t3 = time.perf_counter()
-    return hits, QueryTimings(t1 - t0, t2 - t1, t3 - t2)
+    return hits, QueryTimings(t1 - t0, t2 - t1 - sync_s, t3 - t2, sync_s)
 
 
 def write_results(hits: list[Hit], out_dir: Path | str) -> list[Path]:
