@@ -15,6 +15,7 @@ BENCH_MODULES = (
     "dlheir.benchmarks.search",  # through the cloud server vs FAISS in-process
     "dlheir.benchmarks.e2e",  # the paper's efficiency figures
     "dlheir.benchmarks.leakage",  # what the server can recover of the code transform
+    "dlheir.benchmarks.private",  # private-ranking mode (sync + local ranking) vs server-ranked
 )
 
 
