@@ -42,6 +42,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from dlheir.client.cloud import CloudClient
     from dlheir.client.crypto import OwnerKeys, generate_user_keypair, make_grant, open_grant, CodeTransform
     from dlheir.client.owner import upload_images
+    from dlheir.client.private import open_local
     from dlheir.client.triton import TritonHasher
     from dlheir.client.user import search_image
     from dlheir.export import metrics
@@ -99,7 +100,7 @@ def run_demo(args: argparse.Namespace) -> int:
     cloud_dir = work / "cloud"
     if cloud_dir.exists():
         shutil.rmtree(cloud_dir)
-    for f in ("owner.key", "user.pem", "user.pub.pem"):
+    for f in ("owner.key", "user.pem", "user.pub.pem", "private.pages"):
         (work / f).unlink(missing_ok=True)
     triton = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                           state_dir=work / "triton")
@@ -124,11 +125,22 @@ def run_demo(args: argparse.Namespace) -> int:
               f"({report.images_per_s:.1f} images/s, {report.mb_per_s:.2f} MB/s)")
         summary["upload"] = {"images": report.uploaded, "mb": report.bytes_uploaded / 1e6,
                              "images_per_s": report.images_per_s, "mb_per_s": report.mb_per_s}
+        # the same images in a second collection in private-ranking mode: no code on the server
+        private_collection = "demo-private"
+        with CloudClient(cloud_proc.address) as admin:
+            p_owner_token, p_reader_token = admin.create_collection(private_collection, cfg["bits"],
+                                                                    cloud_proc.admin_token, private=True)
+        with CloudClient(cloud_proc.address, p_owner_token) as cloud, TritonHasher(triton.grpc_url) as hasher:
+            p_report = upload_images([(r.relpath, r.path) for r in database], keys, private_collection, cloud, hasher)
+        print(f"private-ranking collection {private_collection!r}: uploaded {p_report.uploaded} images, codes in "
+              f"sealed pages only ({p_report.seconds:.1f}s)")
 
         print("== 6. user: RSA key pair, grant from the owner")
         priv, pub = generate_user_keypair(work / "user.pem")
         grant_bytes = make_grant(keys, pub.read_bytes(), collection, reader_token, cloud_proc.address, cfg["bits"])
         grant = open_grant(grant_bytes, priv.read_bytes())
+        p_grant = open_grant(make_grant(keys, pub.read_bytes(), private_collection, p_reader_token, cloud_proc.address,
+                                        cfg["bits"]), priv.read_bytes())
 
         print(f"== 7. search all {len(queries)} queries through Triton and the cloud server")
         by_id = {r.id: r for r in database}
@@ -140,17 +152,42 @@ def run_demo(args: argparse.Namespace) -> int:
             ranked_labels = np.array([[by_id[int(i)].label for i in ids] for ids, _ in results])
             served = metrics.summarize(metrics.relevance(ranked_labels, np.array([r.label for r in queries])))
             # the user flow, one query at a time: trapdoor, search top 20, fetch, decrypt, verify
-            timings, mismatches = [], 0
+            timings, mismatches, served_top = [], 0, []
             for rec in queries:
                 hits, t = search_image(rec.path, grant, cloud, hasher, k=20)
                 timings.append(t)
+                served_top.append([(h.id, h.distance) for h in hits])
                 for h in hits:
                     if h.image != by_id[h.id].path.read_bytes():
                         mismatches += 1
+
+        print(f"== 7b. private-ranking mode: sync the sealed code pages, rank all {len(queries)} queries locally")
+        with CloudClient(cloud_proc.address, p_grant.reader_token) as cloud, TritonHasher(triton.grpc_url) as hasher:
+            local = open_local(cloud, p_grant, cache=work / "private.pages")  # learns the mode, syncs every page
+            sync = local.last_sync
+            # the whole database ranked for every query on this machine, against the server's ranking
+            local_results = local.search(q_codes, k=len(database))  # raw codes: the pages hold raw codes
+            private_equal = len(local_results) == len(results) and all(
+                np.array_equal(a_ids, b_ids) and np.array_equal(a_d, b_d)
+                for (a_ids, a_d), (b_ids, b_d) in zip(local_results, results))
+            p_timings = []
+            for rec, top in zip(queries, served_top):  # the user flow, top 20, fetched and decrypted
+                hits, t = search_image(rec.path, p_grant, cloud, hasher, k=20, local=local)
+                p_timings.append(t)
+                private_equal &= [(h.id, h.distance) for h in hits] == top
+                for h in hits:
+                    if h.image != by_id[h.id].path.read_bytes():
+                        mismatches += 1
+        summary["private"] = {"equals_server_ranked": bool(private_equal), "pages": sync.pages_total,
+                              "sync_kb": sync.bytes_fetched / 1e3, "sync_ms": sync.seconds * 1e3,
+                              "sync_p50_ms": _pct([t.sync_s for t in p_timings], 50),
+                              "local_search_p50_ms": _pct([t.search_s for t in p_timings], 50),
+                              "end_to_end_p50_ms": _pct([t.total_s for t in p_timings], 50),
+                              "end_to_end_p99_ms": _pct([t.total_s for t in p_timings], 99)}
         keys_m = [k for k in offline if k.startswith("P@")] + ["mAP"]
         equal = all(abs(served[k] - offline[k]) < 1e-12 for k in keys_m)
         summary.update(offline={k: offline[k] for k in keys_m}, served=served, served_equals_offline=equal,
-                       decrypted_checked=20 * len(queries), decrypt_mismatches=mismatches)
+                       decrypted_checked=40 * len(queries), decrypt_mismatches=mismatches)
         tr = [t.trapdoor_s for t in timings]
         se = [t.search_s for t in timings]
         e2e = [t.total_s for t in timings]
@@ -170,12 +207,18 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"{'offline (PyTorch)':<26}" + "".join(f"{offline[k]:>8.4f}" for k in keys_m))
     print(f"{'served (Triton + cloud)':<26}" + "".join(f"{served[k]:>8.4f}" for k in keys_m))
     print(f"served == offline: {'yes' if equal else 'NO'}")
-    print(f"decrypted top-20 results checked byte-for-byte: {20 * len(queries)}, mismatches: {mismatches}")
+    pv = summary["private"]
+    print(f"private mode == server-ranked: {'yes' if pv['equals_server_ranked'] else 'NO'} "
+          f"(all {len(queries)} queries, full rankings and top-20 user flow)")
+    print(f"decrypted top-20 results checked byte-for-byte: {40 * len(queries)} (both modes), mismatches: {mismatches}")
     u = summary["upload"]
     print(f"upload: {u['images']} images, {u['mb']:.2f} MB, {u['images_per_s']:.1f} images/s, {u['mb_per_s']:.2f} MB/s")
     lat = summary["latency_ms"]
     print(f"latency ms  trapdoor p50 {lat['trapdoor_p50']:.1f} p99 {lat['trapdoor_p99']:.1f} | "
           f"search p50 {lat['search_p50']:.2f} p99 {lat['search_p99']:.2f} | "
           f"end-to-end (trapdoor+search+fetch+decrypt 20) p50 {lat['end_to_end_p50']:.1f} p99 {lat['end_to_end_p99']:.1f}")
+    print(f"private mode: {pv['pages']} sealed code pages ({pv['sync_kb']:.1f} KB) synced in {pv['sync_ms']:.1f} ms; "
+          f"per query: sync p50 {pv['sync_p50_ms']:.2f} ms | local search p50 {pv['local_search_p50_ms']:.3f} ms | "
+          f"end-to-end p50 {pv['end_to_end_p50_ms']:.1f} p99 {pv['end_to_end_p99_ms']:.1f}")
     print(f"wall time {summary['wall_seconds']:.0f}s (training {summary['train_seconds']:.0f}s); written {work / 'demo.json'}")
-    return 0 if equal and mismatches == 0 else 1
+    return 0 if equal and pv["equals_server_ranked"] and mismatches == 0 else 1
