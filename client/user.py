@@ -68,6 +68,8 @@ def search_image(query, grant: Grant, cloud: CloudClient, hasher: TritonHasher, 
         (ids, dists), = local.search(np.frombuffer(code, np.uint8)[None, :], k)
     t2 = time.perf_counter()
     wanted = ids[: k if fetch is None else fetch]
+    if local is not None:  # ask in id order: the server then learns which ids, not their rank order
+        wanted = sorted(int(i) for i in wanted)
     blobs = {i: b for i, b, _ in cloud.fetch(grant.collection, wanted)}
     hits = []
     for rank, (i, d) in enumerate(zip(ids, dists), start=1):

@@ -417,3 +417,42 @@ def test_per_user_readers_and_key_rotation_in_private_mode(world):
     with pytest.raises(PageAuthenticationError, match="key version 1"):  # a grant holding key 2 only
         LocalIndex(bob, "private", 48, {2: keys2.image_key}).sync()
     bob.close()
+
+
+class _FixedHasher:
+    """Stands in for Triton: the query 'image' is its own raw code."""
+
+    bits = 48
+
+    def hash_one(self, code):
+        return np.zeros(48, np.float32), np.asarray(code, np.uint8)
+
+
+def test_user_flow_gives_server_ranked_hits_and_fetches_in_id_order(world):
+    from dlheir.client.crypto import Grant, encrypt_image
+    from dlheir.client.private import open_local
+    from dlheir.client.user import search_image
+
+    rng = np.random.default_rng(10)
+    codes = _codes(rng, 400, 48, distinct=12)
+    ids = rng.choice(2**62, size=400, replace=False)
+    for name, cloud in (("ranked", world.ranked), ("private", world.owner)):
+        blobs = [(int(i), world.transform.apply(c)[0].tobytes() if name == "ranked" else b"",
+                  encrypt_image(world.keys.image_key, b"img-%d" % i, name, int(i), name=f"{i}.png"), {})
+                 for i, c in zip(ids, codes)]
+        list(cloud.upload(name, blobs))
+    world.writer.put(ids, codes)
+    asked = []
+    fetch = world.reader.fetch
+    world.reader.fetch = lambda name, wanted: (asked.append(list(wanted)), fetch(name, wanted))[1]
+    grants = {name: Grant(name, "", world.keys.image_key, world.keys.transform_secret, bits=48)
+              for name in ("ranked", "private")}
+    local = open_local(world.reader, grants["private"], cache=None)
+    assert local is not None and open_local(world.ranked_reader, grants["ranked"], cache=None) is None
+    for q in codes[:5]:
+        served, _ = search_image(q, grants["ranked"], world.ranked_reader, _FixedHasher(), k=15)
+        mine, timings = search_image(q, grants["private"], world.reader, _FixedHasher(), k=15, local=local)
+        assert [(h.rank, h.id, h.distance, h.image) for h in mine] == [(h.rank, h.id, h.distance, h.image)
+                                                                        for h in served]
+        assert mine[0].image == b"img-%d" % mine[0].id and timings.sync_s > 0
+        assert asked[-1] == sorted(h.id for h in mine)  # the server sees which ids, not their order
