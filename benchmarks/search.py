@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shards", type=int, default=None, help="server index shards (default: one per core)")
     p.add_argument("--mih-min-items", type=int, default=None,
                    help="collection size from which the server uses multi-index hashing (default: the server's)")
+    p.add_argument("--index", default="auto", choices=("auto", "flat", "mih"),
+                   help="the server's index choice (default auto: timed per collection)")
     p.add_argument("--out-dir", default="results/bench_search", help="where JSON and PNG go "
                                                                     "(default results/bench_search)")
     p.set_defaults(func=run)
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     shards = args.shards or default_shards()
     mih_min = args.mih_min_items or MIH_MIN_ITEMS
     code_len = code_bytes(args.bits)
-    server_args = ["--shards", str(shards), "--mih-min-items", str(mih_min)]
+    server_args = ["--shards", str(shards), "--mih-min-items", str(mih_min), "--index", args.index]
     print(f"search bench: {kinds} codes, sizes {sizes}, {args.bits} bits, k={args.k}, {shards} shard(s), "
           f"multi-index hashing from {mih_min} codes, {args.blob_bytes}-byte blobs", flush=True)
     rows = []
@@ -163,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
                     nxt = _cycle(n_base)
                     flat_t = time_calls(lambda: flat.search(single[nxt()][None, :], args.k), n_base, warmup=3)
                     del flat
-                    ours = BinaryIndex(args.bits, shards, mih_min=mih_min)
+                    ours = BinaryIndex(args.bits, shards, mih_min=mih_min, choose=args.index)
                     ours.add(np.arange(size), codes[:size], seal=False)
                     t0 = time.perf_counter()
                     ours.maybe_seal()

@@ -36,8 +36,11 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                                               "into DATA_DIR/admin.token)")
     p.add_argument("--shards", type=int, default=None, help="index shards searched in parallel (default: cores)")
     p.add_argument("--mih-min-items", type=int, default=None, metavar="N",
-                   help="collection size from which searches use exact multi-index hashing instead of a "
+                   help="collection size from which searches may use exact multi-index hashing instead of a "
                         "flat scan (codes of <= 64 bits; default 200000)")
+    p.add_argument("--index", default="auto", choices=("auto", "flat", "mih"),
+                   help="auto: from --mih-min-items codes on, time both on the collection's own codes and keep "
+                        "the faster (default); flat: always scan; mih: always multi-index hashing from there")
     p.add_argument("--workers", type=int, default=8, help="gRPC worker threads (default 8)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=64,
                    help="calls in progress at once; more are refused with RESOURCE_EXHAUSTED (default 64)")
@@ -182,7 +185,7 @@ def build_server(args: argparse.Namespace):
     try:
         store = open_store(data_dir, integrity_check=not args.skip_integrity_check, max_bytes=max_bytes)
         started = time.monotonic()
-        service = CloudStoreService(store, token, args.shards, args.mih_min_items)
+        service = CloudStoreService(store, token, args.shards, args.mih_min_items, args.index)
     except StoreError as exc:
         raise UserError(str(exc)) from None
     log.info("index rebuilt from the store in %.1f s: %s", time.monotonic() - started,

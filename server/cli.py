@@ -73,7 +73,7 @@ def server_command(args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "dlheir.server", "--data-dir", str(args.data_dir), "--host", args.host,
            "--port", str(args.port), "--workers", str(args.workers),
            "--max-concurrent-rpcs", str(args.max_concurrent_rpcs), "--stream-idle-timeout", str(args.stream_idle_timeout),
-           "--log-level", args.log_level]
+           "--log-level", args.log_level, "--index", args.index]
     for flag in ("tls_cert", "tls_key", "admin_token_file", "shards", "max_store_mb", "mih_min_items"):
         if getattr(args, flag, None):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]

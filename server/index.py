@@ -10,7 +10,8 @@
   returned distance still equals the k-th distance overall may hold more items at that
   distance, and for those (query, shard) pairs the full set at distance <= d_k is taken with
   a FAISS range search before the final (distance, id) sort.
-* Large collections (``mih_min`` codes or more, codes of at most 64 bits, CPU) are searched
+* Large collections (``mih_min`` codes or more, codes of at most 64 bits, CPU, and where a
+  timing on the collection's own codes shows it faster than the flat scan) are searched
   with multi-index hashing (``dlheir.server.mih``), exact by construction and sublinear: the
   items are "sealed" into an immutable multi-index hash, new items go to the flat shards
   (the delta), deletes mark sealed rows dead. When the delta passes ``RESEAL_FRACTION`` of
@@ -25,8 +26,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -34,6 +37,8 @@ import faiss
 import numpy as np
 
 from dlheir.server.mih import MultiIndexHash
+
+log = logging.getLogger("dlheir.server.index")
 
 FAST_BYTES = (8, 16, 32, 64)  # code sizes IndexBinaryFlat has specialised paths for
 PARALLEL_MIN_WORK = 65536
@@ -182,11 +187,16 @@ class BinaryIndex:
     """One collection's codes in ``n_shards`` FAISS ``IndexBinaryFlat`` shards."""
 
     def __init__(self, bits: int, n_shards: int | None = None, pool: ThreadPoolExecutor | None = None,
-                 mih_min: int | None = None) -> None:
+                 mih_min: int | None = None, choose: str = "auto") -> None:
+        if choose not in ("auto", "flat", "mih"):
+            raise ValueError(f"choose must be auto, flat or mih, got {choose!r}")
         self.bits = bits
+        self.choose = choose  # auto: a timing on the collection's own codes; flat / mih: forced
         self.mih_min = MIH_MIN_ITEMS if mih_min is None else mih_min
         self.sealed: MultiIndexHash | None = None
         self._generation = 0  # bumped by every change: a seal built from an older snapshot is dropped
+        self._flat_until = 0  # a timing chose the flat scan: stay flat below this size
+        self.choice: dict | None = None  # the last flat-vs-hashing timing (per query, ms)
         self.code_len = -(-bits // 8)
         self.nbytes = padded_bytes(self.code_len)
         self.shards = [_Shard(self.nbytes) for _ in range(max(1, n_shards or default_shards()))]
@@ -252,7 +262,7 @@ class BinaryIndex:
     def maybe_seal(self) -> bool:
         """(Re)build the multi-index hash over every live item when the collection is large
         and the flat delta (or the dead part of the sealed one) has grown; returns whether it did."""
-        if self.bits > 64 or gpu_available() or self._n < self.mih_min:
+        if self.choose == "flat" or self.bits > 64 or gpu_available() or self._n < max(self.mih_min, self._flat_until):
             return False
         delta = sum(s.n for s in self.shards)
         if self.sealed is not None:
@@ -270,13 +280,44 @@ class BinaryIndex:
                 if shard.n:
                     ids.append(shard.ids.copy())
                     codes.append(shard.codes()[:, : self.code_len])
+        started = time.perf_counter()
         sealed = MultiIndexHash(np.concatenate(ids), np.concatenate(codes), self.bits)
+        built_s = time.perf_counter() - started
+        if self.sealed is None and self.choose == "auto" and not self._hashing_pays_off(sealed):
+            self._flat_until = 2 * self._n  # keep the flat scan; ask again when the collection has doubled
+            log.info("%d codes: kept the flat scan (%.2f ms per query vs %.2f ms with multi-index hashing); "
+                     "next look at %d codes", self._n, self.choice["flat_ms"], self.choice["mih_ms"], self._flat_until)
+            return False
+        log.info("%d codes: multi-index hash (%s-bit substrings) built in %.1f s%s", len(sealed), sealed.lengths,
+                 built_s, f" ({self.choice['mih_ms']:.2f} ms per query vs {self.choice['flat_ms']:.2f} ms flat)"
+                 if self.choice and self.sealed is None else "")
         with self.lock.write():
             if generation != self._generation:  # changed meanwhile (callers should serialise writes)
                 return False
             self.sealed = sealed
             self.shards = [_Shard(self.nbytes) for _ in self.shards]
         return True
+
+    def _hashing_pays_off(self, sealed: MultiIndexHash, k: int = 20, n_queries: int = 16) -> bool:
+        """Whether multi-index hashing answers this collection's own codes (as queries: real
+        queries look like stored items) faster than the flat shards. Hash-bucket methods suffer
+        when codes are spread out (far k-th neighbours); learned codes cluster and gain most.
+        The index chooses per collection, from a timing on its own data."""
+        rows = np.random.default_rng(0).choice(len(sealed.ids), min(n_queries, len(sealed.ids)), replace=False)
+        queries = sealed.codes_bytes(rows, self.code_len)
+        kk = _shard_k(k)
+        with self.lock.read():
+            t0 = time.perf_counter()
+            for q in queries:
+                self._search_flat(self._pad(q[None]), k, kk, None)
+            flat_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for q in queries:
+            sealed.search_one(q, k)
+        hashing_s = time.perf_counter() - t0
+        self.choice = {"size": self._n, "flat_ms": 1e3 * flat_s / len(queries),
+                       "mih_ms": 1e3 * hashing_s / len(queries)}
+        return hashing_s < flat_s
 
     def _search_shards(self, q: np.ndarray, kk: int) -> list[tuple[np.ndarray, np.ndarray]]:
         if len(self.shards) == 1 or self._n * len(q) < PARALLEL_MIN_WORK:

@@ -55,8 +55,9 @@ class Collection:
 
 class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
     def __init__(self, store: Store, admin_token: str, n_shards: int | None = None,
-                 mih_min: int | None = None) -> None:
-        self.mih_min = mih_min  # collection size from which search uses multi-index hashing
+                 mih_min: int | None = None, index_choice: str = "auto") -> None:
+        self.mih_min = mih_min  # collection size from which search may use multi-index hashing
+        self.index_choice = index_choice  # auto (timed per collection), flat or mih
         self.store = store
         self.admin_hash = token_hash(admin_token)
         self.n_shards = n_shards or default_shards()
@@ -75,7 +76,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         self._load_access()
 
     def _open(self, name, bits, owner_hash, reader_hash) -> Collection:
-        col = Collection(name, bits, owner_hash, reader_hash, BinaryIndex(bits, self.n_shards, self.pool, self.mih_min))
+        col = Collection(name, bits, owner_hash, reader_hash, BinaryIndex(bits, self.n_shards, self.pool, self.mih_min, self.index_choice))
         self.collections[name] = col
         self._known_hashes = self._known_hashes | {owner_hash, reader_hash}
         return col
@@ -381,7 +382,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             col.readers = {}
             self._refresh_user_hashes()
             self._drop_shared_reader(col)
-            index = BinaryIndex(bits, self.n_shards, self.pool, self.mih_min)
+            index = BinaryIndex(bits, self.n_shards, self.pool, self.mih_min, self.index_choice)
             for ids, codes in self.store.codes(col.name):
                 if codes:  # items stored without a code (private-ranking mode) have nothing to index
                     index.add(np.array(ids, dtype=np.int64), np.frombuffer(codes, np.uint8), seal=False)

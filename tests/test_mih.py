@@ -67,7 +67,7 @@ def test_index_across_the_threshold_with_deletes_and_replaces(kind):
     codes = _codes(rng, n, bits, kind)
     ids = rng.choice(10 * n, n, replace=False).astype(np.int64)
     flat = BinaryIndex(bits, n_shards=2, mih_min=10**12)
-    mih = BinaryIndex(bits, n_shards=2, mih_min=3_000)
+    mih = BinaryIndex(bits, n_shards=2, mih_min=3_000, choose="mih")
     store: dict[int, np.ndarray] = {}  # what the indexes hold
     queries = codes[rng.integers(0, n, 12)]
 
@@ -98,3 +98,17 @@ def test_index_across_the_threshold_with_deletes_and_replaces(kind):
     store.update(zip(replaced.tolist(), new_codes))
     check()
     assert len(mih) == len(flat) == len(store)
+
+
+def test_auto_choice_times_both_and_keeps_the_faster():
+    """``choose='auto'`` seals only when hashing beat the flat scan on the collection's own codes."""
+    rng = np.random.default_rng(3)
+    codes = _codes(rng, 30_000, 48, "clustered")
+    index = BinaryIndex(48, n_shards=2, mih_min=10_000)
+    index.add(np.arange(30_000), codes)
+    assert index.choice is not None and index.choice["size"] == 30_000
+    faster_is_hashing = index.choice["mih_ms"] < index.choice["flat_ms"]
+    assert index.kind == ("mih+flat" if faster_is_hashing else "flat")
+    if not faster_is_hashing:  # stays flat until the collection doubles
+        index.add(np.arange(30_000, 31_000), codes[:1_000])
+        assert index.kind == "flat" and index.choice["size"] == 30_000
