@@ -365,3 +365,19 @@ def test_failed_calls_are_logged_without_tokens(tmp_path):
     assert "Delete -> PERMISSION_DENIED" in log and "Search -> INVALID_ARGUMENT" in log
     for secret in ("secret-garbage-token", owner.token, reader.token, server.admin_token):
         assert secret not in log
+
+
+def test_calls_in_progress_are_bounded(tmp_path):
+    """Past --max-concurrent-rpcs calls in progress, a new call is refused at once."""
+    with CloudServerProcess(tmp_path / "cloud", extra_args=["--max-concurrent-rpcs", "2"]) as server:
+        owner, reader = _collection(server)
+        release = threading.Event()
+        with grpc.insecure_channel(server.address) as channel:
+            streams = [_silent_upload(channel, owner.token, release) for _ in range(2)]
+            time.sleep(0.5)  # both held open by an authorised, silent client
+            code, msg = _status(lambda: reader.search("c", np.zeros((1, 6), np.uint8), 1))
+            release.set()
+            for stream in streams:
+                stream.code()
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert reader.search("c", np.zeros((1, 6), np.uint8), 1)[0][0].size == 0  # served again once they end
