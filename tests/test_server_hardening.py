@@ -120,7 +120,9 @@ def test_idle_authenticated_stream_is_cancelled(tmp_path):
     with CloudServerProcess(tmp_path / "cloud", extra_args=["--stream-idle-timeout", "1"]) as server:
         owner, _ = _collection(server)
         release = threading.Event()
-        threading.Timer(30, release.set).start()  # a server that never cancels: the stream ends OK, the test fails
+        watchdog = threading.Timer(30, release.set)  # a server that never cancels: the stream ends OK, the test fails
+        watchdog.daemon = True
+        watchdog.start()
         with grpc.insecure_channel(server.address) as channel:
             stream = _silent_upload(channel, owner.token, release)
             code = stream.code()  # blocks until the server ends the stream
