@@ -29,9 +29,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work-dir", default="runs/demo", help="where the demo keeps its files (default runs/demo)")
     for key in DIGITS_DEFAULTS:
         p.add_argument(f"--{key.replace('_', '-')}", type=type(DIGITS_DEFAULTS[key]), default=None,
-                       help=f"digits: {DIGITS_DEFAULTS[key]}, image folder: {PAPER_DEFAULTS[key]}")
+                       help=f"digits: {DIGITS_DEFAULTS[key]}, image folder: {PAPER_DEFAULTS[key]} with CUDA, "
+                            f"{DIGITS_DEFAULTS[key]} without")
     p.add_argument("--retrain", action="store_true", help="train again even if the work dir has a finished checkpoint")
     p.set_defaults(func=run_demo)
+
+
+def pick_settings(data: str, given: dict, cuda: bool) -> tuple[dict, str | None]:
+    """Training settings for the demo and an optional one-line warning.
+
+    ``given`` maps each setting to the user's value, or None where the flag was not given.
+    Digits: the digits demo's settings. An image folder: the paper's settings on a CUDA machine;
+    without CUDA, the settings not given explicitly fall back to the digits demo's (the paper's
+    384 px, 200 epochs and ImageNet download do not finish on a CPU), with a warning that names
+    the flags that ask for the paper's settings.
+    """
+    if data == "digits":
+        return {k: given.get(k) if given.get(k) is not None else v for k, v in DIGITS_DEFAULTS.items()}, None
+    base = PAPER_DEFAULTS if cuda else DIGITS_DEFAULTS
+    cfg = {k: given.get(k) if given.get(k) is not None else v for k, v in base.items()}
+    swapped = [k for k in PAPER_DEFAULTS if given.get(k) is None and cfg[k] != PAPER_DEFAULTS[k]]
+    if not swapped:
+        return cfg, None
+    flags = lambda d: " ".join(f"--{k.replace('_', '-')} {d[k]}" for k in swapped)  # noqa: E731
+    return cfg, (f"warning: no CUDA GPU, so training on the CPU with {flags(cfg)} instead of the paper's settings; "
+                 f"ask for those with {flags(PAPER_DEFAULTS)}")
 
 
 def _pct(values, q) -> float:
@@ -49,14 +71,17 @@ def run_demo(args: argparse.Namespace) -> int:
     from dlheir.export.checkpoint import load_checkpoint, read_checkpoint
     from dlheir.export.data import resolve_data, split_dataset
     from dlheir.export.onnx_export import export_onnx
-    from dlheir.export.train import TrainConfig, evaluate, train
+    from dlheir.export.train import TrainConfig, data_spec, evaluate, train
     from dlheir.server.testing import CloudServerProcess
     from dlheir.triton.launcher import TritonServer, free_port
     from dlheir.triton.repository import install_onnx
 
     t_start = time.perf_counter()
-    defaults = DIGITS_DEFAULTS if args.data == "digits" else PAPER_DEFAULTS
-    cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    import torch
+
+    cfg, warning = pick_settings(args.data, {k: getattr(args, k) for k in DIGITS_DEFAULTS}, torch.cuda.is_available())
+    if warning:
+        print(warning)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     summary: dict = {"data": args.data, **cfg}
@@ -68,7 +93,8 @@ def run_demo(args: argparse.Namespace) -> int:
         try:
             old = read_checkpoint(ckpt)
             load_checkpoint(ckpt)  # same layout as this version of the model?
-            reuse = all(old["config"].get(k) == v for k, v in cfg.items()) and old["config"].get("data") == args.data \
+            reuse = all(old["config"].get(k) == v for k, v in cfg.items()) \
+                and old["config"].get("data") in (args.data, data_spec(args.data)) \
                 and old["epoch"] >= cfg["epochs"]
         except UserError:
             reuse = False
@@ -77,8 +103,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if reuse:
         print(f"reusing {ckpt} (same settings; --retrain to train again)")
     else:
-        ckpt.unlink(missing_ok=True)
-        train(TrainConfig(data=args.data, out=str(work), **cfg))
+        if ckpt.exists():
+            print(f"replacing {ckpt} (other settings, or --retrain)")
+        train(TrainConfig(data=args.data, out=str(work), force=True, **cfg))
     summary["train_seconds"] = time.perf_counter() - t0
 
     # 2. offline evaluation

@@ -32,12 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/model.pt")
+    p.add_argument("--force", action="store_true",
+                   help="start over and replace an existing RUN_DIR/model.pt (without --force or --resume, "
+                        "train refuses to overwrite it)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="precision@k and mAP of a checkpoint (Hamming ranking)",
                        description="Database = train split, queries = query split; ties broken by (distance, id).")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", default="digits")
+    p.add_argument("--data", default=None,
+                   help="image folder or 'digits' (default: the data recorded in the checkpoint; 'digits' "
+                        "for an older checkpoint that records none)")
     p.add_argument("--json", dest="json_out", default=None, help="write the metrics here (default RUN_DIR/eval.json)")
     p.set_defaults(func=_evaluate)
 
@@ -74,11 +79,14 @@ def _train(args: argparse.Namespace) -> int:
     from dlheir.export.train import TrainConfig, evaluate, format_metrics, train
 
     validate_bits(args.bits)
+    if args.resume and args.force:
+        raise UserError("--resume continues the checkpoint and --force replaces it: give one of them")
     if args.image_size < 32:
         raise UserError(f"--image-size must be at least 32 (DenseNet downsamples 32x), got {args.image_size}")
     cfg = TrainConfig(data=args.data, bits=args.bits, image_size=args.image_size, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weights=args.weights,
-                      arch=args.arch, seed=args.seed, out=args.out, resume=args.resume)
+                      arch=args.arch, seed=args.seed, out=args.out, resume=args.resume,
+                      force=args.force)
     path = train(cfg)
     print(f"checkpoint: {path}")
     return 0
@@ -91,6 +99,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = evaluate(args.checkpoint, args.data, out)
     print(f"{result['arch']} {result['bits']} bits, {result['image_size']}px: "
           f"{result['queries']} queries against {result['database']} database images")
+    print(f"data: {result['data']} ({result['data_source']})")
     print(format_metrics(result))
     print(f"written: {out}")
     return 0

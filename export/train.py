@@ -44,6 +44,13 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/train"
     resume: bool = False
+    force: bool = False  # replace an existing <out>/model.pt instead of refusing
+
+
+def data_spec(spec: str | Path) -> str:
+    """What a checkpoint records as its data: 'digits', or the image folder as an absolute path
+    (so ``dlheir evaluate`` finds it from any working directory)."""
+    return "digits" if str(spec) == "digits" else str(Path(spec).resolve())
 
 
 def _path_of(item: Record | str | Path) -> Path:
@@ -99,6 +106,9 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out)
     ckpt_path = out_dir / "model.pt"
+    if ckpt_path.exists() and not (cfg.resume or cfg.force):
+        raise UserError(f"{ckpt_path} already exists; pass --resume to continue it or --force to start over "
+                        "and replace it (or choose another --out)")
     root = resolve_data(cfg.data, cfg.image_size)
     database, queries, class_names = split_dataset(root, seed=cfg.seed)
     check_images(database + queries)
@@ -148,7 +158,7 @@ def train(cfg: TrainConfig) -> Path:
             "image_size": cfg.image_size,
             "class_names": class_names,
             "epoch": epoch + 1,
-            "config": cfg.__dict__,
+            "config": {**cfg.__dict__, "data": data_spec(cfg.data)},
             "history": history,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -181,10 +191,27 @@ def compute_codes(model: DLHEIR, images: np.ndarray | Sequence[Record | str | Pa
     return p, probs_to_codes(p)
 
 
-def evaluate(checkpoint: Path | str, data: str, json_out: Path | str | None = None, batch_size: int = 64) -> dict:
-    """Offline retrieval evaluation: database = train split, queries = query split (same seed)."""
+def evaluate(checkpoint: Path | str, data: str | None = None, json_out: Path | str | None = None,
+             batch_size: int = 64) -> dict:
+    """Offline retrieval evaluation: database = train split, queries = query split (same seed).
+
+    ``data=None`` uses the data recorded in the checkpoint (``config["data"]``); a checkpoint that
+    records none falls back to 'digits' with a one-line note.
+    """
     model, meta = load_checkpoint(checkpoint)
     size = meta["image_size"]
+    recorded = meta.get("config", {}).get("data")
+    if data is not None:
+        source = "--data"
+    elif recorded:
+        data, source = recorded, "recorded in the checkpoint"
+        print(f"data: {data} ({source}; --data to use another)")
+    else:
+        data, source = "digits", "default"
+        print(f"note: {checkpoint} records no data folder (older checkpoint); using the default 'digits' "
+              "(--data to choose)")
+    if source == "recorded in the checkpoint" and data != "digits" and not Path(data).is_dir():
+        raise UserError(f"{checkpoint} was trained on {data}, which is not a folder here; pass --data")
     root = resolve_data(data, size)
     seed = meta.get("config", {}).get("seed", 0)
     database, queries, class_names = split_dataset(root, seed=seed)
@@ -199,6 +226,7 @@ def evaluate(checkpoint: Path | str, data: str, json_out: Path | str | None = No
     result = {
         "checkpoint": str(checkpoint),
         "data": str(root),
+        "data_source": source,
         "bits": meta["bits"],
         "image_size": size,
         "arch": meta["arch"],
