@@ -19,14 +19,43 @@ from dlheir.server.proto import dlheir_cloud_pb2_grpc as pb_grpc
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+DEFAULT_PORT = 50051
+START_HINT = "start it with 'dlheir server start --data-dir DIR', or give --server HOST:PORT"
+
+
+def unreachable_reason(details: str) -> str | None:
+    """gRPC's UNAVAILABLE text -> a short cause when the connection itself failed (refused, name
+    not resolved, TLS handshake); None when it came from a server that answered (e.g. its store)."""
+    text = (details or "").lower()
+    if "refused" in text:
+        return "connection refused"
+    if "resolv" in text or "dns" in text or "domain name not found" in text:
+        return "name not resolved"
+    if "ssl" in text or "handshake" in text or "tls" in text:
+        return "TLS handshake failed"
+    if any(s in text for s in ("failed to connect", "socket closed", "connection reset", "end of tcp stream")):
+        return "connection failed"
+    return None
+
+
 class CloudError(UserError):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"cloud server: {code.name}: {details}")
-        self.code, self.details = code, details
+    """A failed call: ``code`` and ``details`` are gRPC's; with ``address``, a connection that could
+    not be made (UNAVAILABLE) or a gRPC server that is not this one (UNIMPLEMENTED) reads as such."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, address: str | None = None) -> None:
+        message = f"cloud server: {code.name}: {details}"
+        reason = unreachable_reason(details) if code == grpc.StatusCode.UNAVAILABLE else None
+        if address and reason:
+            message = f"cannot reach the dlheir cloud server at {address} ({reason}): {START_HINT}"
+        elif address and code == grpc.StatusCode.UNIMPLEMENTED:
+            message = (f"{address} answers gRPC but is not a dlheir cloud server (is it Triton's port? "
+                       f"the cloud server's default is {DEFAULT_PORT})")
+        super().__init__(message)
+        self.code, self.details, self.address = code, details, address
 
 
-def _wrap(exc: grpc.RpcError) -> CloudError:
-    return CloudError(exc.code(), exc.details())
+def _wrap(exc: grpc.RpcError, address: str | None = None) -> CloudError:
+    return CloudError(exc.code(), exc.details(), address)
 
 
 class CloudClient:
@@ -49,7 +78,7 @@ class CloudClient:
         try:
             return method(request, metadata=self._md(token))
         except grpc.RpcError as exc:
-            raise _wrap(exc) from None
+            raise _wrap(exc, self.address) from None
 
     def create_collection(self, name: str, bits: int, admin_token: str, private: bool = False) -> tuple[str, str]:
         """(owner token, reader token); ``private`` creates it in private-ranking mode (no codes on
@@ -85,7 +114,7 @@ class CloudClient:
         try:
             yield from self.stub.Upload(requests(), metadata=self._md())
         except grpc.RpcError as exc:
-            raise _wrap(exc) from None
+            raise _wrap(exc, self.address) from None
 
     def search(self, name: str, codes: np.ndarray, k: int, max_distance: int | None = None,
                ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -101,7 +130,7 @@ class CloudClient:
             for item in self.stub.Fetch(pb.FetchRequest(collection=name, ids=[int(i) for i in ids]), metadata=self._md()):
                 yield item.id, item.blob, dict(item.metadata)
         except grpc.RpcError as exc:
-            raise _wrap(exc) from None
+            raise _wrap(exc, self.address) from None
 
     def delete(self, name: str, ids: Iterable[int]) -> int:
         return self._call(self.stub.Delete, pb.DeleteRequest(collection=name, ids=[int(i) for i in ids])).deleted

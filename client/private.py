@@ -59,7 +59,7 @@ from Crypto.Protocol.KDF import HKDF
 from Crypto.Random import get_random_bytes
 
 from dlheir import paths
-from dlheir.client.cloud import CloudClient, CloudError
+from dlheir.client.cloud import CloudClient, CloudError, _wrap
 from dlheir.codes import code_bytes, validate_bits
 from dlheir.errors import UserError
 from dlheir.server.proto import dlheir_cloud_pb2 as pb
@@ -201,7 +201,7 @@ def sync_code_pages(cloud: CloudClient, collection: str, from_page: int,
     try:
         first = next(stream)
     except grpc.RpcError as exc:
-        raise CloudError(exc.code(), exc.details()) from None
+        raise _wrap(exc, cloud.address) from None
     except StopIteration:
         first = pb.SyncCodePagesResponse()
     if not first.HasField("header"):
@@ -212,7 +212,7 @@ def sync_code_pages(cloud: CloudClient, collection: str, from_page: int,
             for msg in stream:
                 yield msg.page.page, msg.page.data
         except grpc.RpcError as exc:
-            raise CloudError(exc.code(), exc.details()) from None
+            raise _wrap(exc, cloud.address) from None
 
     return first.header, pages()
 

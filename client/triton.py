@@ -55,6 +55,24 @@ def _read(source) -> bytes:
         raise HashError(f"cannot read {path}: {exc.strerror}", f"cannot read: {exc.strerror}") from exc
 
 
+START_HINT = "start it with 'dlheir triton start', or give --triton HOST:PORT"
+
+
+def connection_error(url: str, exc) -> UserError:
+    """A failed first call to ``url`` -> one line: Triton not reachable (UNAVAILABLE), a gRPC
+    server that is not Triton (UNIMPLEMENTED: e.g. the cloud server), or Triton's own message."""
+    from dlheir.client.cloud import unreachable_reason
+
+    status = str(exc.status() or "")
+    message = " ".join(str(exc.message() or "").split())
+    if status.endswith("UNAVAILABLE"):
+        reason = unreachable_reason(message)
+        return UserError(f"cannot reach Triton at {url}{f' ({reason})' if reason else ''}: {START_HINT}")
+    if status.endswith("UNIMPLEMENTED"):
+        return UserError(f"{url} answers gRPC but is not Triton (is it the cloud server's port?): {START_HINT}")
+    return UserError(f"Triton at {url}: {status.rsplit('.', 1)[-1] or 'error'}: {message}")
+
+
 class TritonHasher:
     """Client of the Triton hash service (gRPC)."""
 
@@ -68,7 +86,11 @@ class TritonHasher:
         self.client = grpcclient.InferenceServerClient(url)
         try:
             ready = self.client.is_model_ready(model)
+        except grpcclient.InferenceServerException as exc:
+            self.client.close()
+            raise connection_error(url, exc) from None
         except Exception as exc:
+            self.client.close()
             raise UserError(f"cannot reach Triton at {url}: {exc}") from exc
         if not ready:
             raise UserError(f"Triton at {url} has no ready model '{model}' (start it with 'dlheir triton start')")
