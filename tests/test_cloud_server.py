@@ -180,6 +180,10 @@ def test_health_and_reflection(cloud_server):
     with grpc.insecure_channel(cloud_server.address) as ch:
         status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="dlheir.cloud.v1.CloudStore"))
         assert status.status == health_pb2.HealthCheckResponse.SERVING
+        # Health/Watch is a stream that would hold a worker: it needs a token
+        with pytest.raises(grpc.RpcError) as info:
+            next(health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest()))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         # reflection is a stream: it needs a token like every call but Health/Check
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         with pytest.raises(grpc.RpcError) as info:
