@@ -46,6 +46,28 @@ def save_json(name: str, payload: dict, out_dir: Path | str = RESULTS_DIR) -> Pa
     return path
 
 
+def parse_sizes(text: str, flag: str = "--sizes") -> list[int]:
+    """A comma-separated list of integers (a flag's value), de-duplicated and sorted; UserError if not."""
+    from dlheir.errors import UserError
+
+    try:
+        return sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise UserError(f"{flag}: comma-separated integers, got {text!r}") from None
+
+
+def save_figure(fig, path: Path | str) -> Path:
+    """Lay out, write as PNG (parent folders made) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Plain-text table; columns are (key, header, format)."""
     heads = [h for _, h, _ in columns]
@@ -74,12 +96,7 @@ def bar_plot(path: Path | str, title: str, labels: list[str], series: dict[str, 
     if log:
         ax.set_yscale("log")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def bench_model(checkpoint: str | None, image_size: int, bits: int):

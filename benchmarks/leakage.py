@@ -288,11 +288,9 @@ def plot(path: Path, runs: list[dict], title: str) -> Path:
     axes[1].set_title("bits (median over secrets)", fontsize=9)
     axes[0].legend(fontsize=7, loc="upper left")
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from dlheir.benchmarks.common import save_figure
+
+    return save_figure(fig, path)
 
 
 # --- CLI ----------------------------------------------------------------------------------------

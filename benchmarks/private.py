@@ -79,17 +79,15 @@ def _plot(path: Path, rows: list[dict], bits: int, k: int) -> Path:
         b.annotate(f"{r['full_sync_mb']:.1f} MB", (r["size"], r["full_sync_s"]), textcoords="offset points",
                    xytext=(4, 4), fontsize=8)
     b.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from dlheir.benchmarks.common import save_figure
+
+    return save_figure(fig, path)
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from dlheir.benchmarks.common import latency_stats, save_json, table, time_calls
+    from dlheir.benchmarks.common import latency_stats, parse_sizes, save_json, table, time_calls
     from dlheir.client.cloud import CloudClient
     from dlheir.client.private import LocalIndex, PageWriter
     from dlheir.codes import code_bytes, validate_bits
@@ -97,10 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from dlheir.server.testing import run_cloud_server
 
     validate_bits(args.bits)
-    try:
-        sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
-    except ValueError:
-        raise UserError(f"--sizes: comma-separated integers, got {args.sizes!r}") from None
+    sizes = parse_sizes(args.sizes)
     if not sizes or sizes[0] < 1 or min(args.k, args.queries, args.check_queries, args.sync_repeats,
                                         args.page_records, args.upload_batch, args.new_page_records) < 1:
         raise UserError("--sizes, -k, --queries, --check-queries, --sync-repeats and the batch sizes must be positive")

@@ -73,13 +73,6 @@ def make_codes(kind: str, n: int, bits: int, seed: int = 0):
     return codes
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def _cycle(n: int):
     it = iter(range(10**12))
     return lambda: next(it) % n
@@ -90,18 +83,15 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from dlheir.benchmarks.common import latency_stats, save_json, table, time_calls
+    from dlheir.benchmarks.common import latency_stats, parse_sizes, save_json, table, time_calls
     from dlheir.client.cloud import CloudClient
     from dlheir.codes import code_bytes, validate_bits
     from dlheir.errors import UserError
     from dlheir.server.index import MIH_MIN_ITEMS, BinaryIndex, default_shards
-    from dlheir.server.testing import CloudServerProcess
+    from dlheir.server.testing import CloudServerProcess, proc_status_bytes
 
     validate_bits(args.bits)
-    try:
-        sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
-    except ValueError:
-        raise UserError(f"--sizes: comma-separated integers, got {args.sizes!r}") from None
+    sizes = parse_sizes(args.sizes)
     kinds = [k.strip() for k in args.codes.split(",") if k.strip()]
     if not kinds or set(kinds) - {"random", "structured"}:
         raise UserError(f"--codes: random, structured or both, got {args.codes!r}")
@@ -127,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             server = CloudServerProcess(Path(tmp) / "cloud", extra_args=server_args).start()
             try:
                 time.sleep(0.5)
-                rss_empty = _rss_bytes(server.process.pid)
+                rss_empty = proc_status_bytes(server.process.pid)
                 with CloudClient(server.address) as admin:
                     owner_token, _ = admin.create_collection("bench", args.bits, server.admin_token)
                 have = 0
@@ -146,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
                     server.start()
                     restart_s = time.perf_counter() - t0
                     time.sleep(0.5)
-                    rss = _rss_bytes(server.process.pid) - rss_empty
+                    rss = proc_status_bytes(server.process.pid) - rss_empty
                     client = CloudClient(server.address, owner_token)
                     health = health_pb2_grpc.HealthStub(client.channel)
                     single = queries[: args.queries]
@@ -229,8 +219,6 @@ def _plot(path: Path, rows: list[dict], kinds: list[str], args) -> Path:
         ax.set_title(f"{kind} {args.bits}-bit codes, exact top-{args.k}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from dlheir.benchmarks.common import save_figure
+
+    return save_figure(fig, path)

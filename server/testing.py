@@ -21,6 +21,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def proc_status_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A memory field of /proc/PID/status (VmRSS, VmHWM, ...) in bytes (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(f"{field} not in /proc/{pid}/status")
+
+
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
     """(cert.pem, key.pem) in ``folder``: a 1-day self-signed certificate for 127.0.0.1 and
     localhost, made with the openssl CLI."""

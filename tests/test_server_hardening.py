@@ -21,7 +21,7 @@ from dlheir.client.cloud import CloudClient, CloudError
 from dlheir.server.proto import dlheir_cloud_pb2 as pb
 from dlheir.server.proto import dlheir_cloud_pb2_grpc as pb_grpc
 from dlheir.server.service import MAX_RESULTS
-from dlheir.server.testing import CloudServerProcess, free_port, self_signed_certificate
+from dlheir.server.testing import CloudServerProcess, free_port, proc_status_bytes, self_signed_certificate
 
 MiB = 1024 * 1024
 
@@ -63,14 +63,7 @@ def _one_line_refusal(proc: subprocess.CompletedProcess) -> str:
 def _rss_peak_reset(pid: int) -> int:
     """Reset the process's peak RSS (VmHWM) to its current RSS; returns the current RSS in bytes."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
-    return _proc_kib(pid, "VmRSS") * 1024
-
-
-def _proc_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+    return proc_status_bytes(pid, "VmRSS")
 
 
 # --- 1. unauthenticated / idle streams -----------------------------------------------------
@@ -148,7 +141,7 @@ def test_search_work_is_bounded_and_the_largest_allowed_search_fits(tmp_path):
         for nq, k in ((MAX_RESULTS // 10_000, 10_000), (10_000, MAX_RESULTS // 10_000)):
             before = _rss_peak_reset(server.process.pid)
             results = reader.search("c", codes[:nq], k)
-            growth = _proc_kib(server.process.pid, "VmHWM") * 1024 - before
+            growth = proc_status_bytes(server.process.pid, "VmHWM") - before
             print(f"\nSearch {nq} queries x k={k} on {n} codes: server peak RSS +{growth / MiB:.0f} MiB")
             assert len(results) == nq and all(len(ids) == k for ids, _ in results)
             assert growth <= 256 * MiB
@@ -185,7 +178,7 @@ def test_fetch_streams_blobs_one_at_a_time(tmp_path):
         for item_id, blob, _ in reader.fetch("c", list(range(n))):
             assert blob == blobs[item_id]
             got += 1
-        growth = _proc_kib(server.process.pid, "VmHWM") * 1024 - before
+        growth = proc_status_bytes(server.process.pid, "VmHWM") - before
         print(f"\nFetch of {n} blobs of {size // MiB} MiB ({n * size // MiB} MiB): server peak RSS "
               f"+{growth / MiB:.0f} MiB")
         assert got == n and growth <= 256 * MiB
