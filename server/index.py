@@ -36,15 +36,16 @@ from contextlib import contextmanager
 import faiss
 import numpy as np
 
+from dlheir.ids import rank
 from dlheir.server.mih import MultiIndexHash
 
 log = logging.getLogger("dlheir.server.index")
 
 FAST_BYTES = (8, 16, 32, 64)  # code sizes IndexBinaryFlat has specialised paths for
-PARALLEL_MIN_WORK = 65536
-MIH_MIN_ITEMS = 200_000  # from here on, multi-index hashing beats the flat scan (bench search)
+PARALLEL_MIN_WORK = 65536  # (codes x queries) below which a thread hand-off costs more than the scan it splits
+MIH_MIN_ITEMS = 200_000  # from here on, multi-index hashing may beat the flat scan (bench search)
 RESEAL_FRACTION = 0.1  # re-seal when the flat delta passes this share of the sealed part
-MERGE_BUDGET = 4_000_000  # candidates (distance + id: 12 bytes each) held at once by one search  # (codes x queries) below which a thread hand-off costs more than the scan it splits
+MERGE_BUDGET = 4_000_000  # candidates (distance + id: 12 bytes each) held at once by one search
 
 
 def padded_bytes(code_len: int) -> int:
@@ -349,7 +350,7 @@ class BinaryIndex:
         results = []
         for (fi, fd), (si, sd) in zip(flat, sealed):
             ids, d = np.concatenate([fi, si]), np.concatenate([fd.astype(np.int64), sd])
-            top = np.lexsort((ids, d))[:k]
+            top = rank(d, ids)[:k]
             ids, d = ids[top], d[top]
             if max_distance is not None:
                 keep = d <= max_distance
@@ -398,7 +399,7 @@ class BinaryIndex:
                         cand_d.append(rd)
                         cand_i.append(ri)
                     cd, ci = np.concatenate(cand_d), np.concatenate(cand_i)
-                    o = np.lexsort((ci, cd))[:k]
+                    o = rank(cd, ci)[:k]
                     d, i = cd[o], ci[o]
             if max_distance is not None:
                 keep = d <= max_distance

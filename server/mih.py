@@ -23,6 +23,8 @@ from itertools import combinations
 
 import numpy as np
 
+from dlheir.ids import rank
+
 _POPCOUNT16 = np.array([bin(i).count("1") for i in range(1 << 16)], dtype=np.uint8)
 MAX_SUBSTRING_BITS = 24
 
@@ -178,5 +180,5 @@ class MultiIndexHash:
         near = d <= kth  # the top k lie within the k-th distance: sort only those
         rows, d = rows[near], d[near]
         ids = self.ids[rows]
-        top = np.lexsort((ids, d))[:k]
+        top = rank(d, ids)[:k]  # the project's one (distance, id) order
         return ids[top], d[top].astype(np.int32)

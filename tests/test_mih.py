@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 
 from dlheir.server.index import BinaryIndex
-from dlheir.server.mih import MultiIndexHash, popcount64, substring_lengths, to_uint64
+from dlheir.codes import hamming
+from dlheir.ids import rank
+from dlheir.server.mih import MultiIndexHash, substring_lengths
 
 
 def _brute_force(ids: np.ndarray, codes: np.ndarray, query: np.ndarray, k: int, max_distance=None):
-    d = popcount64(to_uint64(codes) ^ to_uint64(query[None])[0]).astype(np.int64)
-    order = np.lexsort((ids, d))[:k]
+    """The reference: every distance (dlheir.codes.hamming, independent of mih's popcount), ranked."""
+    d = hamming(query[None], codes)[0].astype(np.int64)
+    order = rank(d, ids)[:k]
     ids, d = ids[order], d[order]
     if max_distance is not None:
         ids, d = ids[d <= max_distance], d[d <= max_distance]
