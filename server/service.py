@@ -85,7 +85,11 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
     def known_token(self, token: str) -> bool:
         """Whether ``token`` opens anything on this server (the interceptor's check, made before
         a handler runs; which collection it opens is checked by the handler)."""
-        given = token_hash(token)
+        return self._known_hash(token_hash(token))
+
+    def _known_hash(self, given: str) -> bool:
+        """Whether a token hash is the admin's or an active collection token's (owner, shared
+        reader, per-user reader): the sets the interceptor and ``_admin`` both consult."""
         return given in self._known_hashes or given in self._user_hashes
 
     @staticmethod
@@ -120,7 +124,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         given = token_hash(self._token(context))
         if hmac.compare_digest(given, self.admin_hash):
             return None
-        if any(given in (c.owner_hash, c.reader_hash) or given in c.readers for c in list(self.collections.values())):
+        if self._known_hash(given):  # not the admin's (checked above): a collection token
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "this call needs the server's admin token, "
                                                              "not a collection token")
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown token: this call needs the server's admin token")
