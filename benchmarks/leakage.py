@@ -314,7 +314,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dlheir.benchmarks.common import save_json, table
-    from dlheir.codes import validate_bits
+    from dlheir.contract import validate_bits
     from dlheir.errors import UserError
 
     try:

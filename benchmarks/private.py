@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from dlheir.benchmarks.common import latency_stats, parse_sizes, save_json, table, time_calls
     from dlheir.client.cloud import CloudClient
     from dlheir.client.private import LocalIndex, PageWriter
-    from dlheir.codes import code_bytes, validate_bits
+    from dlheir.contract import code_bytes, validate_bits
     from dlheir.errors import UserError
     from dlheir.server.testing import run_cloud_server
 

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dlheir.benchmarks.common import latency_stats, parse_sizes, save_json, table, time_calls
     from dlheir.client.cloud import CloudClient
-    from dlheir.codes import code_bytes, validate_bits
+    from dlheir.contract import code_bytes, validate_bits
     from dlheir.errors import UserError
     from dlheir.server.index import MIH_MIN_ITEMS, BinaryIndex, default_shards
     from dlheir.server.testing import CloudServerProcess, proc_status_bytes

@@ -181,7 +181,7 @@ def _load_tokens(args, collection: str) -> dict:
 def _owner_create(args):
     from dlheir.client.cloud import CloudClient
     from dlheir.client.crypto import read_secret, write_private
-    from dlheir.codes import validate_bits
+    from dlheir.contract import validate_bits
 
     validate_bits(args.bits)
     paths.tokens_name(args.name)  # a name that cannot be a file name stops here

@@ -13,8 +13,8 @@ import grpc
 import numpy as np
 
 from dlheir.errors import UserError
-from dlheir.server.proto import dlheir_cloud_pb2 as pb
-from dlheir.server.proto import dlheir_cloud_pb2_grpc as pb_grpc
+from dlheir.proto import dlheir_cloud_pb2 as pb
+from dlheir.proto import dlheir_cloud_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 

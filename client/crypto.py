@@ -114,7 +114,8 @@ from Crypto.Protocol.KDF import HKDF
 from Crypto.PublicKey import RSA
 from Crypto.Random import get_random_bytes
 
-from dlheir.codes import code_bytes, pack_bits, unpack_bits, validate_bits
+from dlheir.codes import pack_bits, unpack_bits
+from dlheir.contract import code_bytes, validate_bits
 from dlheir.errors import UserError
 
 KEY_FORMAT, KEY_VERSION = "dlheir-owner-key", 2  # version 1 (one key) is still written while there is one key

@@ -60,10 +60,9 @@ from Crypto.Random import get_random_bytes
 
 from dlheir import paths
 from dlheir.client.cloud import CloudClient, CloudError, _wrap
-from dlheir.codes import code_bytes, validate_bits
+from dlheir.contract import PAGE_MAGIC, PAGE_VERSION, code_bytes, validate_bits
 from dlheir.errors import UserError
-from dlheir.server.proto import dlheir_cloud_pb2 as pb
-from dlheir.server.sealed import PAGE_MAGIC, PAGE_VERSION
+from dlheir.proto import dlheir_cloud_pb2 as pb
 
 PAGE_KEY_SALT = b"dlheir-code-pages-v1"
 NONCE_BYTES, TAG_BYTES = 12, 16

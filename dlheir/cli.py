@@ -14,6 +14,7 @@ import sys
 from typing import Sequence
 
 from dlheir import __version__
+from dlheir.contract import ContractError
 from dlheir.errors import UserError
 
 COMMAND_MODULES = (
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         code = args.func(args)
-    except UserError as exc:
+    except (UserError, ContractError) as exc:
         print(f"dlheir: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,6 +1,6 @@
 """The hash code format: written down once, used by every component.
 
-A DLHEIR code of N bits (N a multiple of 4, 8..256) comes from the hash layer's
+A DLHEIR code of N bits (N a multiple of 4, 8..256: ``dlheir.contract.validate_bits``) comes from the hash layer's
 N values p_0..p_{N-1} in (0, 1):
 
 * bit i = 1 if p_i >= 0.5 else 0 (``THRESHOLD``);
@@ -18,23 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from dlheir.contract import ContractError, code_bytes
+
 THRESHOLD = 0.5
-MIN_BITS = 8
-MAX_BITS = 256
-
-
-def validate_bits(bits: int) -> int:
-    """Return ``bits`` if it is a supported code length, else raise ``UserError``."""
-    from dlheir.errors import UserError
-
-    if not isinstance(bits, (int, np.integer)) or bits < MIN_BITS or bits > MAX_BITS or bits % 4:
-        raise UserError(f"bits must be a multiple of 4 from {MIN_BITS} to {MAX_BITS}, got {bits}")
-    return int(bits)
-
-
-def code_bytes(bits: int) -> int:
-    """Number of bytes of a packed code of ``bits`` bits."""
-    return (int(bits) + 7) // 8
 
 
 def binarize(probs: np.ndarray) -> np.ndarray:
@@ -75,12 +61,10 @@ def to_hex(code: np.ndarray | bytes) -> str:
 
 def from_hex(text: str, bits: int) -> np.ndarray:
     """Lowercase/uppercase hex -> one packed code uint8 [ceil(bits/8)], length checked."""
-    from dlheir.errors import UserError
-
     try:
         raw = bytes.fromhex(text)
-    except ValueError as exc:
-        raise UserError(f"not a hex code: {text!r}") from exc
+    except ValueError:
+        raise ContractError(f"not a hex code: {text!r}") from None
     if len(raw) != code_bytes(bits):
-        raise UserError(f"a {bits}-bit code is {code_bytes(bits)} bytes, got {len(raw)}")
+        raise ContractError(f"a {bits}-bit code is {code_bytes(bits)} bytes, got {len(raw)}")
     return np.frombuffer(raw, dtype=np.uint8).copy()

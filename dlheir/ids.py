@@ -1,4 +1,4 @@
-"""Item ids and the canonical ranking order, defined once.
+"""Item ids, defined once (the ranking order is ``dlheir.contract.rank``).
 
 An item's id is a stable 63-bit integer derived from its path relative to the data
 set root (posix form, e.g. ``"3/0042.png"``): re-running an upload gives the same ids,
@@ -14,15 +14,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import PurePath
 
-import numpy as np
-
 
 def item_id(relative_path: str | PurePath) -> int:
     """Stable id of a file from its path relative to the data set root."""
     key = PurePath(relative_path).as_posix().encode("utf-8")
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1
-
-
-def rank(distances: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Indices that sort one query's candidates by (distance, id) ascending."""
-    return np.lexsort((np.asarray(ids), np.asarray(distances)))

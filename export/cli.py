@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dlheir.codes import validate_bits
+    from dlheir.contract import validate_bits
     from dlheir.export.train import TrainConfig, evaluate, format_metrics, train
 
     validate_bits(args.bits)
@@ -106,7 +106,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _model_stats(args: argparse.Namespace) -> int:
-    from dlheir.codes import validate_bits
+    from dlheir.contract import validate_bits
     from dlheir.export.stats import format_stats, model_stats
 
     validate_bits(args.bits)

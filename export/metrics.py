@@ -1,7 +1,7 @@
 """Retrieval metrics on Hamming rankings (pure numpy).
 
 The ranking of the database for a query is by (Hamming distance, id) ascending
-(``dlheir.ids``), so offline evaluation and the served pipeline agree exactly.
+(``dlheir.contract.rank``), so offline evaluation and the served pipeline agree exactly.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from dlheir.codes import hamming
+from dlheir.contract import rank
 
 PAPER_KS = (20, 40, 60, 80, 100)
 
@@ -16,10 +17,7 @@ PAPER_KS = (20, 40, 60, 80, 100)
 def rankings(query_codes: np.ndarray, db_codes: np.ndarray, db_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each query, database indices ordered by (distance, id) and the sorted distances."""
     dist = hamming(query_codes, db_codes)
-    ids = np.asarray(db_ids, dtype=np.int64)
-    # lexsort per row: sort by id first (stable), then by distance
-    by_id = np.argsort(ids, kind="stable")
-    order = by_id[np.argsort(dist[:, by_id], axis=1, kind="stable")]
+    order = rank(dist, np.broadcast_to(np.asarray(db_ids, dtype=np.int64), dist.shape))  # row by row
     return order, np.take_along_axis(dist, order, axis=1)
 
 

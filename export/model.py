@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torchvision.models import DenseNet201_Weights, densenet201
 
-from dlheir.codes import validate_bits
+from dlheir.contract import validate_bits
 from dlheir.errors import UserError
 
 ARCHS = ("dlheir", "baseline")

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dlheir.codes import THRESHOLD, code_bytes
+from dlheir.codes import THRESHOLD
+from dlheir.contract import CODE as OUTPUT_CODE
+from dlheir.contract import IMAGE as INPUT_NAME
+from dlheir.contract import PROBS as OUTPUT_PROBS
+from dlheir.contract import code_bytes, signature_from_shapes
 from dlheir.export.model import DLHEIR
 from dlheir.preprocess import MEAN, STD
-
-INPUT_NAME = "IMAGE"
-OUTPUT_PROBS = "PROBS"
-OUTPUT_CODE = "CODE"
 
 
 class ExportWrapper(nn.Module):
@@ -80,4 +80,4 @@ def onnx_signature(path: Path | str) -> tuple[int, int]:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
-    return dims[INPUT_NAME][1], dims[OUTPUT_PROBS][1]
+    return signature_from_shapes(dims)

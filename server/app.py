@@ -166,8 +166,8 @@ def build_server(args: argparse.Namespace):
     from grpc_reflection.v1alpha import reflection
 
     from dlheir.server.guard import Guard
-    from dlheir.server.proto import dlheir_cloud_pb2 as pb
-    from dlheir.server.proto import dlheir_cloud_pb2_grpc as pb_grpc
+    from dlheir.proto import dlheir_cloud_pb2 as pb
+    from dlheir.proto import dlheir_cloud_pb2_grpc as pb_grpc
     from dlheir.server.service import MAX_MESSAGE_BYTES, CloudStoreService
     from dlheir.server.store import StoreError, open_store
 

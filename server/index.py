@@ -36,7 +36,7 @@ from contextlib import contextmanager
 import faiss
 import numpy as np
 
-from dlheir.ids import rank
+from dlheir.contract import rank
 from dlheir.server.mih import MultiIndexHash
 
 log = logging.getLogger("dlheir.server.index")

@@ -23,7 +23,7 @@ from itertools import combinations
 
 import numpy as np
 
-from dlheir.ids import rank
+from dlheir.contract import rank
 
 _POPCOUNT16 = np.array([bin(i).count("1") for i in range(1 << 16)], dtype=np.uint8)
 MAX_SUBSTRING_BITS = 24

@@ -22,10 +22,10 @@ import logging
 
 import grpc
 
+from dlheir.contract import PAGE_MAGIC, PAGE_VERSION
+from dlheir.proto import dlheir_cloud_pb2 as pb
 from dlheir.server.guard import clip
-from dlheir.server.proto import dlheir_cloud_pb2 as pb
 
-PAGE_MAGIC, PAGE_VERSION = b"DLHS", 1
 PAGE_MIN_BYTES = len(PAGE_MAGIC) + 1 + 4 + 12 + 16  # magic, version, key id, nonce, tag: empty ciphertext
 MAX_PAGE_BYTES = 32 * 1024 * 1024  # one sealed page (the client writes far smaller ones)
 

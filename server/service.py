@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from dlheir.codes import MAX_BITS, MIN_BITS, code_bytes, pack_bits, unpack_bits
+from dlheir.codes import pack_bits, unpack_bits
+from dlheir.contract import ContractError, check_code, code_bytes, validate_bits
 from dlheir.server.guard import bearer_token, clip
 from dlheir.server.index import BinaryIndex, default_shards
-from dlheir.server.proto import dlheir_cloud_pb2 as pb
-from dlheir.server.proto import dlheir_cloud_pb2_grpc as pb_grpc
+from dlheir.proto import dlheir_cloud_pb2 as pb
+from dlheir.proto import dlheir_cloud_pb2_grpc as pb_grpc
 from dlheir.server.sealed import CodePagesMixin, mode_name
 from dlheir.server.store import Store
 
@@ -136,9 +137,10 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"collection name {clip(request.name)}: 1-128 letters, digits, '_', '.', '-', "
                           f"starting with a letter or digit")
-        if not (MIN_BITS <= request.bits <= MAX_BITS) or request.bits % 4:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"bits must be a multiple of 4 from {MIN_BITS} to {MAX_BITS}, got {request.bits}")
+        try:
+            validate_bits(request.bits)
+        except ContractError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.mode not in (pb.SERVER_RANKED, pb.PRIVATE_RANKING):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown collection mode {request.mode}")
         private = request.mode == pb.PRIVATE_RANKING
@@ -188,14 +190,10 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
 
     @staticmethod
     def _check_code(col: Collection, code: bytes, what: str, context) -> None:
-        want = code_bytes(col.bits)
-        if len(code) != want:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"{what}: code is {len(code)} bytes, collection {col.name!r} ({col.bits} bits) "
-                          f"expects {want} bytes")
-        if col.bits % 8 and code[-1] & (0xFF >> (col.bits % 8)):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"{what}: the {8 - col.bits % 8} padding bits after bit {col.bits} must be zero")
+        try:
+            check_code(code, col.bits, what)
+        except ContractError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"collection {clip(col.name)}: {exc}")
 
     def _commit(self, col: Collection, batch: list, replace: bool, context) -> int:
         ids = [b[0] for b in batch]

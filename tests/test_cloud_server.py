@@ -8,7 +8,7 @@ import pytest
 
 from dlheir.client.cloud import CloudClient, CloudError
 from dlheir.codes import hamming
-from dlheir.ids import rank
+from dlheir.contract import rank
 from dlheir.server.testing import CloudServerProcess, free_port, self_signed_certificate
 
 
@@ -29,11 +29,11 @@ def _owner(server, name="c", bits=48):
 
 
 def test_stubs_are_current(tmp_path):
-    from dlheir.server.proto import generate
+    from dlheir.proto import generate
 
     for path in generate.generate(tmp_path):
         committed = generate.HERE / path.name
-        assert filecmp.cmp(path, committed, shallow=False), f"{committed.name} is stale: run python -m dlheir.server.proto.generate"
+        assert filecmp.cmp(path, committed, shallow=False), f"{committed.name} is stale: run python -m dlheir.proto.generate"
 
 
 def test_round_trip(cloud_server):
@@ -121,7 +121,7 @@ def _status(fn):
 def test_bad_inputs_get_precise_statuses(cloud_server):
     owner, reader = _owner(cloud_server)
     code, msg = _status(lambda: list(owner.upload("c", [(1, b"\x00" * 5, b"x", {})])))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "expects 6" in msg and "5 bytes" in msg
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "code is 6 bytes" in msg and "5 bytes" in msg
     code, msg = _status(lambda: owner.search("nope", np.zeros((1, 6), np.uint8), 5))
     assert code == grpc.StatusCode.UNAUTHENTICATED  # a collection token cannot probe other names
     admin = CloudClient(cloud_server.address, cloud_server.admin_token)
@@ -229,7 +229,7 @@ def test_collections_admin_and_not_found(cloud_server):
     code, msg = _status(lambda: owner.search("a", np.array([[0, 1]], np.uint8), 1))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "padding" in msg
     code, msg = _status(lambda: owner.search("a", np.zeros((1, 6), np.uint8), 1))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "expects 2" in msg and "6 bytes" in msg
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "code is 2 bytes" in msg and "6 bytes" in msg
     code, msg = _status(lambda: list(owner.upload("a", [(-5, bytes(2), b"x", {})])))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "-5" in msg
     code, msg = _status(lambda: list(owner.upload("a", [(1, bytes(2), b"x", {}), (1, bytes(2), b"y", {})])))

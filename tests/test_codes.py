@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from dlheir import codes
-from dlheir.errors import UserError
+from dlheir.contract import ContractError, validate_bits
 
 
 @pytest.mark.parametrize("bits", [8, 12, 24, 48, 64, 256])
@@ -36,19 +36,20 @@ def test_hamming_matches_bit_count():
 
 @pytest.mark.parametrize("bad", [0, 4, 10, 260, 47])
 def test_bad_bits_rejected(bad):
-    with pytest.raises(UserError, match="multiple of 4"):
-        codes.validate_bits(bad)
+    with pytest.raises(ContractError, match="multiple of 4"):
+        validate_bits(bad)
 
 
 def test_hex_roundtrip_checks_length():
     c = np.array([1, 2, 3, 4, 5, 255], dtype=np.uint8)
     np.testing.assert_array_equal(codes.from_hex(codes.to_hex(c), 48), c)
-    with pytest.raises(UserError, match="6 bytes"):
+    with pytest.raises(ContractError, match="6 bytes"):
         codes.from_hex("0102", 48)
 
 
 def test_item_id_stable_and_positive():
-    from dlheir.ids import item_id, rank
+    from dlheir.contract import rank
+    from dlheir.ids import item_id
 
     assert item_id("3/0042.png") == item_id("3/0042.png")
     assert item_id("3/0042.png") != item_id("3/0043.png")

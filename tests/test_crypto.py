@@ -11,6 +11,7 @@ import pytest
 from Crypto.Cipher import AES
 from Crypto.PublicKey import RSA
 
+from dlheir.contract import ContractError
 from dlheir.cli import main
 from dlheir.client.crypto import (
     BLOB_OVERHEAD, BlobAuthenticationError, CodeTransform, GrantError, OwnerKeys, decrypt_image, encrypt_image,
@@ -224,7 +225,7 @@ def test_code_transform_same_secret_serves_every_length_and_checks_input():
     with pytest.raises(UserError, match="zero padding"):
         CodeTransform(secret, 12).apply(np.array([[0xFF, 0xFF]], np.uint8))
     for bits in (0, 13, 512):
-        with pytest.raises(UserError, match="bits"):
+        with pytest.raises(ContractError, match="bits"):
             CodeTransform(secret, bits)
     with pytest.raises(UserError, match="secret"):
         CodeTransform(b"short", 48)
@@ -308,7 +309,7 @@ def test_make_grant_checks_its_inputs(users):
         make_grant(keys, b"-----BEGIN PUBLIC KEY-----\ngarbage\n", "col", "t")
     with pytest.raises(UserError, match="at least 2048"):
         make_grant(keys, RSA.generate(1024).public_key().export_key(), "col", "t")
-    with pytest.raises(UserError, match="bits"):
+    with pytest.raises(ContractError, match="bits"):
         make_grant(keys, alice_pub.read_bytes(), "col", "t", bits=13)
     with pytest.raises(UserError, match="reader token"):
         make_grant(keys, alice_pub.read_bytes(), "col", "")

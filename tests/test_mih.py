@@ -9,7 +9,7 @@ import pytest
 
 from dlheir.server.index import BinaryIndex
 from dlheir.codes import hamming
-from dlheir.ids import rank
+from dlheir.contract import rank
 from dlheir.server.mih import MultiIndexHash, substring_lengths
 
 

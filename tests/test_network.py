@@ -126,7 +126,7 @@ def test_tensorrt_export_without_gpu_says_so(tmp_path, capsys):
 
 
 def test_ranking_is_lexsort_by_distance_then_id():
-    from dlheir.ids import rank
+    from dlheir.contract import rank
 
     rng = np.random.default_rng(1)
     db = rng.integers(0, 256, (50, 2), dtype=np.uint8) & 0x0F  # few distinct distances: many ties

@@ -16,8 +16,8 @@ from dlheir.client.private import (
     sync_code_pages,
 )
 from dlheir.codes import hamming
-from dlheir.ids import rank
-from dlheir.server.proto import dlheir_cloud_pb2 as pb
+from dlheir.contract import rank
+from dlheir.proto import dlheir_cloud_pb2 as pb
 from dlheir.server.testing import CloudServerProcess
 
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from dlheir.client.cloud import CloudClient, CloudError
-from dlheir.server.proto import dlheir_cloud_pb2 as pb
-from dlheir.server.proto import dlheir_cloud_pb2_grpc as pb_grpc
+from dlheir.proto import dlheir_cloud_pb2 as pb
+from dlheir.proto import dlheir_cloud_pb2_grpc as pb_grpc
 from dlheir.server.service import MAX_RESULTS
 from dlheir.server.testing import CloudServerProcess, free_port, proc_status_bytes, self_signed_certificate
 

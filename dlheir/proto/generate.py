@@ -1,4 +1,4 @@
-"""Regenerate the gRPC stubs: ``python -m dlheir.server.proto.generate [OUT_DIR]``.
+"""Regenerate the gRPC stubs: ``python -m dlheir.proto.generate [OUT_DIR]``.
 
 The stubs are committed; ``tests/test_cloud_server.py`` regenerates them into a
 temporary folder and fails if they differ from the committed ones.

@@ -1,0 +1,87 @@
+"""The serving contract: what every component agrees on and none of them owns.
+
+The export, the Triton model repository, the hash client, the cloud server and the
+clients all import their shared facts from here, so that a fact has one place:
+
+* the public Triton model name and the tensor names of the hashing models;
+* the image size S and bit count N, read from the model actually called
+  (:func:`signature_from_shapes`), never from a number kept elsewhere;
+* the code length rule and padding check (:func:`validate_bits`, :func:`check_code`),
+  raising :class:`ContractError`, a ``ValueError`` that the CLI prints as one line and the
+  cloud server answers with ``INVALID_ARGUMENT``;
+* the ranking order, (Hamming distance, id) ascending (:func:`rank`);
+* the sealed code page header of private-ranking mode.
+
+The bit packing itself is ``dlheir.codes``; the wire protocol (proto and stubs) is
+``dlheir.proto``. Import-light: numpy only.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+# --- Triton ---------------------------------------------------------------------------
+PUBLIC_MODEL = "dlheir"  # the ensemble every client calls, whatever backend runs the network
+IMAGE_BYTES = "IMAGE_BYTES"  # ensemble input: encoded image bytes (TYPE_STRING [1])
+IMAGE = "IMAGE"  # network input: uint8 [B, S, S, 3], RGB, warped to S x S
+PROBS = "PROBS"  # network output: float32 [B, N], the hash layer's values
+CODE = "CODE"  # network output: uint8 [B, ceil(N/8)], packed codes (dlheir.codes)
+
+# --- codes ----------------------------------------------------------------------------
+MIN_BITS = 8
+MAX_BITS = 256
+
+
+class ContractError(ValueError):
+    """Input that breaks the contract (a bad code length, padding, model mismatch)."""
+
+
+def code_bytes(bits: int) -> int:
+    """Number of bytes of a packed code of ``bits`` bits."""
+    return (int(bits) + 7) // 8
+
+
+def validate_bits(bits: int) -> int:
+    """Return ``bits`` if it is a supported code length (a multiple of 4 from 8 to 256)."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not MIN_BITS <= bits <= MAX_BITS \
+            or bits % 4:
+        raise ContractError(f"bits must be a multiple of 4 from {MIN_BITS} to {MAX_BITS}, got {bits}")
+    return int(bits)
+
+
+def check_code(code: bytes, bits: int, what: str = "code") -> None:
+    """A packed code of ``bits`` bits: exactly ``code_bytes(bits)`` bytes, padding bits zero."""
+    want = code_bytes(bits)
+    if len(code) != want:
+        raise ContractError(f"{what}: code is {len(code)} bytes, a {bits}-bit code is {want} bytes")
+    if bits % 8 and code[-1] & (0xFF >> (bits % 8)):
+        raise ContractError(f"{what}: the {8 - bits % 8} padding bits after bit {bits} must be zero")
+
+
+def signature_from_shapes(shapes: Mapping[str, Sequence[int]]) -> tuple[int, int]:
+    """(S, N) from a network's tensor shapes ({name: shape}, with or without the batch axis)."""
+    try:
+        image, probs = list(shapes[IMAGE]), list(shapes[PROBS])
+    except KeyError as exc:
+        raise ContractError(f"the model has no {exc.args[0]} tensor: not a DLHEIR hashing network") from None
+    if len(image) == 4:
+        image = image[1:]
+    if len(probs) == 2:
+        probs = probs[1:]
+    if len(image) != 3 or image[0] != image[1] or image[2] != 3 or len(probs) != 1:
+        raise ContractError(f"{IMAGE} {image} / {PROBS} {probs}: expected [S, S, 3] and [N]")
+    return int(image[0]), validate_bits(int(probs[0]))
+
+
+# --- ranking --------------------------------------------------------------------------
+def rank(distances: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Indices that sort candidates by (distance, id) ascending along the last axis (one query's
+    row, or [Q, D] row by row): ties go to the smaller id, so offline evaluation, the server's
+    index and private mode give one list."""
+    return np.lexsort((np.asarray(ids), np.asarray(distances)))
+
+
+# --- private-ranking mode: sealed code pages -------------------------------------------
+PAGE_MAGIC, PAGE_VERSION = b"DLHS", 1
