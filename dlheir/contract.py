@@ -9,6 +9,8 @@ clients all import their shared facts from here, so that a fact has one place:
 * the code length rule and padding check (:func:`validate_bits`, :func:`check_code`),
   raising :class:`ContractError`, a ``ValueError`` that the CLI prints as one line and the
   cloud server answers with ``INVALID_ARGUMENT``;
+* the model fingerprint that ties stored codes to the network that made them
+  (:func:`model_fingerprint`, exposed in Triton's configs as the ``fingerprint`` parameter);
 * the ranking order, (Hamming distance, id) ascending (:func:`rank`);
 * the sealed code page header of private-ranking mode.
 
@@ -18,6 +20,8 @@ The bit packing itself is ``dlheir.codes``; the wire protocol (proto and stubs) 
 
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -73,6 +77,22 @@ def signature_from_shapes(shapes: Mapping[str, Sequence[int]]) -> tuple[int, int
     if len(image) != 3 or image[0] != image[1] or image[2] != 3 or len(probs) != 1:
         raise ContractError(f"{IMAGE} {image} / {PROBS} {probs}: expected [S, S, 3] and [N]")
     return int(image[0]), validate_bits(int(probs[0]))
+
+
+# --- model identity -------------------------------------------------------------------
+FINGERPRINT_PARAM = "fingerprint"  # Triton config parameter naming the network's fingerprint
+IMAGE_SIZE_PARAM = "image_size"  # Triton config parameter: S, on models whose inputs do not show it
+BITS_PARAM = "bits"  # Triton config parameter: N
+
+
+def model_fingerprint(onnx_file: str | os.PathLike) -> str:
+    """The fingerprint of an exported network: the first 16 hex digits of the SHA-256 of its ONNX
+    file (graph and weights). Codes from networks with different fingerprints are not comparable."""
+    digest = hashlib.sha256()
+    with open(onnx_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 # --- ranking --------------------------------------------------------------------------
