@@ -94,6 +94,10 @@ class CloudClient:
     def stats(self, name: str) -> pb.CollectionInfo:
         return self._call(self.stub.CollectionStats, pb.CollectionRequest(collection=name)).info
 
+    def delete_collection(self, name: str, admin_token: str) -> pb.CollectionInfo:
+        """Delete a collection and all it holds (admin token); returns what it held."""
+        return self._call(self.stub.DeleteCollection, pb.CollectionRequest(collection=name), admin_token).info
+
     def upload(self, name: str, items: Iterable[tuple[int, bytes, bytes, dict]], batch_size: int = 64,
                replace: bool = False) -> Iterator[pb.UploadAck]:
         """Stream (id, code, blob, metadata) items; yields one ack per durable batch."""

@@ -172,6 +172,20 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
     def CollectionStats(self, request, context):
         return pb.CollectionStatsResponse(info=self._info(self._collection(request.collection, context, write=False)))
 
+    def DeleteCollection(self, request, context):
+        self._admin(context)
+        col = self.collections.get(request.collection)
+        if col is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no collection named {clip(request.collection)}")
+        info = self._info(col)
+        with self.write_lock:
+            self.store.delete_collection(col.name)  # durable first; then its tokens stop opening anything
+            self.collections.pop(col.name, None)
+            self._known_hashes = self._known_hashes - {col.owner_hash, col.reader_hash}
+            self._refresh_user_hashes()
+        log.info("collection %r deleted (%d items) by %s", col.name, info.items, context.peer())
+        return pb.DeleteCollectionResponse(info=info)
+
     # --- upload -------------------------------------------------------------------------
     def _validate_item(self, col: Collection, item, seen: set, context) -> None:
         if item.id < 0:

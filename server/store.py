@@ -263,6 +263,14 @@ class Store:
             return False
         return True
 
+    def delete_collection(self, name: str) -> bool:
+        """Remove a collection and everything it holds in one transaction; False if there is none."""
+        with self._transaction() as conn:
+            for table in ("items", "readers", "code_keys", "code_pages"):
+                conn.execute(f"DELETE FROM {table} WHERE collection = ?", (name,))
+            conn.execute("DELETE FROM private_collections WHERE name = ?", (name,))
+            return conn.execute("DELETE FROM collections WHERE name = ?", (name,)).rowcount > 0
+
     def collections(self) -> list[tuple[str, int, str, str]]:
         with self._sqlite_errors(), self._lock:
             return self._conn.execute("SELECT name, bits, owner_token_sha256, reader_token_sha256 FROM collections").fetchall()

@@ -74,6 +74,12 @@ class CollectionStatsResponse(_message.Message):
     info: CollectionInfo
     def __init__(self, info: _Optional[_Union[CollectionInfo, _Mapping]] = ...) -> None: ...
 
+class DeleteCollectionResponse(_message.Message):
+    __slots__ = ("info",)
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    info: CollectionInfo
+    def __init__(self, info: _Optional[_Union[CollectionInfo, _Mapping]] = ...) -> None: ...
+
 class UploadItem(_message.Message):
     __slots__ = ("id", "code", "blob", "metadata")
     class MetadataEntry(_message.Message):

@@ -49,6 +49,11 @@ class CloudStoreStub:
                 request_serializer=dlheir__cloud__pb2.CollectionRequest.SerializeToString,
                 response_deserializer=dlheir__cloud__pb2.CollectionStatsResponse.FromString,
                 _registered_method=True)
+        self.DeleteCollection = channel.unary_unary(
+                '/dlheir.cloud.v1.CloudStore/DeleteCollection',
+                request_serializer=dlheir__cloud__pb2.CollectionRequest.SerializeToString,
+                response_deserializer=dlheir__cloud__pb2.DeleteCollectionResponse.FromString,
+                _registered_method=True)
         self.Upload = channel.stream_stream(
                 '/dlheir.cloud.v1.CloudStore/Upload',
                 request_serializer=dlheir__cloud__pb2.UploadBatch.SerializeToString,
@@ -125,6 +130,14 @@ class CloudStoreServicer:
 
     def CollectionStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCollection(self, request, context):
+        """Admin token. Deletes a collection with all it holds (items, blobs, code pages, reader
+        tokens) in one transaction; its tokens stop working at once. NOT_FOUND if there is none.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -234,6 +247,11 @@ def add_CloudStoreServicer_to_server(servicer, server):
                     servicer.CollectionStats,
                     request_deserializer=dlheir__cloud__pb2.CollectionRequest.FromString,
                     response_serializer=dlheir__cloud__pb2.CollectionStatsResponse.SerializeToString,
+            ),
+            'DeleteCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCollection,
+                    request_deserializer=dlheir__cloud__pb2.CollectionRequest.FromString,
+                    response_serializer=dlheir__cloud__pb2.DeleteCollectionResponse.SerializeToString,
             ),
             'Upload': grpc.stream_stream_rpc_method_handler(
                     servicer.Upload,
@@ -372,6 +390,33 @@ class CloudStore:
             '/dlheir.cloud.v1.CloudStore/CollectionStats',
             dlheir__cloud__pb2.CollectionRequest.SerializeToString,
             dlheir__cloud__pb2.CollectionStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dlheir.cloud.v1.CloudStore/DeleteCollection',
+            dlheir__cloud__pb2.CollectionRequest.SerializeToString,
+            dlheir__cloud__pb2.DeleteCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,
