@@ -15,14 +15,18 @@ SERVER_RANKED: CollectionMode
 PRIVATE_RANKING: CollectionMode
 
 class CreateCollectionRequest(_message.Message):
-    __slots__ = ("name", "bits", "mode")
+    __slots__ = ("name", "bits", "mode", "model_fingerprint", "image_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     bits: int
     mode: CollectionMode
-    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ..., mode: _Optional[_Union[CollectionMode, str]] = ...) -> None: ...
+    model_fingerprint: str
+    image_size: int
+    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ..., mode: _Optional[_Union[CollectionMode, str]] = ..., model_fingerprint: _Optional[str] = ..., image_size: _Optional[int] = ...) -> None: ...
 
 class CreateCollectionResponse(_message.Message):
     __slots__ = ("owner_token", "reader_token")
@@ -37,7 +41,7 @@ class ListCollectionsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CollectionInfo(_message.Message):
-    __slots__ = ("name", "bits", "items", "blob_bytes", "mode", "code_pages", "code_page_bytes", "key_id")
+    __slots__ = ("name", "bits", "items", "blob_bytes", "mode", "code_pages", "code_page_bytes", "key_id", "model_fingerprint", "image_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +50,8 @@ class CollectionInfo(_message.Message):
     CODE_PAGES_FIELD_NUMBER: _ClassVar[int]
     CODE_PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     bits: int
     items: int
@@ -54,7 +60,9 @@ class CollectionInfo(_message.Message):
     code_pages: int
     code_page_bytes: int
     key_id: int
-    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ..., items: _Optional[int] = ..., blob_bytes: _Optional[int] = ..., mode: _Optional[_Union[CollectionMode, str]] = ..., code_pages: _Optional[int] = ..., code_page_bytes: _Optional[int] = ..., key_id: _Optional[int] = ...) -> None: ...
+    model_fingerprint: str
+    image_size: int
+    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ..., items: _Optional[int] = ..., blob_bytes: _Optional[int] = ..., mode: _Optional[_Union[CollectionMode, str]] = ..., code_pages: _Optional[int] = ..., code_page_bytes: _Optional[int] = ..., key_id: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., image_size: _Optional[int] = ...) -> None: ...
 
 class ListCollectionsResponse(_message.Message):
     __slots__ = ("collections",)
@@ -100,14 +108,16 @@ class UploadItem(_message.Message):
     def __init__(self, id: _Optional[int] = ..., code: _Optional[bytes] = ..., blob: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class UploadBatch(_message.Message):
-    __slots__ = ("collection", "items", "replace")
+    __slots__ = ("collection", "items", "replace", "model_fingerprint")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     collection: str
     items: _containers.RepeatedCompositeFieldContainer[UploadItem]
     replace: bool
-    def __init__(self, collection: _Optional[str] = ..., items: _Optional[_Iterable[_Union[UploadItem, _Mapping]]] = ..., replace: _Optional[bool] = ...) -> None: ...
+    model_fingerprint: str
+    def __init__(self, collection: _Optional[str] = ..., items: _Optional[_Iterable[_Union[UploadItem, _Mapping]]] = ..., replace: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class UploadAck(_message.Message):
     __slots__ = ("batch", "ids", "total_items")
@@ -120,16 +130,18 @@ class UploadAck(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., total_items: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "codes", "k", "max_distance")
+    __slots__ = ("collection", "codes", "k", "max_distance", "model_fingerprint")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     CODES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     MAX_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     collection: str
     codes: _containers.RepeatedScalarFieldContainer[bytes]
     k: int
     max_distance: int
-    def __init__(self, collection: _Optional[str] = ..., codes: _Optional[_Iterable[bytes]] = ..., k: _Optional[int] = ..., max_distance: _Optional[int] = ...) -> None: ...
+    model_fingerprint: str
+    def __init__(self, collection: _Optional[str] = ..., codes: _Optional[_Iterable[bytes]] = ..., k: _Optional[int] = ..., max_distance: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class SearchResult(_message.Message):
     __slots__ = ("ids", "distances")
@@ -299,16 +311,20 @@ class SyncCodePagesRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ..., from_page: _Optional[int] = ...) -> None: ...
 
 class SyncHeader(_message.Message):
-    __slots__ = ("mode", "bits", "pages", "page_bytes")
+    __slots__ = ("mode", "bits", "pages", "page_bytes", "model_fingerprint", "image_size")
     MODE_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
     PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     mode: CollectionMode
     bits: int
     pages: int
     page_bytes: int
-    def __init__(self, mode: _Optional[_Union[CollectionMode, str]] = ..., bits: _Optional[int] = ..., pages: _Optional[int] = ..., page_bytes: _Optional[int] = ...) -> None: ...
+    model_fingerprint: str
+    image_size: int
+    def __init__(self, mode: _Optional[_Union[CollectionMode, str]] = ..., bits: _Optional[int] = ..., pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., image_size: _Optional[int] = ...) -> None: ...
 
 class CodePage(_message.Message):
     __slots__ = ("page", "data")
