@@ -95,6 +95,23 @@ def model_fingerprint(onnx_file: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_mismatch(collection: str, fingerprint: str, image_size: int, bits: int, given: str) -> str | None:
+    """Why codes of model ``given`` may not go into (or search) a collection recorded with model
+    ``fingerprint`` (S = ``image_size``, N = ``bits``), in one line; None when they may. A
+    collection recorded without a fingerprint (raw codes, made before fingerprints) is unchecked.
+    The cloud server answers this line with FAILED_PRECONDITION; clients of private-ranking
+    collections (whose codes the server never sees) raise it as a :class:`ContractError`."""
+    if not fingerprint or given == fingerprint:
+        return None
+    size = f"{image_size} px, " if image_size else ""
+    held = f"collection {collection!r} holds codes of model {fingerprint} ({size}{bits} bits)"
+    if not given:
+        return (f"{held}; this request names no model: hash with that model and send its fingerprint "
+                f"(dlheir owner upload and user search do)")
+    return (f"{held}; this request's codes come from model {given}: hash with the model the collection was "
+            f"made with, or create a new collection")
+
+
 # --- ranking --------------------------------------------------------------------------
 def rank(distances: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Indices that sort candidates by (distance, id) ascending along the last axis (one query's
