@@ -80,12 +80,16 @@ class CloudClient:
         except grpc.RpcError as exc:
             raise _wrap(exc, self.address) from None
 
-    def create_collection(self, name: str, bits: int, admin_token: str, private: bool = False) -> tuple[str, str]:
+    def create_collection(self, name: str, bits: int, admin_token: str, private: bool = False,
+                          model_fingerprint: str = "", image_size: int = 0) -> tuple[str, str]:
         """(owner token, reader token); ``private`` creates it in private-ranking mode (no codes on
-        the server: see ``dlheir.client.private``)."""
+        the server: see ``dlheir.client.private``). ``model_fingerprint`` (and ``image_size``) tie
+        the collection to the model that makes its codes: uploads and searches naming another
+        model are refused. Without one, a raw-code collection that nothing checks."""
         mode = pb.PRIVATE_RANKING if private else pb.SERVER_RANKED
-        r = self._call(self.stub.CreateCollection, pb.CreateCollectionRequest(name=name, bits=bits, mode=mode),
-                       admin_token)
+        request = pb.CreateCollectionRequest(name=name, bits=bits, mode=mode, model_fingerprint=model_fingerprint,
+                                             image_size=image_size)
+        r = self._call(self.stub.CreateCollection, request, admin_token)
         return r.owner_token, r.reader_token
 
     def list_collections(self, token: str | None = None) -> list[pb.CollectionInfo]:
@@ -99,8 +103,9 @@ class CloudClient:
         return self._call(self.stub.DeleteCollection, pb.CollectionRequest(collection=name), admin_token).info
 
     def upload(self, name: str, items: Iterable[tuple[int, bytes, bytes, dict]], batch_size: int = 64,
-               replace: bool = False) -> Iterator[pb.UploadAck]:
-        """Stream (id, code, blob, metadata) items; yields one ack per durable batch."""
+               replace: bool = False, model_fingerprint: str = "") -> Iterator[pb.UploadAck]:
+        """Stream (id, code, blob, metadata) items; yields one ack per durable batch.
+        ``model_fingerprint``: the model that made the codes (a collection made with one needs it)."""
 
         def requests():
             items_, size = [], 0
@@ -110,10 +115,11 @@ class CloudClient:
                 size += len(blob) + len(code) + 16
                 # a batch ends at batch_size items or before it nears the message limit
                 if len(items_) >= batch_size or size > MAX_MESSAGE_BYTES // 2:
-                    yield pb.UploadBatch(collection=name, items=items_, replace=replace)
+                    yield pb.UploadBatch(collection=name, items=items_, replace=replace,
+                                         model_fingerprint=model_fingerprint)
                     items_, size = [], 0
             if items_:
-                yield pb.UploadBatch(collection=name, items=items_, replace=replace)
+                yield pb.UploadBatch(collection=name, items=items_, replace=replace, model_fingerprint=model_fingerprint)
 
         try:
             yield from self.stub.Upload(requests(), metadata=self._md())
@@ -121,9 +127,12 @@ class CloudClient:
             raise _wrap(exc, self.address) from None
 
     def search(self, name: str, codes: np.ndarray, k: int, max_distance: int | None = None,
-               ) -> list[tuple[np.ndarray, np.ndarray]]:
+               model_fingerprint: str = "") -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query code: (ids, distances) of the top k. ``model_fingerprint``: the model that made
+        the query codes (a collection made with one needs it)."""
         codes = np.atleast_2d(np.asarray(codes, dtype=np.uint8))
-        req = pb.SearchRequest(collection=name, codes=[c.tobytes() for c in codes], k=k)
+        req = pb.SearchRequest(collection=name, codes=[c.tobytes() for c in codes], k=k,
+                               model_fingerprint=model_fingerprint)
         if max_distance is not None:
             req.max_distance = max_distance
         r = self._call(self.stub.Search, req)

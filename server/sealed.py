@@ -99,7 +99,10 @@ class CodePagesMixin:
         col = self._collection(request.collection, context, write=False)
         pages, size = self.store.page_stats(col.name) if col.private else (0, 0)
         mode = pb.PRIVATE_RANKING if col.private else pb.SERVER_RANKED
-        yield pb.SyncCodePagesResponse(header=pb.SyncHeader(mode=mode, bits=col.bits, pages=pages, page_bytes=size))
+        # the model too: a client ranking locally checks its own against it (the server sees no code)
+        yield pb.SyncCodePagesResponse(header=pb.SyncHeader(mode=mode, bits=col.bits, pages=pages, page_bytes=size,
+                                                            model_fingerprint=col.fingerprint,
+                                                            image_size=col.image_size))
         if request.from_page >= pages:  # nothing new, server-ranked, or a copy of something else
             return
         sent = 0

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 from dlheir.codes import pack_bits, unpack_bits
-from dlheir.contract import ContractError, check_code, code_bytes, validate_bits
+from dlheir.contract import ContractError, check_code, code_bytes, model_mismatch, validate_bits
 from dlheir.server.guard import bearer_token, clip
 from dlheir.server.index import BinaryIndex, default_shards
 from dlheir.proto import dlheir_cloud_pb2 as pb
@@ -34,6 +34,8 @@ MAX_METADATA_BYTES = 64 * 1024  # per item, keys + values
 # each, far below MAX_MESSAGE_BYTES) and the work, checked before any scanning.
 MAX_RESULTS = 1_000_000
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # used with fullmatch: no trailing "\n"
+FINGERPRINT_RE = re.compile(r"[0-9a-f]{8,64}")  # dlheir.contract.model_fingerprint: lowercase hex
+MAX_IMAGE_SIZE = 65535
 
 log = logging.getLogger("dlheir.server")
 
@@ -52,6 +54,8 @@ class Collection:
     readers: dict[str, str] = field(default_factory=dict)  # active per-user token hash -> user label
     key_id: int = 1  # the owner's key version the stored codes are under
     private: bool = False  # private-ranking mode: no codes on the server, sealed code pages (sealed.py)
+    fingerprint: str = ""  # the model whose codes it holds ('': raw codes or made before fingerprints, unchecked)
+    image_size: int = 0  # that model's S (reported, not checked: the fingerprint covers it)
 
 
 class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
@@ -67,9 +71,11 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         self.write_lock = threading.Lock()  # uploads/deletes are applied one batch at a time
         self._known_hashes: frozenset[str] = frozenset({self.admin_hash})
         private = store.page_private_collections()
+        models = store.models()
         for name, bits, owner_hash, reader_hash in store.collections():  # rebuild the index from the store
             col = self._open(name, bits, owner_hash, reader_hash)
             col.private = name in private  # no codes stored: its index stays empty
+            col.fingerprint, col.image_size = models.get(name, ("", 0))
             for ids, codes in store.codes(name):
                 col.index.add(np.array(ids, dtype=np.int64), np.frombuffer(codes, np.uint8), seal=False)
             col.index.maybe_seal()  # large collections: one multi-index hash build, after loading
@@ -143,21 +149,29 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.mode not in (pb.SERVER_RANKED, pb.PRIVATE_RANKING):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown collection mode {request.mode}")
+        fingerprint, image_size = request.model_fingerprint, request.image_size
+        if fingerprint and not FINGERPRINT_RE.fullmatch(fingerprint):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"model fingerprint {clip(fingerprint)}: 8-64 lowercase hex digits (dlheir.contract)")
+        if image_size > MAX_IMAGE_SIZE:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image size must be at most {MAX_IMAGE_SIZE}, got {image_size}")
         private = request.mode == pb.PRIVATE_RANKING
         owner, reader = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         with self.write_lock:
             if not self.store.create_collection(request.name, request.bits, token_hash(owner), token_hash(reader),
-                                                private=private):
+                                                private=private, fingerprint=fingerprint, image_size=image_size):
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"collection {clip(request.name)} already exists")
-            self._open(request.name, request.bits, token_hash(owner), token_hash(reader)).private = private
-        log.info("collection %r created (%d bits, %s) by %s", request.name, request.bits, mode_name(private),
-                 context.peer())
+            col = self._open(request.name, request.bits, token_hash(owner), token_hash(reader))
+            col.private, col.fingerprint, col.image_size = private, fingerprint, image_size
+        log.info("collection %r created (%d bits, %s, model %s) by %s", request.name, request.bits, mode_name(private),
+                 fingerprint or "unrecorded", context.peer())
         return pb.CreateCollectionResponse(owner_token=owner, reader_token=reader)
 
     def _info(self, col: Collection) -> pb.CollectionInfo:
         n, size = self.store.stats(col.name)
         return self._page_info(col, pb.CollectionInfo(name=col.name, bits=col.bits, items=n, blob_bytes=size,
-                                                      key_id=col.key_id))
+                                                      key_id=col.key_id, model_fingerprint=col.fingerprint,
+                                                      image_size=col.image_size))
 
     def ListCollections(self, request, context):
         given = token_hash(self._token(context))
@@ -203,6 +217,15 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         seen.add(item.id)
 
     @staticmethod
+    def _check_model(col: Collection, given: str, context) -> None:
+        """Codes of another model (or of none named) do not go into, or search, a collection made
+        with a model: their distances to the stored codes mean nothing. Callers test
+        ``col.fingerprint and given != col.fingerprint`` first (one compare on the hot path)."""
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                      model_mismatch(col.name, col.fingerprint, col.image_size, col.bits,
+                                     given if not given or FINGERPRINT_RE.fullmatch(given) else clip(given)))
+
+    @staticmethod
     def _check_code(col: Collection, code: bytes, what: str, context) -> None:
         try:
             check_code(code, col.bits, what)
@@ -232,6 +255,8 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             if len(request.items) > MAX_BATCH_ITEMS:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"a batch holds at most {MAX_BATCH_ITEMS} items, got {len(request.items)}")
+            if col.fingerprint and request.model_fingerprint != col.fingerprint and not col.private:
+                self._check_model(col, request.model_fingerprint, context)  # private mode: its items carry no code
             seen: set = set()
             batch = []
             for item in request.items:
@@ -245,6 +270,8 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
     def Search(self, request, context):
         col = self._collection(request.collection, context, write=False)
         self._refuse_if_private(col, context, "answer Search")
+        if col.fingerprint and request.model_fingerprint != col.fingerprint:
+            self._check_model(col, request.model_fingerprint, context)
         if not 1 <= request.k <= MAX_K:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k must be from 1 to {MAX_K}, got {request.k}")
         if not 1 <= len(request.codes) <= MAX_QUERIES:

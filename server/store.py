@@ -57,7 +57,9 @@ CREATE TABLE IF NOT EXISTS collections (
     name TEXT PRIMARY KEY,
     bits INTEGER NOT NULL,
     owner_token_sha256 TEXT NOT NULL,
-    reader_token_sha256 TEXT NOT NULL
+    reader_token_sha256 TEXT NOT NULL,
+    model_fingerprint TEXT NOT NULL DEFAULT '',
+    image_size INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS items (
     collection TEXT NOT NULL REFERENCES collections(name),
@@ -103,6 +105,13 @@ CREATE TABLE IF NOT EXISTS code_pages (
     PRIMARY KEY (collection, page)
 );
 """
+# Columns added to a table after stores were made with it: a store without them gains them (empty
+# values) when it opens. collections.model_fingerprint/image_size: the model whose codes a
+# collection holds ('' = a raw-code collection, or one made before fingerprints: unchecked).
+ADDED_COLUMNS = (
+    ("collections", "model_fingerprint", "TEXT NOT NULL DEFAULT ''"),
+    ("collections", "image_size", "INTEGER NOT NULL DEFAULT 0"),
+)
 # A rowid table on 16 KiB pages: measured 3-6x faster inserts of 1 KiB blobs than a WITHOUT
 # ROWID table on 4 KiB pages (rows that large overflow a clustered b-tree), and as fast for 32 KiB.
 PAGE_SIZE = 16384
@@ -185,6 +194,7 @@ class Store:
         try:
             self._conn = self._connect()
             self._conn.executescript(SCHEMA)
+            self._add_columns()
             self._conn.executescript(PAGES_SCHEMA)
             self._conn.executescript(ACCESS_SCHEMA)
             if max_bytes:  # a quota: SQLite answers SQLITE_FULL past it, exactly as on a full disk
@@ -196,6 +206,14 @@ class Store:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+
+    def _add_columns(self) -> None:
+        """Migrate a store made before ADDED_COLUMNS in place (each ALTER is one statement: atomic)."""
+        for table, column, decl in ADDED_COLUMNS:
+            have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                log.info("%s: added column %s.%s (existing rows: empty)", self.path, table, column)
 
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -253,10 +271,12 @@ class Store:
         return [line for row in rows for line in str(row).splitlines() if line.strip() and not line.startswith("***")]
 
     def create_collection(self, name: str, bits: int, owner_hash: str, reader_hash: str,
-                          private: bool = False) -> bool:
+                          private: bool = False, fingerprint: str = "", image_size: int = 0) -> bool:
         try:
             with self._transaction() as conn:
-                conn.execute("INSERT INTO collections VALUES (?, ?, ?, ?)", (name, bits, owner_hash, reader_hash))
+                conn.execute("INSERT INTO collections (name, bits, owner_token_sha256, reader_token_sha256, "
+                             "model_fingerprint, image_size) VALUES (?, ?, ?, ?, ?, ?)",
+                             (name, bits, owner_hash, reader_hash, fingerprint, image_size))
                 if private:  # the mode is part of the collection from its first commit
                     conn.execute("INSERT INTO private_collections VALUES (?)", (name,))
         except sqlite3.IntegrityError:
@@ -274,6 +294,12 @@ class Store:
     def collections(self) -> list[tuple[str, int, str, str]]:
         with self._sqlite_errors(), self._lock:
             return self._conn.execute("SELECT name, bits, owner_token_sha256, reader_token_sha256 FROM collections").fetchall()
+
+    def models(self) -> dict[str, tuple[str, int]]:
+        """Collection -> (model fingerprint, image size) it was created with ('', 0: unchecked)."""
+        with self._sqlite_errors(), self._lock:
+            return {r[0]: (r[1], r[2]) for r in
+                    self._conn.execute("SELECT name, model_fingerprint, image_size FROM collections")}
 
     @staticmethod
     def _ids_in(conn: sqlite3.Connection, collection: str, ids: list[int]) -> set[int]:
