@@ -1,8 +1,9 @@
-"""Image preprocessing, defined once: decode, RGB, warp to SxS, uint8; normalization constants.
+"""Image preprocessing, defined once: decode, RGB, warp to SxS, uint8 pixels.
 
 Every consumer uses this module: training and evaluation (``dlheir.export``), the ONNX
-graph (which takes the uint8 pixels this produces and normalizes in-graph with
-``MEAN``/``STD``), the Triton preprocess model and the clients.
+graph (which takes the uint8 pixels this produces), the Triton preprocess model and the
+clients. Normalisation is not done here: it is the network's own first layer
+(``dlheir.export.model.Normalize``), so every path feeds the network the same pixels.
 
 As in the paper, images are *warped* to S x S (resized without keeping the aspect
 ratio, no crop), so nothing is cut off.
@@ -28,9 +29,6 @@ from typing import Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# ImageNet statistics, the ones torchvision's DenseNet201 weights were trained with.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 RESAMPLE = Image.Resampling.BILINEAR
 DEFAULT_MAX_PIXELS = 40_000_000  # width x height; the Triton model reads its own from config.pbtxt
 
@@ -196,9 +194,3 @@ def preprocess(source: ImageSource, size: int, max_pixels: int | None = DEFAULT_
     """
     return warp_resize(load_image(source, max_pixels, draft_size=size), size)
 
-
-def normalize(pixels: np.ndarray) -> np.ndarray:
-    """uint8 [..., S, S, 3] -> float32 [..., 3, S, S] normalized; numpy reference of the in-graph step."""
-    x = np.asarray(pixels, dtype=np.float32) / 255.0
-    x = (x - np.asarray(MEAN, dtype=np.float32)) / np.asarray(STD, dtype=np.float32)
-    return np.moveaxis(x, -1, -3)

@@ -20,14 +20,19 @@ DLHEIR (paper section 3.3.2):
 * a linear classifier on those N values, used only for training.
 
 The baseline ("original DenseNet201 + hash layer", Table 2) keeps all 32 layers.
-``forward`` takes normalized float images [B, 3, S, S] (``dlheir.preprocess``) and
-returns ``(probs, logits)``.
+
+Input: **pixels**, float32 [B, 3, S, S] with values 0..255 (RGB, warped to S x S by
+``dlheir.preprocess``; ``to_input`` turns its uint8 [B, S, S, 3] into this). The network's
+first layer (``Normalize``) applies the ImageNet mean/std that torchvision's DenseNet201
+weights were trained with, so training, evaluation and the exported graph feed the same
+pixels and normalisation exists only here. ``forward`` returns ``(probs, logits)``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.models import DenseNet201_Weights, densenet201
@@ -38,6 +43,31 @@ from dlheir.errors import UserError
 ARCHS = ("dlheir", "baseline")
 REPLACED_LAYERS = 14  # dense layers of block 4 replaced by the inverted residual block
 EXPAND_RATIO = 0.5  # hidden width of the inverted residual block / its 1472 input channels
+# The statistics torchvision's ImageNet DenseNet201 weights were trained with, read from their
+# own preset (no download): the network normalises with these whatever its weights.
+_PRESET = DenseNet201_Weights.IMAGENET1K_V1.transforms()
+MEAN, STD = tuple(_PRESET.mean), tuple(_PRESET.std)
+
+
+def to_input(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [B, S, S, 3] (``dlheir.preprocess``) -> the network's input, float32 [B, 3, S, S] 0..255."""
+    x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
+    return x.permute(0, 3, 1, 2).to(torch.float32)
+
+
+class Normalize(nn.Module):
+    """Pixels 0..255 -> ImageNet-normalised values: ``(x / 255 - MEAN) / STD``.
+
+    Constant buffers (not in the state dict: they are not learned and never change).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 class InvertedResidual(nn.Module):
@@ -83,6 +113,7 @@ class DLHEIR(nn.Module):
         if num_classes < 2:
             raise UserError(f"need at least 2 classes, got {num_classes}")
         self.bits, self.num_classes, self.arch = bits, num_classes, arch
+        self.normalize = Normalize()
         self.features = densenet201(weights=None).features
         channels = self.features.norm5.num_features  # 1920
         if arch == "dlheir":
@@ -100,7 +131,7 @@ class DLHEIR(nn.Module):
         self.classifier = nn.Linear(bits, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = torch.relu(self.features(x))
+        feats = torch.relu(self.features(self.normalize(x)))
         probs = self.hash(feats)
         return probs, self.classifier(probs)
 

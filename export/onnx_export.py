@@ -22,26 +22,21 @@ from dlheir.contract import CODE as OUTPUT_CODE
 from dlheir.contract import IMAGE as INPUT_NAME
 from dlheir.contract import PROBS as OUTPUT_PROBS
 from dlheir.contract import code_bytes, signature_from_shapes
-from dlheir.export.model import DLHEIR
-from dlheir.preprocess import MEAN, STD
+from dlheir.export.model import DLHEIR, to_input
 
 
 class ExportWrapper(nn.Module):
-    """Cast, scale, normalize, NHWC->NCHW, run the model, threshold and pack the bits."""
+    """NHWC uint8 -> the model's pixel input, run the model (which normalises), threshold and pack the bits."""
 
     def __init__(self, model: DLHEIR) -> None:
         super().__init__()
         self.model = model.eval()
         bits = model.bits
         self.pad = code_bytes(bits) * 8 - bits
-        self.register_buffer("mean", torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("weights", torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = image.permute(0, 3, 1, 2).to(torch.float32)
-        x = (x - self.mean) / self.std  # == (x / 255 - MEAN) / STD
-        probs, _ = self.model(x)
+        probs, _ = self.model(to_input(image))
         bits = (probs >= THRESHOLD).to(torch.int32)
         if self.pad:
             bits = nn.functional.pad(bits, (0, self.pad))

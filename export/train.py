@@ -19,8 +19,8 @@ from dlheir.export import metrics
 from dlheir.export.checkpoint import load_checkpoint, load_weights, read_checkpoint, save_checkpoint
 from dlheir.export.defaults import DIGITS_DEMO, WEIGHT_DECAY
 from dlheir.export.data import Record, check_images, resolve_data, split_dataset
-from dlheir.export.model import DLHEIR, build_model
-from dlheir.preprocess import ImageDecodeError, MEAN, STD, preprocess
+from dlheir.export.model import DLHEIR, build_model, to_input
+from dlheir.preprocess import ImageDecodeError, preprocess
 
 # Pushes hash values away from the 0.5 threshold so the codes are stable (weight of
 # the term 1 - (2p - 1)^2, which is 0 at p in {0, 1} and 1 at p = 0.5).
@@ -67,14 +67,6 @@ def load_pixels(records: Sequence[Record | str | Path], image_size: int, desc: s
         except (ImageDecodeError, OSError) as exc:
             raise UserError(f"unreadable image {path}: {exc}") from exc
     return out
-
-
-def to_input(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 [B, S, S, 3] -> normalized float [B, 3, S, S] (torch twin of dlheir.preprocess.normalize)."""
-    x = torch.as_tensor(pixels).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def loss_fn(probs: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -174,7 +166,7 @@ def compute_codes(model: DLHEIR, images: np.ndarray | Sequence[Record | str | Pa
 
     ``images`` is either uint8 pixels [N, S, S, 3] (already ``dlheir.preprocess``-ed) or a list of
     image paths / ``Record``s, which are read with ``dlheir.preprocess.preprocess(path, image_size)``
-    one batch at a time and normalized like ``dlheir.preprocess.normalize``.
+    one batch at a time (the model normalises them itself).
     Returns (probs float32 [N, bits], packed codes uint8 [N, ceil(bits/8)]).
     """
     model.eval()

@@ -84,11 +84,23 @@ def test_onnx_matches_pytorch_on_real_images(tmp_path):
     np.testing.assert_array_equal(code, codes.probs_to_codes(probs))
 
 
-def test_normalization_in_graph_matches_reference():
-    from dlheir.preprocess import normalize
+def test_the_network_normalises_pixels_once_with_imagenet_statistics():
+    from torchvision.models import DenseNet201_Weights
 
+    from dlheir.export.onnx_export import ExportWrapper
+
+    preset = DenseNet201_Weights.IMAGENET1K_V1.transforms()
     px = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    np.testing.assert_allclose(to_input(px).numpy(), normalize(px), atol=1e-6)
+    expected = np.moveaxis((px / 255.0 - np.array(preset.mean)) / np.array(preset.std), -1, 1)
+    model = margined_model()
+    np.testing.assert_allclose(model.normalize(to_input(px)).numpy(), expected, atol=1e-5)
+    assert "normalize.mean" not in model.state_dict()  # a constant, not a weight
+    # the export wrapper adds no second normalisation: it feeds the same pixels as training
+    px = np.random.default_rng(1).integers(0, 256, (2, SMALL_SIZE, SMALL_SIZE, 3), dtype=np.uint8)
+    with torch.no_grad():
+        wrapped, _ = ExportWrapper(model)(torch.from_numpy(px))
+        direct, _ = model(to_input(px))
+    np.testing.assert_array_equal(wrapped.numpy(), direct.numpy())
 
 
 def _cli(capsys, *argv):
