@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "dlheir.client.cli",  # owner ..., user ...
     "dlheir.benchmarks.cli",  # bench ...
     "dlheir.demo",  # demo
+    "dlheir.check",  # check gpu
 )
 
 

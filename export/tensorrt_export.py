@@ -55,81 +55,100 @@ def build_engine(onnx_path: Path | str, out_path: Path | str, fp16: bool = True,
             "image_size": size, "bits": bits}
 
 
-def run_engine(plan_path: Path | str, pixels, batch_size: int = 64):
-    """Run a serialized engine on uint8 pixels [N, S, S, 3] on the GPU; returns (probs, codes) as numpy.
+class EngineRunner:
+    """A deserialized engine with its execution context, reused across calls (timing loops, comparisons).
 
     Buffers are torch CUDA tensors (torch is a dependency already), so no pycuda is needed.
     """
-    import numpy as np
-    import torch
 
-    trt = _require_tensorrt()
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
-    if engine is None:
-        raise UserError(f"cannot deserialize TensorRT engine {plan_path} (built for another GPU or TensorRT version?)")
-    context = engine.create_execution_context()
-    stream = torch.cuda.Stream()
-    torch_dtype = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
-                   trt.DataType.UINT8: torch.uint8, trt.DataType.INT32: torch.int32}
-    outputs = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)
-               if engine.get_tensor_mode(engine.get_tensor_name(i)) == trt.TensorIOMode.OUTPUT]
-    results: dict[str, list] = {name: [] for name in outputs}
-    for start in range(0, len(pixels), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(pixels[start : start + batch_size])).cuda()
-        context.set_input_shape(INPUT_NAME, tuple(x.shape))
-        context.set_tensor_address(INPUT_NAME, x.data_ptr())
-        bufs = {}
-        for name in outputs:
-            shape = tuple(context.get_tensor_shape(name))
-            bufs[name] = torch.empty(shape, dtype=torch_dtype[engine.get_tensor_dtype(name)], device="cuda")
-            context.set_tensor_address(name, bufs[name].data_ptr())
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise UserError("TensorRT execution failed")
-        stream.synchronize()
-        for name in outputs:
-            results[name].append(bufs[name].cpu().numpy())
-    probs = np.concatenate(results["PROBS"]).astype(np.float32)
-    return probs, np.concatenate(results["CODE"]).astype(np.uint8)
+    def __init__(self, plan_path: Path | str) -> None:
+        import torch
+
+        trt = _require_tensorrt()
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(plan_path).read_bytes())
+        if self.engine is None:
+            raise UserError(f"cannot deserialize TensorRT engine {plan_path} (built for another GPU or TensorRT version?)")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        self.dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
+                       trt.DataType.UINT8: torch.uint8, trt.DataType.INT32: torch.int32}
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+
+    def __call__(self, pixels, batch_size: int = 64):
+        """uint8 pixels [N, S, S, 3] -> (probs float32 [N, bits], codes uint8 [N, ceil(bits/8)]) as numpy."""
+        import numpy as np
+        import torch
+
+        results: dict[str, list] = {name: [] for name in self.outputs}
+        for start in range(0, len(pixels), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(pixels[start : start + batch_size])).cuda()
+            self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
+            self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
+            bufs = {}
+            for name in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(name))
+                bufs[name] = torch.empty(shape, dtype=self.dtypes[self.engine.get_tensor_dtype(name)], device="cuda")
+                self.context.set_tensor_address(name, bufs[name].data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise UserError("TensorRT execution failed")
+            self.stream.synchronize()
+            for name in self.outputs:
+                results[name].append(bufs[name].cpu().numpy())
+        return np.concatenate(results["PROBS"]).astype(np.float32), np.concatenate(results["CODE"]).astype(np.uint8)
 
 
-def compare_fp16_fp32(plan_path: Path | str, onnx_path: Path | str, data: str = "digits",
-                      seed: int = 0, batch_size: int = 64) -> dict:
-    """Bit agreement of the (FP16) engine's codes with the FP32 ONNX Runtime codes, and P@20 of both.
+def run_engine(plan_path: Path | str, pixels, batch_size: int = 64):
+    """Run a serialized engine on uint8 pixels [N, S, S, 3] on the GPU; returns (probs, codes) as numpy."""
+    return EngineRunner(plan_path)(pixels, batch_size)
 
-    Database = train split, queries = query split of ``data`` (image folder or 'digits'), as in
-    ``dlheir evaluate``. Reports the fraction of differing bits, the fraction of images whose code
-    differs at all, and P@k/mAP computed from each runtime's codes.
+
+def compare_codes(reference, candidate, image_size: int, bits: int, data: str = "digits", seed: int = 0,
+                  names: tuple[str, str] = ("onnx_fp32", "tensorrt")) -> dict:
+    """Codes of two runtimes of one model on the same images: bit agreement, and P@k/mAP from each.
+
+    ``reference`` and ``candidate`` map uint8 pixels [N, S, S, 3] to packed codes. Database = train
+    split, queries = query split of ``data`` (image folder or 'digits'), as in ``dlheir evaluate``.
+    Reports the fraction of differing (and equal) bits, the fraction of images whose code differs
+    at all, and P@k/mAP computed from each runtime's codes.
     """
     import numpy as np
-    import onnxruntime as ort
 
     from dlheir.codes import unpack_bits
     from dlheir.export import metrics
     from dlheir.export.data import resolve_data, split_dataset
+    from dlheir.export.train import load_pixels
+
+    database, queries, _ = split_dataset(resolve_data(data, image_size), seed=seed)
+    db_px, q_px = load_pixels(database, image_size), load_pixels(queries, image_size)
+    codes = {name: {"db": fn(db_px), "q": fn(q_px)} for name, fn in zip(names, (reference, candidate))}
+    a, b = (unpack_bits(np.concatenate([codes[n]["db"], codes[n]["q"]]), bits) for n in names)
+    ids = np.array([r.id for r in database])
+    db_labels, q_labels = np.array([r.label for r in database]), np.array([r.label for r in queries])
+    disagreement = float((a != b).mean())
+    return {
+        "bits": bits, "image_size": image_size, "images": int(len(a)),
+        "bit_disagreement": disagreement, "bit_agreement": 1.0 - disagreement,
+        "codes_differing": float((a != b).any(axis=1).mean()),
+        **{n: metrics.retrieval_metrics(codes[n]["q"], q_labels, codes[n]["db"], db_labels, ids) for n in names},
+    }
+
+
+def compare_fp16_fp32(plan_path: Path | str, onnx_path: Path | str, data: str = "digits",
+                      seed: int = 0, batch_size: int = 64) -> dict:
+    """Bit agreement of the (FP16) engine's codes with the FP32 ONNX Runtime codes, and P@k/mAP of both
+    (``compare_codes`` on ``data``'s splits)."""
+    import numpy as np
+    import onnxruntime as ort
+
     from dlheir.export.onnx_export import OUTPUT_CODE
 
     size, bits = onnx_signature(onnx_path)
-    database, queries, _ = split_dataset(resolve_data(data, size), seed=seed)
-    from dlheir.export.train import load_pixels
-
-    db_px, q_px = load_pixels(database, size), load_pixels(queries, size)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    engine = EngineRunner(plan_path)
 
     def onnx_codes(px):
         return np.concatenate([session.run([OUTPUT_CODE], {INPUT_NAME: px[i : i + batch_size]})[0]
                                for i in range(0, len(px), batch_size)])
 
-    fp32 = {"db": onnx_codes(db_px), "q": onnx_codes(q_px)}
-    fp16 = {"db": run_engine(plan_path, db_px, batch_size)[1], "q": run_engine(plan_path, q_px, batch_size)[1]}
-    a = unpack_bits(np.concatenate([fp32["db"], fp32["q"]]), bits)
-    b = unpack_bits(np.concatenate([fp16["db"], fp16["q"]]), bits)
-    ids = np.array([r.id for r in database])
-    db_labels, q_labels = np.array([r.label for r in database]), np.array([r.label for r in queries])
-    return {
-        "bits": bits, "image_size": size, "images": int(len(a)),
-        "bit_disagreement": float((a != b).mean()),
-        "codes_differing": float((a != b).any(axis=1).mean()),
-        "onnx_fp32": metrics.retrieval_metrics(fp32["q"], q_labels, fp32["db"], db_labels, ids),
-        "tensorrt": metrics.retrieval_metrics(fp16["q"], q_labels, fp16["db"], db_labels, ids),
-    }
+    return compare_codes(onnx_codes, lambda px: engine(px, batch_size)[1], size, bits, data, seed)
