@@ -81,7 +81,7 @@ def train_step(model: DLHEIR, optimizer: torch.optim.Optimizer, x: torch.Tensor,
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return float(loss), float((logits.argmax(1) == y).float().mean())
+    return loss.item(), (logits.argmax(1) == y).float().mean().item()  # .item(): float() on a grad tensor warns
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
