@@ -1,0 +1,181 @@
+"""The package installs and runs outside the repository.
+
+* A wheel of the working tree, installed NON-editable into a fresh virtualenv, runs
+  ``dlheir demo`` from a temporary folder: everything the demo needs (the Triton model
+  templates included) must be inside the wheel. The new virtualenv reuses the already
+  installed dependencies through a ``.pth`` line (nothing is downloaded); the repository's
+  editable ``dlheir`` is not on its path.
+* The ``triton-models`` extra is enough for Triton's python-backend models: their code and the
+  dlheir modules they import load in a virtualenv that holds only that extra's packages.
+* The README's container command installs exactly that extra.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+EXTRA = "triton-models"
+
+
+def _copy_tree(dest: Path) -> Path:
+    """The working tree as git sees it (tracked and untracked, not ignored): what a user's checkout has."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO_ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def _venv(path: Path) -> tuple[Path, Path]:
+    """A fresh virtualenv without pip: (its python, its site-packages)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
+    python = path / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    return python, Path(site)
+
+
+def _pip(*args: str, timeout: float = 600) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], check=True, timeout=timeout,
+                   capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("wheel")
+    src = _copy_tree(work / "src")
+    _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(work / "dist"), str(src))
+    (whl,) = (work / "dist").glob("dlheir-*.whl")
+    return whl
+
+
+def test_wheel_installed_non_editable_runs_the_demo_from_elsewhere(wheel, tmp_path):
+    python, site = _venv(tmp_path / "venv")
+    # reuse the project's installed dependencies without downloading: their folder goes on the
+    # path after the new venv's own (a plain path line: .pth files inside it, the editable
+    # dlheir's among them, are not processed)
+    (site / "zz_reuse_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    _pip("--python", str(python), "install", "--no-deps", "--no-index", str(wheel))
+    run_dir, home, state = tmp_path / "elsewhere", tmp_path / "home", tmp_path / "state"
+    run_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(DLHEIR_HOME=str(home), DLHEIR_STATE=str(state), PATH=f"{python.parent}:{env.get('PATH', '')}")
+    where = subprocess.run([str(python), "-c", "import dlheir; print(dlheir.__file__)"], cwd=run_dir, env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(where).is_relative_to(tmp_path / "venv"), f"dlheir imported from {where}, not the new venv"
+
+    # the digits demo at its smallest: 32 px, one epoch (the pipeline is the same, only faster)
+    demo = subprocess.run([str(python.parent / "dlheir"), "demo", "--epochs", "1", "--image-size", "32",
+                           "--work-dir", str(run_dir / "demo")],
+                          cwd=run_dir, env=env, capture_output=True, text=True, timeout=1500)
+    assert demo.returncode == 0, (demo.stdout[-3000:], demo.stderr[-3000:])
+    assert list((run_dir / "demo").rglob("model.pt")), sorted(p.name for p in (run_dir / "demo").rglob("*"))
+
+
+def _extra_requirements() -> list[str]:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    return project["optional-dependencies"][EXTRA]
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """The installed distributions these requirements pull in, transitively (no extras of theirs)."""
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = [Requirement(r).name for r in requirements]
+    while todo:
+        name = todo.pop()
+        key = name.lower().replace("_", "-")
+        if key in seen:
+            continue
+        seen.add(key)
+        for req in md.requires(name) or []:
+            r = Requirement(req)
+            if r.marker is None or r.marker.evaluate({"extra": ""}):
+                todo.append(r.name)
+    return seen
+
+
+def _link_distributions(names: set[str], dest: Path) -> None:
+    """Symlink the top-level files and folders of the installed distributions ``names`` into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        dist = md.distribution(name)
+        for f in dist.files or []:
+            top = f.parts[0]
+            src = Path(dist.locate_file(top))
+            if top.endswith(".pth") or top == ".." or not src.exists() or (dest / top).exists():
+                continue
+            (dest / top).symlink_to(src)
+
+
+def _model_templates() -> list[Path]:
+    """The python-backend model files of the repository (where the package keeps its templates)."""
+    found = sorted(p for p in (REPO_ROOT / "model_repository").rglob("model.py"))
+    found += sorted(p for p in (REPO_ROOT / "dlheir").rglob("model.py") if "model_repository" in p.parts)
+    return found
+
+
+def test_triton_models_extra_is_enough_for_the_python_backend_models(wheel, tmp_path):
+    closure = _closure(_extra_requirements())
+    assert "torch" not in closure and "onnxruntime" in closure
+    python, site = _venv(tmp_path / "venv")
+    _pip("--python", str(python), "install", "--no-deps", "--no-index", str(wheel))
+    _link_distributions(closure, tmp_path / "deps")
+    (site / "zz_extra_deps.pth").write_text(str(tmp_path / "deps") + "\n")
+    # Triton's python backend provides triton_python_backend_utils at run time; pytriton ships the file
+    utils = md.distribution("nvidia-pytriton").locate_file("pytriton/tritonserver/backends/python")
+    backend = tmp_path / "backend"
+    backend.mkdir()
+    shutil.copy(Path(utils) / "triton_python_backend_utils.py", backend)
+    models = _model_templates()
+    assert len(models) >= 2, models
+    code = (
+        "import importlib.util, sys\n"
+        "for i, path in enumerate(sys.argv[1:]):\n"
+        "    spec = importlib.util.spec_from_file_location(f'triton_model_{i}', path)\n"
+        "    module = importlib.util.module_from_spec(spec)\n"
+        "    spec.loader.exec_module(module)\n"
+        "    assert hasattr(module, 'TritonPythonModel'), path\n"
+        "import dlheir\n"
+        "print(dlheir.__file__)\n"
+        "print(sorted(m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('torch', 'grpc', 'faiss', 'sklearn', 'matplotlib')))\n"
+        "try:\n"
+        "    import torch\n"
+        "except ImportError:\n"
+        "    print('no torch')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PYTHONPATH"] = str(backend)
+    out = subprocess.run([str(python), "-c", code, *map(str, models)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    where, heavy, torch_line = out.stdout.strip().splitlines()[-3:]
+    assert Path(where).is_relative_to(tmp_path / "venv")
+    assert heavy == "[]", heavy
+    assert torch_line == "no torch"  # the venv really holds only the extra
+
+
+def test_readme_container_command_installs_exactly_the_extra():
+    readme = (REPO_ROOT / "README.md").read_text()
+    lines = [ln for ln in readme.splitlines() if "pip install --no-deps" in ln and "onnxruntime" in ln]
+    assert lines, "README has no container command installing the triton-models extra"
+    for line in lines:
+        quoted = re.findall(r"'([^']+)'", line.split("pip install --no-deps", 1)[1])
+        assert sorted(quoted) == sorted(_extra_requirements()), line
