@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 import grpc
 import numpy as np
 
+from dlheir.contract import ContractError, model_mismatch
 from dlheir.errors import UserError
 from dlheir.proto import dlheir_cloud_pb2 as pb
 from dlheir.proto import dlheir_cloud_pb2_grpc as pb_grpc
@@ -56,6 +57,16 @@ class CloudError(UserError):
 
 def _wrap(exc: grpc.RpcError, address: str | None = None) -> CloudError:
     return CloudError(exc.code(), exc.details(), address)
+
+
+def check_model(collection: str, info: pb.CollectionInfo | pb.SyncHeader, fingerprint: str | None) -> None:
+    """Refuse, with one line naming both fingerprints (ContractError), to use codes of the model
+    ``fingerprint`` with a collection (``info``: its CollectionInfo or SyncHeader) made with
+    another. The server checks server-ranked collections itself; a private-ranking collection,
+    whose codes it never sees, is checked only here."""
+    reason = model_mismatch(collection, info.model_fingerprint, info.image_size, info.bits, fingerprint or "")
+    if reason:
+        raise ContractError(reason)
 
 
 class CloudClient:

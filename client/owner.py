@@ -10,10 +10,11 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from dlheir.client.cloud import CloudClient
+from dlheir.client.cloud import CloudClient, check_model
 from dlheir.client.crypto import CodeTransform, OwnerKeys, encrypt_image
 from dlheir.client.private import PageWriter, is_private
 from dlheir.client.triton import HashError, TritonHasher
+from dlheir.contract import validate_bits
 from dlheir.errors import UserError
 from dlheir.ids import item_id
 
@@ -33,6 +34,41 @@ class UploadReport:
     @property
     def mb_per_s(self) -> float:
         return self.bytes_uploaded / 1e6 / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class ModelBinding:
+    """What a new collection records about the model its codes come from (CreateCollection)."""
+
+    bits: int
+    fingerprint: str = ""  # '' : a raw-code collection, which the server does not check
+    image_size: int = 0
+
+
+def model_binding(hasher: TritonHasher | None = None, bits: int | None = None) -> ModelBinding:
+    """A new collection's model: the one ``hasher`` calls (its N, S and fingerprint, so that codes
+    of any other model are refused later), or, with ``bits`` alone, none: a raw-code collection
+    that nothing checks (for codes made outside Triton, benchmarks)."""
+    if hasher is None:
+        if bits is None:
+            raise UserError("a collection takes its code length and model fingerprint from the Triton model it is "
+                            "made for (give --triton/--model), or give --bits for a raw-code collection")
+        return ModelBinding(validate_bits(bits))
+    if bits is not None and bits != hasher.bits:
+        raise UserError(f"--bits {bits}: the Triton model '{hasher.model}' makes {hasher.bits}-bit codes "
+                        "(leave --bits out to take it from the model, or give --bits alone for a raw-code collection)")
+    if not hasher.fingerprint:
+        raise UserError(f"the Triton model '{hasher.model}' at {hasher.url} names no fingerprint in its config: "
+                        "serve a repository made by this version of dlheir ('dlheir triton start'), or give --bits "
+                        "for a raw-code collection that is not tied to a model")
+    return ModelBinding(hasher.bits, hasher.fingerprint, hasher.image_size)
+
+
+def create_collection(cloud: CloudClient, name: str, admin_token: str, model: ModelBinding,
+                      private: bool = False) -> tuple[str, str]:
+    """Create ``name`` for ``model`` (see :func:`model_binding`): (owner token, reader token)."""
+    return cloud.create_collection(name, model.bits, admin_token, private=private, model_fingerprint=model.fingerprint,
+                                   image_size=model.image_size)
 
 
 def image_files(root: Path | str) -> list[tuple[str, Path]]:
@@ -65,6 +101,7 @@ def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys, collection
                   hasher: TritonHasher, batch_size: int = 32, progress: bool = True) -> UploadReport:
     """Upload what the server does not hold yet; ids are stable per relative path."""
     info = cloud.stats(collection)
+    check_model(collection, info, hasher.fingerprint)  # before hashing: a private collection is checked only here
     if info.bits != hasher.bits:
         raise UserError(f"collection {collection!r} holds {info.bits}-bit codes; the Triton model makes {hasher.bits}")
     keys = keys.at(info.key_id or 1)  # the key version the collection's codes are under (rotation moves it)
@@ -108,7 +145,8 @@ def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys, collection
                 report.bytes_uploaded += len(blob)
                 yield i, code.tobytes(), blob, {}
 
-    for ack in cloud.upload(collection, items(), batch_size=batch_size):
+    fingerprint = hasher.fingerprint or ""  # the model that made the codes: the server checks it
+    for ack in cloud.upload(collection, items(), model_fingerprint=fingerprint, batch_size=batch_size):
         report.uploaded += len(ack.ids)
         bar.update(len(ack.ids))
         elapsed = time.perf_counter() - t0

@@ -390,6 +390,7 @@ class LocalIndex:
         self.keys = page_keyring(image_keys, collection, key_id)
         self.cache = PageCache(cache) if cache is not None else None
         self.private: bool | None = None  # known after the first sync
+        self.model_fingerprint, self.image_size = "", 0  # the collection's model, from the sync header
         self.index = None
         self.pages = 0  # pages applied
         self.last_sync: SyncReport | None = None
@@ -428,6 +429,7 @@ class LocalIndex:
 
     def _check_header(self, header: pb.SyncHeader) -> None:
         self.private = header.mode == pb.PRIVATE_RANKING
+        self.model_fingerprint, self.image_size = header.model_fingerprint, header.image_size
         if self.bits is None:
             self.bits = validate_bits(header.bits)
         elif header.bits != self.bits:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dlheir.client.cloud import CloudClient
+from dlheir.client.cloud import CloudClient, check_model
 from dlheir.client.crypto import CodeTransform, Grant, decrypt_image, replace_private
 from dlheir.client.triton import TritonHasher
 from dlheir.errors import UserError
@@ -49,7 +49,10 @@ def search_image(query, grant: Grant, cloud: CloudClient, hasher: TritonHasher, 
 
     ``local`` (from :func:`dlheir.client.private.open_local`, for a collection in private-ranking
     mode): sync its new code pages and rank on this machine; the query's code never leaves it.
-    Otherwise the server ranks the transformed code."""
+    Otherwise the server ranks the transformed code. Codes of a model other than the collection's
+    are refused: by the server, or (private mode) here, before the query is hashed."""
+    if local is not None:
+        check_model(grant.collection, local, hasher.fingerprint)
     if grant.bits is not None and grant.bits != hasher.bits:
         raise UserError(f"the grant is for {grant.bits}-bit codes; the Triton model makes {hasher.bits}")
     import numpy as np
@@ -62,7 +65,8 @@ def search_image(query, grant: Grant, cloud: CloudClient, hasher: TritonHasher, 
     t1 = time.perf_counter()
     sync_s = 0.0
     if local is None:
-        (ids, dists), = cloud.search(grant.collection, np.frombuffer(code, np.uint8)[None, :], k)
+        (ids, dists), = cloud.search(grant.collection, np.frombuffer(code, np.uint8)[None, :], k,
+                                     model_fingerprint=hasher.fingerprint or "")
     else:
         sync_s = local.sync().seconds
         (ids, dists), = local.search(np.frombuffer(code, np.uint8)[None, :], k)

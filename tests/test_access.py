@@ -35,7 +35,10 @@ COLLECTION = "photos"
 
 
 class StandInHasher:
-    """Triton's interface (``bits``, ``hash_images``, ``hash_one``) over a table image bytes -> raw code."""
+    """Triton's interface (``bits``, ``fingerprint``, ``hash_images``, ``hash_one``) over a table image
+    bytes -> raw code. No model fingerprint: its collections are raw-code ones (``--bits``)."""
+
+    fingerprint = None
 
     def __init__(self, bits: int, table: dict[bytes, np.ndarray]) -> None:
         self.bits, self.table = bits, table
@@ -122,7 +125,7 @@ def world(tmp_path, monkeypatch, capsys, people):
         code = pack_bits(rng.integers(0, 2, (1, BITS), dtype=np.uint8))[0]
         raw[data] = raw[list(raw)[i // 2]] if i % 7 == 3 else code  # duplicates of earlier codes
     assert cli(capsys, "owner", "init", "--collection", COLLECTION)[0] == 0
-    assert cli(capsys, "owner", "create-collection", COLLECTION, "--server", server.address,
+    assert cli(capsys, "owner", "create-collection", COLLECTION, "--bits", BITS, "--server", server.address,
                "--admin-token-file", server.data_dir / "admin.token")[0] == 0
     tokens = json.loads((home / f"{COLLECTION}.tokens.json").read_text())
     files = image_files(images)

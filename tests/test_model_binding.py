@@ -6,6 +6,7 @@ second network behind it and shows a search through the user path refused, not a
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import grpc
@@ -141,3 +142,78 @@ def test_a_store_made_before_fingerprints_opens_and_keeps_its_items(tmp_path):
             assert {c.name: c.model_fingerprint for c in admin.list_collections()} == {"old": "", "new": A}
     columns = {r[1] for r in sqlite3.connect(data / STORE_FILE).execute("PRAGMA table_info(collections)")}
     assert {"model_fingerprint", "image_size"} <= columns  # migrated in place
+
+
+# --- end to end: another model installed behind a running deployment --------------------------
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from dlheir.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_search_after_another_model_is_installed_is_refused_not_answered(tmp_path, served_model, digits_small, capsys,
+                                                                         monkeypatch):
+    """Collections made and filled with model A (one server-ranked, one private-ranking); then a
+    different network (same architecture, other weights) is exported and installed behind the same
+    Triton deployment, which is restarted on the same ports. `dlheir user search` is refused with
+    one line naming both fingerprints (by the server, and for the private collection by the
+    client), and so is an upload; before the swap the same commands are answered."""
+    from conftest import SMALL_SIZE, margined_model
+    from dlheir.client.crypto import OwnerKeys, generate_user_keypair, make_grant
+    from dlheir.client.owner import create_collection, image_files, model_binding, upload_images
+    from dlheir.client.triton import TritonHasher
+    from dlheir.contract import ContractError
+    from dlheir.export.onnx_export import export_onnx
+    from dlheir.triton.launcher import TritonServer, free_port
+    from dlheir.triton.repository import prepare_repository
+
+    monkeypatch.setenv("DLHEIR_HOME", str(tmp_path / "home"))
+    repo = tmp_path / "model_repository"
+    model_a = prepare_repository(repo, served_model["onnx"], "onnx-cpu")
+    deployment = dict(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                      state_dir=tmp_path / "triton")
+    files = image_files(digits_small)
+    query = next(digits_small.glob("1/*.png"))
+    keys = OwnerKeys.generate()
+    alice, alice_pub = generate_user_keypair(tmp_path / "alice.pem")
+    tokens, grants = {}, {}
+
+    def search(name: str, triton: TritonServer) -> tuple[int, str, str]:
+        return _cli(capsys, "user", "search", query, "-k", 5, "--grant", grants[name], "--user-key", alice,
+                    "--triton", triton.grpc_url, "--out", tmp_path / f"found-{name}", "--json")
+
+    with run_cloud_server(tmp_path / "cloud") as cloud:
+        with TritonServer(repo, **deployment) as triton:
+            with TritonHasher(triton.grpc_url) as hasher, CloudClient(cloud.address) as admin:
+                assert hasher.fingerprint == model_a.fingerprint
+                for name, private in (("photos", False), ("sealed", True)):
+                    tokens[name] = create_collection(admin, name, cloud.admin_token, model_binding(hasher), private)
+                    with CloudClient(cloud.address, tokens[name][0]) as owner:
+                        assert upload_images(files, keys, name, owner, hasher, progress=False).uploaded == len(files)
+                    grants[name] = tmp_path / f"{name}.grant"
+                    grants[name].write_bytes(make_grant(keys, alice_pub.read_bytes(), name, tokens[name][1],
+                                                        cloud.address, hasher.bits))
+                    info = {c.name: c for c in admin.list_collections(cloud.admin_token)}[name]
+                    assert (info.model_fingerprint, info.image_size) == (model_a.fingerprint, SMALL_SIZE)
+            for name in grants:  # model A: answered
+                code, out, err = search(name, triton)
+                assert code == 0, err
+                assert json.loads(out)["results"][0]["distance"] == 0  # the query itself is stored
+
+        # another network, the same architecture with other weights, installed as a new version
+        onnx_b = export_onnx(margined_model(seed=1), tmp_path / "b.onnx", SMALL_SIZE)
+        model_b = prepare_repository(repo, onnx_b, "onnx-cpu")
+        assert model_b.version == model_a.version + 1 and model_b.fingerprint != model_a.fingerprint
+        with TritonServer(repo, **deployment) as triton:  # the same deployment, restarted
+            for name in grants:
+                code, out, err = search(name, triton)
+                assert code == 2 and out == "" and err.count("\n") == 1, (code, out, err)
+                assert f"model {model_a.fingerprint} ({SMALL_SIZE} px, 48 bits)" in err
+                assert f"come from model {model_b.fingerprint}" in err
+            with TritonHasher(triton.grpc_url) as hasher, CloudClient(cloud.address, tokens["photos"][0]) as owner:
+                before = owner.stats("photos").items
+                with pytest.raises(ContractError, match=f"{model_a.fingerprint}.*{model_b.fingerprint}"):
+                    upload_images(files, keys, "photos", owner, hasher, progress=False)
+                assert owner.stats("photos").items == before

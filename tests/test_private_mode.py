@@ -420,9 +420,9 @@ def test_per_user_readers_and_key_rotation_in_private_mode(world):
 
 
 class _FixedHasher:
-    """Stands in for Triton: the query 'image' is its own raw code."""
+    """Stands in for Triton: the query 'image' is its own raw code (no model fingerprint)."""
 
-    bits = 48
+    bits, fingerprint = 48, None
 
     def hash_one(self, code):
         return np.zeros(48, np.float32), np.asarray(code, np.uint8)
