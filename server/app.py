@@ -188,7 +188,7 @@ def build_server(args: argparse.Namespace):
         service = CloudStoreService(store, token, args.shards, args.mih_min_items, args.index)
     except StoreError as exc:
         raise UserError(str(exc)) from None
-    log.info("index rebuilt from the store in %.1f s: %s", time.monotonic() - started,
+    log.info("index ready in %.1f s: %s", time.monotonic() - started,
              ", ".join(f"{c.name!r} {len(c.index)} items ({c.index.kind})" for c in service.collections.values())
              or "no collections")
     _release_free_heap()
@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("stopping: finishing calls in progress (2 s grace)")
     service.health.enter_graceful_shutdown()  # health checks answer NOT_SERVING from here
     server.stop(grace=2).wait()
+    service.save_snapshots()  # the next start loads these instead of rebuilding the index
     service.store.close()
     log.info("stopped")
     return 0

@@ -45,6 +45,7 @@ FAST_BYTES = (8, 16, 32, 64)  # code sizes IndexBinaryFlat has specialised paths
 PARALLEL_MIN_WORK = 65536  # (codes x queries) below which a thread hand-off costs more than the scan it splits
 MIH_MIN_ITEMS = 200_000  # from here on, multi-index hashing may beat the flat scan (bench search)
 RESEAL_FRACTION = 0.1  # re-seal when the flat delta passes this share of the sealed part
+STATE_FORMAT = 1  # of ``BinaryIndex.state()``
 MERGE_BUDGET = 4_000_000  # candidates (distance + id: 12 bytes each) held at once by one search
 
 
@@ -67,6 +68,19 @@ def gpu_available() -> bool:
         return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     except Exception:  # noqa: BLE001 - a broken GPU runtime means "no GPU"
         return False
+
+
+@contextmanager
+def faiss_threads(n: int):
+    """FAISS's OpenMP threads for the calls made inside, in the calling thread only (OpenMP keeps
+    the setting per thread), restored after: parallelism here comes from the shards, one FAISS
+    call per shard and thread, and nothing else in the process is affected."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _new_index(nbytes: int):
@@ -168,12 +182,14 @@ class _Shard:
         k = min(k, self.n)
         if k == 0:
             return np.zeros((len(queries), 0), np.int32), np.zeros((len(queries), 0), np.int64)
-        dist, pos = self.index.search(queries, k)
+        with faiss_threads(1):
+            dist, pos = self.index.search(queries, k)
         return dist, self.ids[pos]
 
     def within(self, query: np.ndarray, max_dist: int) -> tuple[np.ndarray, np.ndarray]:
         """All items at distance <= max_dist from one query: (distances, ids)."""
-        lims, dist, pos = self.index.range_search(query[None, :], max_dist + 1)  # binary radius is strict (<)
+        with faiss_threads(1):
+            lims, dist, pos = self.index.range_search(query[None, :], max_dist + 1)  # binary radius is strict (<)
         return dist[lims[0]:lims[1]], self.ids[pos[lims[0]:lims[1]]]
 
 
@@ -196,6 +212,7 @@ class BinaryIndex:
         self.mih_min = MIH_MIN_ITEMS if mih_min is None else mih_min
         self.sealed: MultiIndexHash | None = None
         self._generation = 0  # bumped by every change: a seal built from an older snapshot is dropped
+        self.seals = 0  # multi-index hash builds swapped in so far
         self._flat_until = 0  # a timing chose the flat scan: stay flat below this size
         self.choice: dict | None = None  # the last flat-vs-hashing timing (per query, ms)
         self.code_len = -(-bits // 8)
@@ -274,9 +291,8 @@ class BinaryIndex:
             generation = self._generation
             ids, codes = [], []
             if self.sealed is not None:
-                live = self.sealed.alive
-                ids.append(self.sealed.ids[live])
-                codes.append(self.sealed.codes_bytes(live, self.code_len))
+                ids.append(self.sealed.live_ids())
+                codes.append(self.sealed.codes_bytes(self.sealed.alive, self.code_len))
             for shard in self.shards:
                 if shard.n:
                     ids.append(shard.ids.copy())
@@ -297,7 +313,42 @@ class BinaryIndex:
                 return False
             self.sealed = sealed
             self.shards = [_Shard(self.nbytes) for _ in self.shards]
+            self.seals += 1
         return True
+
+    # --- snapshot (dlheir.server.snapshot) ------------------------------------------------------
+    def state(self) -> dict[str, np.ndarray]:
+        """Everything this index holds, as named arrays: the sealed multi-index hash's own arrays
+        (``mih_*``) and the flat shards' ids and codes; one consistent view (read lock)."""
+        with self.lock.read():
+            out = {"index_meta": np.array([STATE_FORMAT, self.bits, self._n, self._flat_until], dtype=np.int64)}
+            if self.sealed is not None:
+                out.update({f"mih_{k}": v for k, v in self.sealed.arrays().items()})
+            ids = [s.ids.copy() for s in self.shards if s.n]
+            codes = [s.codes()[:, : self.code_len] for s in self.shards if s.n]
+        out["flat_ids"] = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        out["flat_codes"] = np.concatenate(codes) if codes else np.zeros((0, self.code_len), np.uint8)
+        return out
+
+    @classmethod
+    def from_state(cls, arrays, bits: int, n_shards: int | None = None, pool: ThreadPoolExecutor | None = None,
+                   mih_min: int | None = None, choose: str = "auto") -> "BinaryIndex":
+        """The inverse of ``state()`` (no rebuild: the sealed arrays are used as they are);
+        ValueError when the arrays are not a state of this format, code length and size."""
+        fmt, state_bits, n, flat_until = (int(x) for x in arrays["index_meta"])
+        if fmt != STATE_FORMAT or state_bits != bits:
+            raise ValueError(f"index state of format {fmt} for {state_bits}-bit codes, expected {STATE_FORMAT} "
+                             f"and {bits}")
+        index = cls(bits, n_shards, pool, mih_min, choose)
+        if "mih_meta" in arrays:
+            index.sealed = MultiIndexHash.from_arrays({k[4:]: arrays[k] for k in arrays if k.startswith("mih_")})
+        flat_ids = np.asarray(arrays["flat_ids"])
+        index._n = 0 if index.sealed is None else index.sealed.n_alive
+        index.add(flat_ids, np.asarray(arrays["flat_codes"]), seal=False)
+        if len(index) != n:
+            raise ValueError(f"index state holds {len(index)} items, its header says {n}")
+        index._flat_until = flat_until
+        return index
 
     def _hashing_pays_off(self, sealed: MultiIndexHash, k: int = 20, n_queries: int = 16) -> bool:
         """Whether multi-index hashing answers this collection's own codes (as queries: real
@@ -407,5 +458,3 @@ class BinaryIndex:
             results.append((i.copy(), d.astype(np.uint32)))  # copies: no view keeps the chunk's arrays alive
         return results
 
-
-faiss.omp_set_num_threads(1)  # parallelism comes from the shards (one FAISS call per shard and thread)

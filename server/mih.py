@@ -2,23 +2,30 @@
 Hamming Space with Multi-Index Hashing", CVPR 2012), in numpy.
 
 A code of N <= 64 bits is cut into m disjoint substrings; each substring has a table that
-lists the rows by substring value (a counting sort: ``order`` plus ``starts``). By the
-pigeonhole principle, a code within distance d of the query has, in some substring, distance
-at most floor(d / m) from the query's substring. So probing every table at substring radius
-0, 1, 2, ... finds the codes nearest first, and after radius r has been probed in tables
-0..j, *every* code within distance ``m*r + j`` has been found. The search stops once it holds
-k live candidates and the k-th smallest distance is within that bound: the result is then the
-exact top k by (distance, id), ties included, as the flat index gives.
+lists the rows by substring value. By the pigeonhole principle, a code within distance d of
+the query has, in some substring, distance at most floor(d / m) from the query's substring.
+So probing every table at substring radius 0, 1, 2, ... finds the codes nearest first, and
+after radius r has been probed in tables 0..j, *every* code within distance ``m*r + j`` has
+been found. The search stops once it holds k live candidates and the k-th smallest distance
+is within that bound: the result is then the exact top k by (distance, id), ties included, as
+the flat index gives.
 
-The structure is immutable once built (rows sorted by id); deletes clear a row's ``alive``
-flag. ``dlheir.server.index.BinaryIndex`` keeps new items in flat FAISS shards and rebuilds
-this structure over everything when those grow too large.
+Memory (what the server holds per item): the rows are stored sorted by the first substring
+(then id), so table 0 needs no row list: a bucket is a range of the rows themselves. Every
+other table has a row list (int32). Each table has bucket starts (a counting sort; above 2^16
+buckets, an int32 per 256 buckets plus a uint16 offset per bucket). Ids are held as uint32
+when they all fit, else int64; codes as one uint64 each. A search keeps no per-row state: a
+row reached again through another table is recognised from its substring distances (it was
+found first where that distance is smaller), so no "visited" array per thread is needed.
+
+The structure is immutable once built; deletes clear a row's ``alive`` flag.
+``dlheir.server.index.BinaryIndex`` keeps new items in flat FAISS shards and rebuilds this
+structure over everything when those grow too large.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from itertools import combinations
 
 import numpy as np
@@ -27,6 +34,7 @@ from dlheir.contract import rank
 
 _POPCOUNT16 = np.array([bin(i).count("1") for i in range(1 << 16)], dtype=np.uint8)
 MAX_SUBSTRING_BITS = 24
+FORMAT = 2  # of ``arrays()``: bumped whenever the layout changes (old snapshots are then rebuilt)
 
 
 def to_uint64(codes: np.ndarray) -> np.ndarray:
@@ -71,40 +79,114 @@ def _radix_argsort(keys: np.ndarray, bits: int) -> np.ndarray:
     return order.astype(np.int32)
 
 
+class _Directory:
+    """Bucket starts of one table: ``lookup(keys)`` = the first row of each bucket (``keys`` may
+    be 2^length: the end). Large tables (over 2^16 buckets) hold one int32 start per 256 buckets
+    plus a uint16 offset per bucket (half the bytes), when every 256-bucket block holds fewer
+    than 65,536 rows; else one start per bucket."""
+
+    BLOCK = 8  # log2 of the buckets per coarse entry
+
+    def __init__(self, coarse: np.ndarray, fine: np.ndarray) -> None:
+        self.coarse, self.fine = coarse, fine
+
+    @classmethod
+    def build(cls, sub: np.ndarray, length: int) -> "_Directory":
+        starts = np.zeros((1 << length) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(sub, minlength=1 << length), out=starts[1:])
+        if length > 16:
+            coarse = starts[:: 1 << cls.BLOCK]  # 2^(length-8) + 1 entries, the last one n
+            fine = starts - np.repeat(coarse, 1 << cls.BLOCK)[: len(starts)]
+            if fine.max() < 1 << 16:
+                return cls(coarse.astype(np.int64), fine.astype(np.uint16))
+        return cls(np.zeros(0, np.int64), starts.astype(np.int32 if starts[-1] < 2**31 else np.int64))
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        if not len(self.coarse):
+            return self.fine[keys].astype(np.int64)
+        return self.coarse[keys >> self.BLOCK] + self.fine[keys]
+
+    @property
+    def nbytes(self) -> int:
+        return self.coarse.nbytes + self.fine.nbytes
+
+
+def _id_dtype(ids: np.ndarray):
+    """uint32 when every id fits (4 bytes per item instead of 8), else int64."""
+    return np.uint32 if not len(ids) or (ids.min() >= 0 and ids.max() < 2**32) else np.int64
+
+
 class MultiIndexHash:
-    """Immutable multi-index hash over (ids, codes); ``search`` is exact."""
+    """Immutable multi-index hash over (ids, codes); ``search_one`` is exact."""
 
     def __init__(self, ids: np.ndarray, codes: np.ndarray, bits: int) -> None:
         if bits > 64:
             raise ValueError("multi-index hashing here packs codes in 64 bits")
         ids = np.asarray(ids, dtype=np.int64)
-        order = np.argsort(ids, kind="stable")
-        self.ids = ids[order]
-        self.codes = to_uint64(np.asarray(codes, dtype=np.uint8)[order])
-        self.alive = np.ones(len(ids), dtype=bool)
-        self._local = threading.local()
-        self.n_alive = len(ids)
-        self.bits = bits
-        self.lengths = substring_lengths(bits, len(ids))
-        self.tables = []  # per substring: (shift, mask, order int32, starts int32)
-        end = 64
-        for length in self.lengths:
-            shift = end - length
-            mask = (1 << length) - 1
-            sub = ((self.codes >> np.uint64(shift)) & np.uint64(mask)).astype(np.int64)
-            rows = _radix_argsort(sub, length)
-            starts = np.zeros((1 << length) + 1, dtype=np.int64)
-            np.cumsum(np.bincount(sub, minlength=1 << length), out=starts[1:])
-            self.tables.append((shift, mask, rows, starts.astype(np.int32 if len(ids) < 2**31 else np.int64)))
-            end = shift
+        codes64 = to_uint64(np.asarray(codes, dtype=np.uint8))
+        lengths = substring_lengths(bits, len(ids))
+        by_id = np.argsort(ids, kind="stable")
+        shift0 = 64 - lengths[0]
+        # rows sorted by (first substring, id): table 0 is then the row order itself
+        order = by_id[_radix_argsort((codes64[by_id] >> np.uint64(shift0)).astype(np.int64), lengths[0])]
+        ids, codes64 = ids[order], codes64[order]
+        self._setup(ids.astype(_id_dtype(ids)), codes64, np.ones(len(ids), dtype=bool), bits, lengths, None)
+
+    def _setup(self, ids, codes, alive, bits, lengths, tables) -> None:
+        self.ids, self.codes, self.alive = ids, codes, alive
+        self.n_alive = int(alive.sum())
+        self.bits, self.lengths = bits, list(lengths)
+        self.shifts = [int(s) for s in 64 - np.cumsum(self.lengths)]  # substring j: bits [shift_j, shift_j + length_j)
+        self.masks = [(1 << length) - 1 for length in self.lengths]
+        if tables is None:  # table 0: bucket starts only (rows are in its order); tables 1..: row list too
+            tables = []
+            for j, (shift, length) in enumerate(zip(self.shifts, self.lengths)):
+                sub = ((codes >> np.uint64(shift)) & np.uint64((1 << length) - 1)).astype(np.int64)
+                tables.append((None if j == 0 else _radix_argsort(sub, length), _Directory.build(sub, length)))
+        self.tables = tables
+        # per table, the bits of the code it covers (to tell a row's substring distances)
+        self._sub_masks = [np.uint64(mask << shift) for mask, shift in zip(self.masks, self.shifts)]
 
     def __len__(self) -> int:
         return self.n_alive
 
+    # --- snapshot (dlheir.server.snapshot) ---------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Everything this structure holds, as named arrays (``alive`` copied: deletes change it)."""
+        out = {"ids": self.ids, "codes": self.codes, "alive": self.alive.copy(),
+               "meta": np.array([FORMAT, self.bits, *self.lengths], dtype=np.int64)}
+        for j, (rows, directory) in enumerate(self.tables):
+            if rows is not None:
+                out[f"rows{j}"] = rows
+            out[f"coarse{j}"], out[f"fine{j}"] = directory.coarse, directory.fine
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "MultiIndexHash":
+        """The inverse of ``arrays()``; ValueError when they are not of this format or inconsistent."""
+        meta = [int(x) for x in arrays["meta"]]
+        if meta[0] != FORMAT:
+            raise ValueError(f"multi-index hash format {meta[0]}, expected {FORMAT}")
+        bits, lengths = meta[1], meta[2:]
+        n = len(arrays["ids"])
+        tables = [(arrays[f"rows{j}"] if j else None, _Directory(arrays[f"coarse{j}"], arrays[f"fine{j}"]))
+                  for j in range(len(lengths))]
+        ends = [int(d.lookup(np.array([1 << length]))[0]) for (_, d), length in zip(tables, lengths)]
+        if (sum(lengths) != bits or len(arrays["codes"]) != n or len(arrays["alive"]) != n or ends != [n] * len(ends)
+                or any(len(d.fine) != (1 << length) + 1 for (_, d), length in zip(tables, lengths))
+                or any(len(r) != n for r, _ in tables[1:])):
+            raise ValueError("multi-index hash arrays do not fit together")
+        self = cls.__new__(cls)
+        self._setup(arrays["ids"], arrays["codes"], arrays["alive"], bits, lengths, tables)
+        return self
+
     @property
     def nbytes(self) -> int:
         return (self.ids.nbytes + self.codes.nbytes + self.alive.nbytes
-                + sum(t[2].nbytes + t[3].nbytes for t in self.tables))
+                + sum((0 if rows is None else rows.nbytes) + d.nbytes for rows, d in self.tables))
+
+    def live_ids(self) -> np.ndarray:
+        return self.ids[self.alive].astype(np.int64)
 
     def codes_bytes(self, rows, code_len: int) -> np.ndarray:
         """The packed codes [len(rows), code_len] of these rows (a bool mask or indices)."""
@@ -113,12 +195,26 @@ class MultiIndexHash:
     def remove(self, ids: np.ndarray) -> int:
         """Mark these ids deleted; returns how many live rows that removed."""
         ids = np.unique(np.asarray(ids, dtype=np.int64))
-        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)  # rows are sorted by id
-        rows = pos[self.ids[pos] == ids]
-        rows = rows[self.alive[rows]]
+        ids = ids[(ids >= 0) & (ids <= np.iinfo(self.ids.dtype).max)]
+        if not len(ids) or not len(self.ids):
+            return 0
+        rows = np.flatnonzero(np.isin(self.ids, ids.astype(self.ids.dtype)) & self.alive)  # O(n): deletes are rare
         self.alive[rows] = False
         self.n_alive -= len(rows)
         return len(rows)
+
+    def _probe(self, j: int, keys: np.ndarray) -> np.ndarray:
+        """Rows whose substring j is one of ``keys`` (concatenated bucket ranges)."""
+        order, directory = self.tables[j]  # table 0: rows are in its order (no row list)
+        lo, hi = directory.lookup(keys), directory.lookup(keys + 1)
+        lens = hi - lo
+        nz = lens > 0
+        lo, lens = lo[nz], lens[nz]
+        total = int(lens.sum())
+        if not total:
+            return np.zeros(0, dtype=np.int64)
+        idx = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(lo, lens)
+        return idx if order is None else order[idx]
 
     def search_one(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64, distances int32) of the exact top k live codes by (distance, id)."""
@@ -126,59 +222,43 @@ class MultiIndexHash:
         k = min(k, self.n_alive)
         if k == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int32)
-        m = len(self.tables)
-        visited = self._visited()
-        touched: list[np.ndarray] = []  # every row flagged, to clear the flags afterwards
+        m = len(self.lengths)
+        qi = int(q)
         found_rows: list[np.ndarray] = []  # live candidates and their distances
         found_d: list[np.ndarray] = []
         hist = np.zeros(65, dtype=np.int64)  # live candidates found, by distance
         n_found = 0
-        try:
-            for r in range(max(self.lengths) + 1):
-                for j, (shift, mask, order, starts) in enumerate(self.tables):
-                    if r <= self.lengths[j]:
-                        rows = self._probe(order, starts, _flips(self.lengths[j], r) ^ ((int(q) >> shift) & mask))
-                        rows = rows[~visited[rows]]  # one probe's rows are distinct; skip rows seen before
-                        visited[rows] = True
-                        touched.append(rows)
-                        rows = rows[self.alive[rows]]
-                        d = popcount64(self.codes[rows] ^ q)
+        bound = 64  # once k candidates are held, farther rows can never enter the top k
+        for r in range(max(self.lengths) + 1):
+            for j in range(m):
+                if r <= self.lengths[j]:
+                    keys = _flips(self.lengths[j], r) ^ ((qi >> self.shifts[j]) & self.masks[j])
+                    rows = self._probe(j, keys)
+                    if len(rows):
+                        x = self.codes[rows] ^ q
+                        d = popcount64(x)
+                        keep = (d <= bound) & self.alive[rows]
+                        rows, x, d = rows[keep], x[keep], d[keep]
+                        # a row seen before was found in a table where its substring distance is
+                        # smaller (earlier radius) or equal with a smaller table number: drop it
+                        for jj in range(m):
+                            if jj != j and (jj < j or r > 0) and len(rows):
+                                new = popcount64(x & self._sub_masks[jj]) > (r if jj < j else r - 1)
+                                rows, x, d = rows[new], x[new], d[new]
                         found_rows.append(rows)
                         found_d.append(d)
                         hist += np.bincount(d, minlength=65)
                         n_found += len(rows)
-                    if n_found >= k:
-                        kth = int(np.searchsorted(np.cumsum(hist), k))  # the k-th smallest distance found
-                        if kth <= m * r + j:  # every code within m*r + j has been found: exact
-                            return self._top_k(np.concatenate(found_rows), np.concatenate(found_d), k, kth)
-            return self._top_k(np.concatenate(found_rows), np.concatenate(found_d), k, 64)  # all probed
-        finally:
-            for rows in touched:
-                visited[rows] = False
-
-    def _visited(self) -> np.ndarray:
-        """A per-thread all-False flag per row, reused across searches (cleared after each)."""
-        flags = getattr(self._local, "visited", None)
-        if flags is None:
-            flags = self._local.visited = np.zeros(len(self.ids), dtype=bool)
-        return flags
-
-    @staticmethod
-    def _probe(order: np.ndarray, starts: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        """Rows whose substring value is one of ``keys`` (concatenated bucket ranges)."""
-        lo, hi = starts[keys], starts[keys + 1]
-        lens = hi - lo
-        nz = lens > 0
-        lo, lens = lo[nz], lens[nz]
-        total = int(lens.sum())
-        if not total:
-            return np.zeros(0, dtype=order.dtype)
-        idx = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(lo, lens)
-        return order[idx]
+                if n_found >= k:
+                    kth = int(np.searchsorted(np.cumsum(hist), k))  # the k-th smallest distance found
+                    if kth <= m * r + j:  # every code within m*r + j has been found: exact
+                        return self._top_k(np.concatenate(found_rows), np.concatenate(found_d), k, kth)
+                    bound = kth
+        return self._top_k(np.concatenate(found_rows), np.concatenate(found_d), k, 64)  # all probed
 
     def _top_k(self, rows: np.ndarray, d: np.ndarray, k: int, kth: int) -> tuple[np.ndarray, np.ndarray]:
         near = d <= kth  # the top k lie within the k-th distance: sort only those
         rows, d = rows[near], d[near]
-        ids = self.ids[rows]
+        ids = self.ids[rows].astype(np.int64)
         top = rank(d, ids)[:k]  # the project's one (distance, id) order
         return ids[top], d[top].astype(np.int32)

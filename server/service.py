@@ -17,6 +17,7 @@ import numpy as np
 from dlheir.codes import pack_bits, unpack_bits
 from dlheir.contract import ContractError, check_code, code_bytes, model_mismatch, validate_bits
 from dlheir.server.guard import bearer_token, clip
+from dlheir.server import snapshot
 from dlheir.server.index import BinaryIndex, default_shards
 from dlheir.proto import dlheir_cloud_pb2 as pb
 from dlheir.proto import dlheir_cloud_pb2_grpc as pb_grpc
@@ -64,6 +65,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         self.mih_min = mih_min  # collection size from which search may use multi-index hashing
         self.index_choice = index_choice  # auto (timed per collection), flat or mih
         self.store = store
+        self.data_dir = store.path.parent  # index snapshots go to its index/ folder
         self.admin_hash = token_hash(admin_token)
         self.n_shards = n_shards or default_shards()
         self.pool = ThreadPoolExecutor(self.n_shards, thread_name_prefix="shard")  # shared by all collections
@@ -72,21 +74,66 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         self._known_hashes: frozenset[str] = frozenset({self.admin_hash})
         private = store.page_private_collections()
         models = store.models()
-        for name, bits, owner_hash, reader_hash in store.collections():  # rebuild the index from the store
+        generation = store.generation()
+        snapshot.clear_leftovers(self.data_dir)
+        rebuilt = []
+        for name, bits, owner_hash, reader_hash in store.collections():
             col = self._open(name, bits, owner_hash, reader_hash)
             col.private = name in private  # no codes stored: its index stays empty
             col.fingerprint, col.image_size = models.get(name, ("", 0))
-            for ids, codes in store.codes(name):
-                col.index.add(np.array(ids, dtype=np.int64), np.frombuffer(codes, np.uint8), seal=False)
-            col.index.maybe_seal()  # large collections: one multi-index hash build, after loading
+            if not col.private:  # the snapshot of a clean shutdown, else rebuilt from the store
+                index = snapshot.load(snapshot.snapshot_path(self.data_dir, name), generation, bits,
+                                      **self._index_kwargs())
+                if index is None:
+                    for ids, codes in store.codes(name):
+                        col.index.add(np.array(ids, dtype=np.int64), np.frombuffer(codes, np.uint8), seal=False)
+                    col.index.maybe_seal()  # large collections: one multi-index hash build, after loading
+                    rebuilt.append(col)
+                else:
+                    col.index = index
+        if rebuilt:  # a crash now need not rebuild again: snapshot what was just built
+            self._snapshot_in_background(rebuilt)
         self._user_hashes: frozenset[str] = frozenset()  # active per-user reader tokens, all collections
         self._load_access()
 
+    def _index_kwargs(self) -> dict:
+        return {"n_shards": self.n_shards, "pool": self.pool, "mih_min": self.mih_min, "choose": self.index_choice}
+
     def _open(self, name, bits, owner_hash, reader_hash) -> Collection:
-        col = Collection(name, bits, owner_hash, reader_hash, BinaryIndex(bits, self.n_shards, self.pool, self.mih_min, self.index_choice))
+        col = Collection(name, bits, owner_hash, reader_hash, BinaryIndex(bits, **self._index_kwargs()))
         self.collections[name] = col
         self._known_hashes = self._known_hashes | {owner_hash, reader_hash}
         return col
+
+    # --- index snapshots (dlheir.server.snapshot) --------------------------------------------
+    def _snapshot(self, col: Collection) -> None:
+        """Write one collection's snapshot: its index and the store's write counter, taken
+        together under the write lock (no upload or delete between them), written outside it."""
+        with self.write_lock:
+            if self.collections.get(col.name) is not col:  # deleted meanwhile
+                return
+            generation, arrays = self.store.generation(), col.index.state()
+        seconds = snapshot.save(snapshot.snapshot_path(self.data_dir, col.name), generation, arrays)
+        log.info("collection %r: index snapshot (%d items) written in %.2f s", col.name, len(col.index), seconds)
+
+    def save_snapshots(self) -> None:
+        """Snapshot every server-ranked collection (at a clean shutdown, after the last call)."""
+        for col in list(self.collections.values()):
+            if not col.private:
+                try:
+                    self._snapshot(col)
+                except OSError as exc:  # no snapshot only costs a rebuild at the next start
+                    log.warning("collection %r: index snapshot not written: %s", col.name, exc)
+
+    def _snapshot_in_background(self, cols: list[Collection]) -> None:
+        def run():
+            for col in cols:
+                try:
+                    self._snapshot(col)
+                except Exception as exc:  # noqa: BLE001 - the store stays the source of truth
+                    log.warning("collection %r: index snapshot not written: %s", col.name, exc)
+
+        threading.Thread(target=run, name="snapshot", daemon=True).start()
 
     # --- auth -------------------------------------------------------------------------
     def known_token(self, token: str) -> bool:
@@ -195,6 +242,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         with self.write_lock:
             self.store.delete_collection(col.name)  # durable first; then its tokens stop opening anything
             self.collections.pop(col.name, None)
+            snapshot.remove(self.data_dir, col.name)
             self._known_hashes = self._known_hashes - {col.owner_hash, col.reader_hash}
             self._refresh_user_hashes()
         log.info("collection %r deleted (%d items) by %s", col.name, info.items, context.peer())
@@ -242,7 +290,10 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             self.store.write_batch(col.name, batch, replace)  # durable from here
             if not col.private:  # private mode: nothing to index
                 codes = np.frombuffer(b"".join(b[1] for b in batch), np.uint8)
+                seals = col.index.seals
                 col.index.add(np.array(ids, dtype=np.int64), codes, replace_ids=sorted(existing) if existing else None)
+                if col.index.seals != seals:  # just re-sealed: snapshot it (used if no write follows a crash)
+                    self._snapshot_in_background([col])
             return self._size(col)
 
     def Upload(self, request_iterator, context):
@@ -425,7 +476,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             col.readers = {}
             self._refresh_user_hashes()
             self._drop_shared_reader(col)
-            index = BinaryIndex(bits, self.n_shards, self.pool, self.mih_min, self.index_choice)
+            index = BinaryIndex(bits, **self._index_kwargs())
             for ids, codes in self.store.codes(col.name):
                 if codes:  # items stored without a code (private-ranking mode) have nothing to index
                     index.add(np.array(ids, dtype=np.int64), np.frombuffer(codes, np.uint8), seal=False)

@@ -108,6 +108,12 @@ CREATE TABLE IF NOT EXISTS code_pages (
 # Columns added to a table after stores were made with it: a store without them gains them (empty
 # values) when it opens. collections.model_fingerprint/image_size: the model whose codes a
 # collection holds ('' = a raw-code collection, or one made before fingerprints: unchecked).
+# One counter, raised by every write transaction: an index snapshot (dlheir.server.snapshot)
+# records the value it was taken at and is used at start only while the store still has it.
+GENERATION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS generation (value INTEGER NOT NULL);
+INSERT INTO generation SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM generation);
+"""
 ADDED_COLUMNS = (
     ("collections", "model_fingerprint", "TEXT NOT NULL DEFAULT ''"),
     ("collections", "image_size", "INTEGER NOT NULL DEFAULT 0"),
@@ -197,6 +203,7 @@ class Store:
             self._add_columns()
             self._conn.executescript(PAGES_SCHEMA)
             self._conn.executescript(ACCESS_SCHEMA)
+            self._conn.executescript(GENERATION_SCHEMA)
             if max_bytes:  # a quota: SQLite answers SQLITE_FULL past it, exactly as on a full disk
                 self._conn.execute(f"PRAGMA max_page_count={max(1, max_bytes // PAGE_SIZE)}")
         except sqlite3.Error as exc:
@@ -250,6 +257,7 @@ class Store:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("UPDATE generation SET value = value + 1")  # any snapshot is now stale
                 self._conn.execute("COMMIT")
             except BaseException:
                 # SQLite rolls back by itself on some errors (SQLITE_FULL in COMMIT, for one);
@@ -257,6 +265,11 @@ class Store:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
+
+    def generation(self) -> int:
+        """The write counter: changes with every committed write transaction."""
+        with self._sqlite_errors(), self._lock:
+            return int(self._conn.execute("SELECT value FROM generation").fetchone()[0])
 
     def quick_check(self) -> list[str]:
         """SQLite's ``PRAGMA quick_check``: [] when the file is sound, else what is wrong (a check

@@ -46,7 +46,7 @@ def test_multi_index_hash_equals_brute_force(bits, kind):
     codes = _codes(rng, n, bits, kind)
     ids = rng.choice(10 * n, n, replace=False).astype(np.int64)
     mih = MultiIndexHash(ids, codes, bits)
-    assert len(mih.tables) == len(substring_lengths(bits, n)) >= 1
+    assert len(mih.lengths) == len(substring_lengths(bits, n)) >= 1 and len(mih.tables) == len(mih.lengths)
     queries = np.concatenate([codes[:10], _codes(rng, 10, bits, kind)])
     for k in (1, 7, 100):
         for q in queries:
@@ -115,3 +115,34 @@ def test_auto_choice_times_both_and_keeps_the_faster():
     if not faster_is_hashing:  # stays flat until the collection doubles
         index.add(np.arange(30_000, 31_000), codes[:1_000])
         assert index.kind == "flat" and index.choice["size"] == 30_000
+
+
+@pytest.mark.parametrize("kind", ["random", "two codes"])
+def test_large_tables_two_level_directory(kind):
+    """Above 2^16 buckets a table's starts are an int32 per 256 buckets plus a uint16 offset
+    (random codes), or one int32 per bucket when a block holds 65,536 rows or more (two
+    distinct codes, 70,000 copies each): exact either way, also after a snapshot round trip."""
+    rng = np.random.default_rng(11)
+    bits, n = 52, 140_000  # substrings of 17-18 bits
+    codes = _codes(rng, n, bits, "random")
+    if kind == "two codes":
+        codes = codes[np.arange(n) % 2]
+    ids = rng.choice(2**40, n, replace=False).astype(np.int64)  # ids past 2^32: held as int64
+    mih = MultiIndexHash(ids, codes, bits)
+    assert min(mih.lengths) > 16 and mih.ids.dtype == np.int64
+    two_level = [len(d.coarse) > 0 for _, d in mih.tables]
+    assert all(two_level) if kind == "random" else not any(two_level)
+    copy = MultiIndexHash.from_arrays(mih.arrays())
+    for q in np.concatenate([codes[:4], _codes(rng, 4, bits, "random")]):
+        want = _brute_force(ids, codes, q, 25)
+        for index in (mih, copy):
+            got_ids, got_d = index.search_one(q, 25)
+            assert (list(got_ids), list(got_d)) == want
+
+
+def test_small_ids_are_held_in_four_bytes():
+    codes = np.random.default_rng(1).integers(0, 256, (1000, 6), dtype=np.uint8)
+    mih = MultiIndexHash(np.arange(1000) + 2**32 - 1000, codes, 48)
+    assert mih.ids.dtype == np.uint32
+    ids, _ = mih.search_one(codes[5], 1)
+    assert ids.dtype == np.int64 and ids[0] == 2**32 - 1000 + 5

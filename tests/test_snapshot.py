@@ -1,0 +1,147 @@
+"""Index snapshots (server/snapshot.py): a clean shutdown writes each collection's index with
+the store's write counter; the next start loads it instead of rebuilding, and a stale (writes
+after it, then a crash), damaged or mismatched snapshot is ignored and the index rebuilt from
+the store. Results stay the exact top k (ties by id) in every case."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dlheir.client.cloud import CloudClient
+from dlheir.codes import hamming
+from dlheir.contract import rank
+from dlheir.server import snapshot
+from dlheir.server.index import BinaryIndex
+from dlheir.server.testing import CloudServerProcess
+
+BITS = 48
+SERVER_ARGS = ["--mih-min-items", "2000", "--index", "mih", "--shards", "2"]
+
+
+def _expected(stored: dict[int, bytes], query: np.ndarray, k: int):
+    ids = np.array(sorted(stored), dtype=np.int64)
+    codes = np.frombuffer(b"".join(stored[i] for i in ids.tolist()), np.uint8).reshape(-1, query.shape[-1])
+    d = hamming(query[None], codes)[0].astype(np.int64)
+    top = rank(d, ids)[:k]
+    return ids[top].tolist(), d[top].tolist()
+
+
+def _check(client: CloudClient, stored: dict[int, bytes], queries: np.ndarray) -> None:
+    for k in (1, 20, 300):
+        for (ids, d), q in zip(client.search("c", queries, k), queries):
+            assert (ids.tolist(), d.tolist()) == _expected(stored, q, k)
+
+
+def _codes(rng, n: int) -> np.ndarray:
+    return rng.integers(0, 4, (n, BITS // 8), dtype=np.uint8)  # tie-heavy: many equal distances
+
+
+def _log(server: CloudServerProcess) -> str:
+    return (server.data_dir / "server.log").read_text()
+
+
+@pytest.fixture
+def grown(tmp_path):
+    """A server holding 6,000 items (sealed into multi-index hashing), some deleted and replaced."""
+    rng = np.random.default_rng(3)
+    server = CloudServerProcess(tmp_path / "cloud", extra_args=SERVER_ARGS).start()
+    try:
+        with CloudClient(server.address) as admin:
+            owner_token, _ = admin.create_collection("c", BITS, server.admin_token)
+        owner = CloudClient(server.address, owner_token)
+        codes = _codes(rng, 6000)
+        stored = {i: codes[i].tobytes() for i in range(6000)}
+        list(owner.upload("c", ((i, c, b"b", {}) for i, c in stored.items()), batch_size=1000))
+        owner.delete("c", list(range(0, 6000, 7)))
+        for i in range(0, 6000, 7):
+            del stored[i]
+        replaced = {i: c.tobytes() for i, c in zip(range(1, 6000, 11), _codes(rng, 600))}
+        list(owner.upload("c", ((i, c, b"b", {}) for i, c in replaced.items()), batch_size=1000, replace=True))
+        stored.update(replaced)
+        queries = np.concatenate([codes[:6], _codes(rng, 6)])
+        _check(owner, stored, queries)
+        owner.close()
+        yield server, owner_token, stored, queries, rng
+    finally:
+        server.stop()
+
+
+def test_clean_restart_loads_the_snapshot(grown):
+    server, token, stored, queries, _ = grown
+    server.stop()
+    assert "index snapshot (" in _log(server)
+    assert snapshot.snapshot_path(server.data_dir, "c").exists()
+    server.start()
+    assert "c.npz: %d items (mih+flat) loaded" % len(stored) in _log(server)
+    with CloudClient(server.address, token) as owner:
+        _check(owner, stored, queries)
+        assert owner.delete("c", [2, 3]) == 2  # the loaded index takes writes like a rebuilt one
+        del stored[2], stored[3]
+        new = {10_000 + i: c.tobytes() for i, c in enumerate(_codes(np.random.default_rng(9), 50))}
+        list(owner.upload("c", ((i, c, b"b", {}) for i, c in new.items())))
+        stored.update(new)
+        _check(owner, stored, queries)
+
+
+def test_writes_after_the_snapshot_then_a_crash_rebuild_from_the_store(grown):
+    server, token, stored, queries, rng = grown
+    server.stop()  # snapshot written
+    server.start()
+    with CloudClient(server.address, token) as owner:
+        new = {20_000 + i: c.tobytes() for i, c in enumerate(_codes(rng, 100))}
+        list(owner.upload("c", ((i, c, b"b", {}) for i, c in new.items())))
+        owner.delete("c", [1, 5])
+    stored.update(new)
+    del stored[1], stored[5]
+    server.kill()  # no snapshot of these writes
+    server.start()
+    assert "is stale" in _log(server)
+    with CloudClient(server.address, token) as owner:
+        _check(owner, stored, queries)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "other bits"])
+def test_damaged_snapshot_is_ignored(grown, damage):
+    server, token, stored, queries, _ = grown
+    server.stop()
+    path = snapshot.snapshot_path(server.data_dir, "c")
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"not a snapshot")
+    else:  # a consistent snapshot of the right generation, but of a 64-bit index
+        with np.load(path) as z:
+            generation = int(z["generation"])
+        other = BinaryIndex(64, 2)
+        other.add(np.arange(10), np.zeros((10, 8), np.uint8))
+        snapshot.save(path, generation, other.state())
+    server.start()
+    assert "cannot be used" in _log(server)
+    with CloudClient(server.address, token) as owner:
+        _check(owner, stored, queries)
+
+
+@pytest.mark.parametrize("sealed", [False, True])
+def test_state_round_trip_is_exact(sealed):
+    """BinaryIndex.state() -> from_state(): the same answers, flat or sealed (with deletes and a
+    flat delta), and refused when the header does not match."""
+    rng = np.random.default_rng(5)
+    codes = _codes(rng, 5000)
+    index = BinaryIndex(BITS, 2, mih_min=1000 if sealed else 10**9, choose="mih" if sealed else "flat")
+    index.add(np.arange(5000), codes)
+    index.remove(np.arange(0, 5000, 9))
+    index.add(np.arange(5000, 5100), _codes(rng, 100), seal=False)  # a flat delta beside the sealed part
+    assert index.kind == ("mih+flat" if sealed else "flat")
+    arrays = index.state()
+    copy = BinaryIndex.from_state(arrays, BITS, n_shards=2)
+    assert len(copy) == len(index) and copy.kind == index.kind
+    queries = codes[:8]
+    for k in (1, 30, 500):
+        for (a, da), (b, db) in zip(index.search(queries, k), copy.search(queries, k)):
+            assert a.tolist() == b.tolist() and da.tolist() == db.tolist()
+    with pytest.raises(ValueError):
+        BinaryIndex.from_state(arrays, 64)
+    broken = dict(arrays, index_meta=arrays["index_meta"] + np.array([0, 0, 1, 0]))
+    with pytest.raises(ValueError):
+        BinaryIndex.from_state(broken, BITS)
