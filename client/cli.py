@@ -1,4 +1,12 @@
-"""CLI for data owners (`dlheir owner ...`) and query users (`dlheir user ...`)."""
+"""CLI for data owners (`dlheir owner ...`), query users (`dlheir user ...`), collection admin
+(`dlheir collections ...`, `dlheir items ...`) and `dlheir status`.
+
+Every command here is a thin layer over :mod:`dlheir.client.api` (the Python API): it reads
+flags, calls one API method and prints its result, human-readable by default and, with
+``--json``, as JSON on stdout (the API's dataclass, :func:`dlheir.client.api.to_json`).
+Addresses, the model, key paths and the admin token come from flags, else the environment,
+else the config file (:mod:`dlheir.config`).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +15,43 @@ import json
 import os
 from pathlib import Path
 
+from dlheir import config as _config
 from dlheir import paths
 from dlheir.errors import UserError
 
 HOME = f"${paths.HOME_ENV}"  # how help texts name the per-user key folder (see dlheir.paths)
-DEFAULT_SERVER = "127.0.0.1:50051"
-DEFAULT_TRITON = "127.0.0.1:8001"
+DEFAULT_SERVER = _config.DEFAULTS["server"]
+DEFAULT_TRITON = _config.DEFAULTS["triton"]
+CONFIGURED = "flag > env > config file"
+
+
+def _server_arg(p, recorded: str = "") -> None:
+    p.add_argument("--server", default=None, help=f"cloud server HOST:PORT ({CONFIGURED}"
+                                                  f"{' > ' + recorded if recorded else ''} > {DEFAULT_SERVER}; "
+                                                  "env DLHEIR_SERVER)")
+
+
+def _triton_args(p) -> None:
+    p.add_argument("--triton", default=None, help=f"Triton's gRPC HOST:PORT ({CONFIGURED} > {DEFAULT_TRITON}; "
+                                                  "env DLHEIR_TRITON)")
+    p.add_argument("--model", default=None, help=f"the Triton model to hash with ({CONFIGURED} > "
+                                                 f"{_config.DEFAULTS['model']}; env DLHEIR_MODEL)")
+
+
+def _json_arg(p) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def _admin_arg(p) -> None:
+    p.add_argument("--admin-token-file", default=None,
+                   help="the server's admin token (DATA_DIR/admin.token; else $DLHEIR_ADMIN_TOKEN, "
+                        "$DLHEIR_ADMIN_TOKEN_FILE or admin_token_file in the config file)")
+
+
+def _collection_arg(p, positional: bool = False) -> None:
+    p.add_argument("--collection", default=None,
+                   help="collection name (flag > env DLHEIR_COLLECTION > config file > the one recorded in the "
+                        "owner key file)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,31 +63,51 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "separate random 256-bit secret for the keyed code transform. The file is created with mode "
                     "0600 and never overwritten. Keep it secret and keep a backup: without it the uploaded "
                     "images cannot be decrypted and new codes cannot be made comparable to the stored ones.")
-    p.add_argument("--out", help=f"key file to create (default {HOME}/{paths.OWNER_KEY}; must not exist)")
+    p.add_argument("--out", help=f"key file to create (default: owner_key setting, else {HOME}/{paths.OWNER_KEY}; "
+                                 "must not exist)")
     p.add_argument("--collection", help="record the collection these keys are for (grant then defaults to it)")
+    _json_arg(p)
     p.set_defaults(func=_owner_init)
 
-    p = osub.add_parser("create-collection", help="create a collection on the cloud server (needs the admin token)")
+    p = osub.add_parser(
+        "create-collection", help="create a collection on the cloud server (needs the admin token)",
+        description="Create a collection for the Triton model (--triton, --model): it records the model's code "
+                    "length, image size and fingerprint, and the server refuses uploads and searches whose codes "
+                    "come from another model. --bits alone makes a raw-code collection instead, tied to no model "
+                    "(nothing is checked; Triton is not contacted).")
     p.add_argument("name")
-    p.add_argument("--bits", type=int, default=48)
-    p.add_argument("--server", default=DEFAULT_SERVER)
-    p.add_argument("--admin-token-file", required=True, help="the server's admin token (e.g. DATA_DIR/admin.token)")
+    p.add_argument("--bits", type=int, default=None,
+                   help="a raw-code collection of this code length, tied to no model (default: the Triton model's)")
+    _triton_args(p)
+    _server_arg(p)
+    _admin_arg(p)
     p.add_argument("--out", help=f"where to keep the owner/reader tokens (default {HOME}/NAME{paths.TOKENS_SUFFIX}, "
                                  "mode 0600)")
     p.add_argument("--mode", choices=("server-ranked", "private"), default="server-ranked",
                    help="server-ranked (default): the server keeps transformed codes and ranks; private: the server "
                         "keeps no code, only sealed code pages, and users rank on their own machine (fixed at creation)")
     p.add_argument("--private", dest="mode", action="store_const", const="private", help="same as --mode private")
+    _json_arg(p)
     p.set_defaults(func=_owner_create)
 
-    p = osub.add_parser("upload", help="hash (Triton), encrypt and upload every image of a folder; resumable")
+    p = osub.add_parser(
+        "upload", help="hash (Triton), encrypt and upload every image of a folder; resumable",
+        description="Hash every image under IMAGES_DIR with Triton, encrypt it and upload it with its "
+                    "(transformed) code. Item ids come from the file's content (default: the same image is one "
+                    "item wherever it sits; an edited file is a new item) or, with --id-from path, from its path "
+                    "relative to IMAGES_DIR. Ids the server already holds are not sent again unless --replace; "
+                    "files repeating an id (the same content twice) are reported as duplicates, not uploaded.")
     p.add_argument("images_dir", metavar="IMAGES_DIR")
-    p.add_argument("--key", help=f"owner key file (default {HOME}/{paths.OWNER_KEY})")
-    p.add_argument("--collection", required=True)
+    p.add_argument("--key", help=f"owner key file (default: owner_key setting, else {HOME}/{paths.OWNER_KEY})")
+    _collection_arg(p)
     p.add_argument("--tokens", help=f"tokens file from create-collection (default {HOME}/COLLECTION{paths.TOKENS_SUFFIX})")
-    p.add_argument("--server", default=None, help=f"cloud server (default: from the tokens file, else {DEFAULT_SERVER})")
-    p.add_argument("--triton", default=DEFAULT_TRITON)
+    _server_arg(p, "the tokens file")
+    _triton_args(p)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--id-from", choices=("content", "path"), default="content",
+                   help="item ids from the file's bytes (default) or its path relative to IMAGES_DIR")
+    p.add_argument("--replace", action="store_true", help="upload files whose id is already stored too, overwriting")
+    _json_arg(p)
     p.set_defaults(func=_owner_upload)
 
     p = osub.add_parser(
@@ -61,10 +120,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     f"{HOME}/{paths.READERS_DIR}/COLLECTION/ so that 'owner rotate' can re-grant the user. "
                     "Granting a user again issues a new token (the old grant stops working). With --reader-token "
                     "no server is contacted and the grant carries that token (e.g. the shared one).")
-    p.add_argument("--key", help=f"owner key file (default {HOME}/{paths.OWNER_KEY})")
+    p.add_argument("--key", help=f"owner key file (default: owner_key setting, else {HOME}/{paths.OWNER_KEY})")
     p.add_argument("--user-pub", required=True, help="the user's public key (user.pub.pem from 'dlheir user keygen'); "
                                                      "a private key is refused")
-    p.add_argument("--collection", help="collection name (default: the one recorded in the key file)")
+    _collection_arg(p)
     p.add_argument("--user", help="the user's label on the server (default: the public key's file name, "
                                   "alice.pub.pem -> alice)")
     p.add_argument("--replace", action="store_true",
@@ -72,25 +131,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reader-token", help="seal this reader token instead of asking the server for the user's own "
                                           "(offline; e.g. the collection's shared token, which rotation revokes)")
     p.add_argument("--tokens", help=f"tokens file from create-collection (default {HOME}/COLLECTION{paths.TOKENS_SUFFIX})")
-    p.add_argument("--server", default=None, help="cloud server (default: from the tokens file); also recorded in "
-                                                  "the grant for the user's convenience")
+    _server_arg(p, "the tokens file")
     p.add_argument("--bits", type=int, default=None, help="code length recorded in the grant (checked at search)")
-    p.add_argument("--out", help=f"grant file to create (default {HOME}/{paths.GRANT}; must not exist)")
+    p.add_argument("--out", help=f"grant file to create (default: grant setting, else {HOME}/{paths.GRANT}; "
+                                 "must not exist)")
+    _json_arg(p)
     p.set_defaults(func=_owner_grant)
 
     def access_args(p):
-        p.add_argument("--collection", help="collection name (default: the one recorded in the key file)")
-        p.add_argument("--key", help=f"owner key file (default {HOME}/{paths.OWNER_KEY})")
+        _collection_arg(p)
+        p.add_argument("--key", help=f"owner key file (default: owner_key setting, else {HOME}/{paths.OWNER_KEY})")
         p.add_argument("--tokens", help=f"tokens file from create-collection (default {HOME}/COLLECTION"
                                         f"{paths.TOKENS_SUFFIX})")
-        p.add_argument("--server", default=None, help=f"cloud server (default: from the tokens file, else {DEFAULT_SERVER})")
+        _server_arg(p, "the tokens file")
+        _json_arg(p)
 
     p = osub.add_parser("grants", help="list the collection's readers: user, issued, revoked",
                         description="List every user label the collection's server knows a reader token for, when it "
                                     "was issued and when it was revoked, whether the shared reader token (version-1 "
                                     "grants) still works, and the key version of the stored codes.")
     access_args(p)
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=_owner_grants)
 
     p = osub.add_parser("revoke", help="revoke one user's reader token at once (others unaffected)",
@@ -127,24 +187,106 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "with a passphrase) and the public key next to it (NAME.pub.pem). Send the public key to the "
                     "data owner, who answers with a grant file only this private key can open. Existing files "
                     "are never overwritten.")
-    p.add_argument("--out", help=f"private key file to create (default {HOME}/{paths.USER_KEY}; the public key "
-                                 "goes next to it as NAME.pub.pem)")
+    p.add_argument("--out", help=f"private key file to create (default: user_key setting, else {HOME}/"
+                                 f"{paths.USER_KEY}; the public key goes next to it as NAME.pub.pem)")
     p.add_argument("--passphrase-env", metavar="VAR",
                    help="name of an environment variable holding a passphrase to encrypt the private key with")
+    _json_arg(p)
     p.set_defaults(func=_user_keygen)
 
     p = usub.add_parser("search", help="TrapGen via Triton, search, fetch and decrypt the top k")
     p.add_argument("query", metavar="QUERY_IMAGE")
-    p.add_argument("--grant", help=f"grant file from the owner (default {HOME}/{paths.GRANT})")
-    p.add_argument("--user-key", help=f"your private key (default {HOME}/{paths.USER_KEY}; must be mode 0600)")
+    p.add_argument("--grant", help=f"grant file from the owner (default: grant setting, else {HOME}/{paths.GRANT})")
+    p.add_argument("--user-key", help=f"your private key (default: user_key setting, else {HOME}/{paths.USER_KEY}; "
+                                      "must be mode 0600)")
     p.add_argument("--passphrase-env", help="environment variable holding the private key's passphrase")
     p.add_argument("-k", type=int, default=20)
-    p.add_argument("--out", default="results", help="folder for the decrypted images, created 0700; each image "
-                                                    "is written 0600 (default results/)")
-    p.add_argument("--server", default=None, help="cloud server (default: from the grant)")
-    p.add_argument("--triton", default=DEFAULT_TRITON)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None, help="folder for the decrypted images, created 0700; each image is written "
+                                               "0600 (default: a new folder per search, results/search/"
+                                               "YYYYmmdd-HHMMSS-QUERY/)")
+    _server_arg(p, "the grant")
+    _triton_args(p)
+    _json_arg(p)
     p.set_defaults(func=_user_search)
+
+    col = sub.add_parser("collections", help="list, describe and delete the cloud server's collections")
+    csub = col.add_subparsers(dest="action", metavar="ACTION")
+    p = csub.add_parser("list", help="every collection (admin token), else those whose tokens files you hold",
+                        description="With the admin token (--admin-token-file, $DLHEIR_ADMIN_TOKEN, or "
+                                    "admin_token_file in the config file): every collection on the server. Without "
+                                    f"it: the collections whose tokens files are in {HOME}.")
+    _server_arg(p)
+    _admin_arg(p)
+    _json_arg(p)
+    p.set_defaults(func=_collections_list)
+    p = csub.add_parser("describe", help="one collection: bits, mode, items, bytes, key version, model")
+    p.add_argument("name", metavar="NAME")
+    _server_arg(p, "the tokens file")
+    _admin_arg(p)
+    _json_arg(p)
+    p.set_defaults(func=_collections_describe)
+    p = csub.add_parser("delete", help="delete a collection and everything it holds (admin token; asks for --yes)",
+                        description="Delete NAME on the server with all its items, blobs, code pages and reader "
+                                    "tokens, in one transaction; its tokens stop working at once and its tokens "
+                                    f"file in {HOME} is removed. This cannot be undone: --yes is required.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--yes", action="store_true", help="really delete it")
+    _server_arg(p, "the tokens file")
+    _admin_arg(p)
+    _json_arg(p)
+    p.set_defaults(func=_collections_delete)
+
+    it = sub.add_parser("items", help="manage a collection's items (owner token)")
+    isub = it.add_subparsers(dest="action", metavar="ACTION")
+    p = isub.add_parser("delete", help="delete items by id, or by the image files they were uploaded from",
+                        description="Delete items of a collection (owner token from its tokens file). Give ids "
+                                    "(as 'dlheir user search' prints them) and/or --file IMAGE: the id that "
+                                    "'owner upload' gave that file (its content; with --id-from path, its path "
+                                    "relative to --root). In a private-ranking collection the owner key seals "
+                                    "tombstone pages first.")
+    p.add_argument("ids", metavar="ID", nargs="*", type=int)
+    p.add_argument("--file", action="append", default=[], metavar="IMAGE", help="an uploaded image (repeatable)")
+    p.add_argument("--id-from", choices=("content", "path"), default="content")
+    p.add_argument("--root", help="with --id-from path: the folder the files were uploaded from")
+    _collection_arg(p)
+    p.add_argument("--key", help=f"owner key file (private collections; default {HOME}/{paths.OWNER_KEY})")
+    p.add_argument("--tokens", help=f"tokens file (default {HOME}/COLLECTION{paths.TOKENS_SUFFIX})")
+    _server_arg(p, "the tokens file")
+    _json_arg(p)
+    p.set_defaults(func=_items_delete)
+
+    p = sub.add_parser("status", help="which services answer, where, with which model, and the collections",
+                       description="Ask the cloud server (gRPC health) and Triton (model ready, bits, image size) "
+                                   "at the configured addresses and list the collections (all with the admin "
+                                   "token, else those whose tokens files you hold). Exit code 0 when both answer, "
+                                   "1 otherwise.")
+    _server_arg(p)
+    _triton_args(p)
+    _admin_arg(p)
+    _json_arg(p)
+    p.set_defaults(func=_status)
+
+
+# --- helpers --------------------------------------------------------------------------------
+def _cfg(args) -> "_config.Config":
+    return _config.load(getattr(args, "config", None))
+
+
+def _owner(args):
+    from dlheir.client.api import Owner
+
+    return Owner(server=getattr(args, "server", None), triton=getattr(args, "triton", None),
+                 model=getattr(args, "model", None), key=getattr(args, "key", None), config=_cfg(args))
+
+
+def _emit(args, obj) -> bool:
+    """With --json: print ``obj`` (an API result) as JSON and return True."""
+    if not getattr(args, "json", False):
+        return False
+    from dlheir.client.api import to_json
+
+    print(json.dumps(to_json(obj), indent=2))
+    return True
 
 
 def _passphrase(var: str | None) -> str | None:
@@ -157,160 +299,102 @@ def _passphrase(var: str | None) -> str | None:
     return os.environ[var]
 
 
-def _owner_init(args):
-    from dlheir.client.crypto import OwnerKeys
-
-    path = OwnerKeys.generate(args.collection).save(paths.resolve(args.out, paths.OWNER_KEY, create=True))
-    print(f"owner key written to {path} (mode 0600): keep it secret, keep a backup")
-
-
-def _load_tokens(args, collection: str) -> dict:
-    from dlheir.client.crypto import read_secret
-
-    path = Path(args.tokens) if args.tokens else paths.default_path(paths.tokens_name(collection))
-    raw = read_secret(path, "tokens file", " (from 'dlheir owner create-collection', or give --tokens)")
-    try:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) for k in ("owner_token", "reader_token")):
-            raise ValueError("owner_token or reader_token missing")
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a tokens file from 'dlheir owner create-collection' ({exc})") from None
-    return doc
-
-
-def _owner_create(args):
-    from dlheir.client.cloud import CloudClient
-    from dlheir.client.crypto import read_secret, write_private
-    from dlheir.contract import validate_bits
-
-    validate_bits(args.bits)
-    paths.tokens_name(args.name)  # a name that cannot be a file name stops here
-    admin_token = read_secret(args.admin_token_file, "admin token file").decode("utf-8", "replace").strip()
-    out = paths.resolve(args.out, paths.tokens_name(args.name), create=True)
-    if out.exists():
-        raise UserError(f"{out} already exists; refusing to overwrite")
-    with CloudClient(args.server) as cloud:
-        owner, reader = cloud.create_collection(args.name, args.bits, admin_token, private=args.mode == "private")
-    doc = {"collection": args.name, "server": args.server, "bits": args.bits, "mode": args.mode,
-           "owner_token": owner, "reader_token": reader}
-    write_private(out, (json.dumps(doc, indent=2) + "\n").encode())
-    print(f"collection {args.name!r} ({args.bits} bits, {args.mode}) created on {args.server}; tokens in {out} "
-          f"(mode 0600)")
-
-
-def _owner_upload(args):
-    from dlheir.client.cloud import CloudClient
-    from dlheir.client.crypto import OwnerKeys
-    from dlheir.client.owner import image_files, upload_images
-    from dlheir.client.triton import TritonHasher
-
-    keys = OwnerKeys.load(paths.resolve(args.key, paths.OWNER_KEY))
-    tokens = _load_tokens(args, args.collection)
-    files = image_files(args.images_dir)
-    if not files:
-        raise UserError(f"no images found under {args.images_dir}")
-    server = args.server or tokens.get("server") or DEFAULT_SERVER
-    with CloudClient(server, tokens["owner_token"]) as cloud, TritonHasher(args.triton, batch_size=args.batch_size) as hasher:
-        report = upload_images(files, keys, args.collection, cloud, hasher, args.batch_size)
-    print(f"uploaded {report.uploaded} images ({report.bytes_uploaded / 1e6:.2f} MB) in {report.seconds:.1f}s: "
-          f"{report.images_per_s:.1f} images/s, {report.mb_per_s:.2f} MB/s; {report.already_present} already present")
-    for name, why in report.skipped:
-        print(f"skipped {name}: {why}")
-    return 1 if report.skipped and not (report.uploaded or report.already_present) else 0
-
-
-def _owner_grant(args):
-    from dlheir.client.access import default_label, issue_grant
-    from dlheir.client.cloud import CloudClient
-    from dlheir.client.crypto import OwnerKeys, make_grant, read_public_key_file, write_private
-
-    pub = Path(args.user_pub)
-    public_pem = read_public_key_file(pub)  # a private key stops here: never sealed, written or sent
-    key_path = paths.resolve(args.key, paths.OWNER_KEY)
-    keys = OwnerKeys.load(key_path)
-    collection = args.collection or keys.collection
-    if not collection:
-        raise UserError(f"give --collection ({key_path} records no collection name)")
-    user = paths.check_label(args.user) if args.user else None
-    out = paths.resolve(args.out, paths.GRANT)
-    if out.exists():
-        raise UserError(f"{out} already exists; refusing to overwrite a grant")
-    if args.reader_token is not None:  # offline: the caller's token (no per-user credential on the server)
-        grant = make_grant(keys, public_pem, collection, args.reader_token, server=args.server, bits=args.bits,
-                           user=user)
-    else:
-        tokens = _load_tokens(args, collection)
-        server = args.server or tokens.get("server") or DEFAULT_SERVER
-        user = user or paths.check_label(default_label(pub))
-        with CloudClient(server, tokens["owner_token"]) as cloud:
-            grant = issue_grant(keys, public_pem, collection, user, cloud, server=server,
-                                bits=args.bits or tokens.get("bits"), replace=args.replace)
-    out = paths.resolve(args.out, paths.GRANT, create=True)
-    write_private(out, grant, "a grant")
-    who = f" (user {user!r}, own reader token)" if args.reader_token is None else ""
-    print(f"grant for {collection!r}{who} written to {out}; only the holder of the private key matching {pub} can "
-          "open it")
-
-
-def _access(args):
-    """(collection, key path, owner CloudClient, server) for grants/revoke/rotate."""
-    from dlheir.client.cloud import CloudClient
-    from dlheir.client.crypto import OwnerKeys
-
-    key_path = paths.resolve(args.key, paths.OWNER_KEY)
-    collection = args.collection
-    if not collection:
-        collection = OwnerKeys.load(key_path).collection
-        if not collection:
-            raise UserError(f"give --collection ({key_path} records no collection name)")
-    tokens = _load_tokens(args, collection)
-    server = args.server or tokens.get("server") or DEFAULT_SERVER
-    return collection, key_path, CloudClient(server, tokens["owner_token"]), server
-
-
-def _when(seconds: float) -> str:
+def _when(seconds: float | None) -> str:
     import time
 
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
 
 
-def _owner_grants(args):
-    collection, _, cloud, _ = _access(args)
-    with cloud:
-        answer = cloud.list_readers(collection)
-    readers = [{"user": r.user, "created": r.created, "revoked": r.revoked or None} for r in answer.readers]
-    if args.json:
-        print(json.dumps({"collection": collection, "key_id": answer.key_id or 1,
-                          "shared_token_active": answer.shared_token_active, "readers": readers}, indent=2))
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} KB"
+
+
+def _collection_lines(cols) -> list[str]:
+    lines = [f"{'name':<24} {'mode':<13} {'bits':>4} {'items':>9} {'blobs':>10} {'key':>3}  model"]
+    for c in cols:
+        lines.append(f"{c.name:<24} {c.mode:<13} {c.bits:>4} {c.items:>9} {_size(c.blob_bytes):>10} {c.key_id:>3}  "
+                     f"{(c.model_fingerprint or '-')[:16]}")
+    return lines
+
+
+# --- owner ----------------------------------------------------------------------------------
+def _owner_init(args):
+    path = _owner(args).init_keys(args.collection, args.out)
+    if not _emit(args, {"owner_key": str(path)}):
+        print(f"owner key written to {path} (mode 0600): keep it secret, keep a backup")
+
+
+def _owner_create(args):
+    owner = _owner(args)
+    info = owner.create_collection(args.name, args.bits, private=args.mode == "private",
+                                   admin_token_file=args.admin_token_file, tokens_out=args.out)
+    if not _emit(args, {"collection": info, "tokens_file": str(owner.last_tokens_file)}):
+        print(f"collection {info.name!r} ({info.bits} bits, {info.mode}) created on {owner.server_for()}; tokens in "
+              f"{owner.last_tokens_file} (mode 0600)")
+
+
+def _owner_upload(args):
+    s = _owner(args).upload(args.images_dir, args.collection, id_from=args.id_from, replace=args.replace,
+                            batch_size=args.batch_size)
+    code = 1 if s.skipped and not (s.uploaded or s.already_present or s.duplicates) else 0
+    if _emit(args, s):
+        return code
+    print(f"uploaded {s.uploaded} images ({s.bytes_uploaded / 1e6:.2f} MB) in {s.seconds:.1f}s: "
+          f"{s.images_per_s:.1f} images/s, {s.mb_per_s:.2f} MB/s; {len(s.already_present)} already present"
+          f"{f', {s.replaced} replaced' if args.replace else ''}; {len(s.duplicates)} duplicates "
+          f"(ids from {s.id_from})")
+    for name, same in s.duplicates:
+        print(f"duplicate {name}: same {'content' if s.id_from == 'content' else 'id'} as {same}, not uploaded")
+    if s.already_present:
+        print(f"already stored, not sent (--replace to overwrite): {', '.join(s.already_present[:5])}"
+              f"{' ...' if len(s.already_present) > 5 else ''}")
+    for name, why in s.skipped:
+        print(f"skipped {name}: {why}")
+    return code
+
+
+def _owner_grant(args):
+    owner = _owner(args)
+    out = owner.grant(args.user_pub, args.collection, user=args.user, out=args.out, replace=args.replace,
+                      reader_token=args.reader_token, bits=args.bits, tokens=args.tokens)
+    user = owner.last_grant_user
+    if _emit(args, {"grant": str(out), "user": user, "own_reader_token": args.reader_token is None}):
         return 0
-    print(f"collection {collection!r}: codes under key version {answer.key_id or 1}; shared reader token "
-          f"{'active' if answer.shared_token_active else 'revoked'}")
+    who = f" (user {user!r}, own reader token)" if args.reader_token is None else ""
+    print(f"grant{who} written to {out}; only the holder of the private key matching {args.user_pub} can open it")
+    return 0
+
+
+def _owner_grants(args):
+    r = _owner(args).grants(args.collection, tokens=args.tokens)
+    if _emit(args, r):
+        return 0
+    print(f"collection {r.collection!r}: codes under key version {r.key_id}; shared reader token "
+          f"{'active' if r.shared_token_active else 'revoked'}")
     print(f"{'user':<24} {'issued':<19}  {'revoked':<19}")
-    for r in answer.readers:
-        print(f"{r.user:<24} {_when(r.created):<19}  {_when(r.revoked):<19}")
+    for x in r.readers:
+        print(f"{x.user:<24} {_when(x.created):<19}  {_when(x.revoked):<19}")
     return 0
 
 
 def _owner_revoke(args):
-    if bool(args.user) == bool(args.shared_token):
-        raise UserError("give a USER to revoke, or --shared-token")
-    user = paths.check_label(args.user) if args.user else None
-    collection, _, cloud, _ = _access(args)
-    with cloud:
-        revoked = cloud.revoke_reader(collection, user, shared_token=args.shared_token)
-    what = f"user {user!r}" if user else "the shared reader token"
-    print(f"{what} of {collection!r} {'revoked: its token is refused from now on' if revoked else 'was already revoked'}")
+    owner = _owner(args)
+    revoked = owner.revoke(args.user, args.collection, shared_token=args.shared_token, tokens=args.tokens)
+    if _emit(args, {"user": args.user, "shared_token": args.shared_token, "revoked": revoked}):
+        return 0
+    what = f"user {args.user!r}" if args.user else "the shared reader token"
+    print(f"{what} {'revoked: its token is refused from now on' if revoked else 'was already revoked'}")
     return 0
 
 
 def _owner_rotate(args):
-    from dlheir.client.access import rotate
-
-    collection, key_path, cloud, server = _access(args)
-    with cloud:
-        report = rotate(key_path, collection, cloud, server=server, drop=args.drop, out_dir=args.out_dir)
-    print(f"collection {collection!r}: key version {report.from_key} -> {report.to_key} (added to {key_path}); "
-          f"{report.items} stored codes re-keyed on the server; {len(report.revoked)} reader token(s) revoked")
+    owner = _owner(args)
+    report = owner.rotate(args.collection, drop=args.drop, out_dir=args.out_dir, tokens=args.tokens)
+    if _emit(args, report):
+        return 0
+    print(f"collection {report.collection!r}: key version {report.from_key} -> {report.to_key} (added to "
+          f"{owner.key_path}); {report.items} stored codes re-keyed on the server; {len(report.revoked)} reader "
+          "token(s) revoked")
     for user, path in sorted(report.granted.items()):
         print(f"new grant for {user!r}: {path}")
     for user in report.dropped:
@@ -320,52 +404,97 @@ def _owner_rotate(args):
     return 0
 
 
+# --- user -----------------------------------------------------------------------------------
 def _user_keygen(args):
-    from dlheir.client.crypto import generate_user_keypair
+    from dlheir.client.api import User
 
     passphrase = _passphrase(args.passphrase_env)
-    private, public = generate_user_keypair(paths.resolve(args.out, paths.USER_KEY, create=True), passphrase)
+    private, public = User.keygen(args.out, passphrase, config=_cfg(args))
+    if _emit(args, {"private_key": str(private), "public_key": str(public)}):
+        return 0
     print(f"private key: {private} (mode 0600{', passphrase-protected' if passphrase else ''}; keep it secret)")
     print(f"public key:  {public} (send this one to the data owner)")
 
 
 def _user_search(args):
-    from dlheir.client.cloud import CloudClient
-    from dlheir.client.crypto import open_grant, read_private_key_file
-    from dlheir.client.private import open_local
-    from dlheir.client.triton import TritonHasher
-    from dlheir.client.user import search_image, write_results
+    from dlheir.client.api import User
 
-    grant_path = paths.resolve(args.grant, paths.GRANT)
-    key_path = paths.resolve(args.user_key, paths.USER_KEY)
-    for path, what in ((grant_path, "grant"), (key_path, "private key"), (args.query, "query image")):
-        if not Path(path).is_file():
-            raise UserError(f"{what} not found: {path}")
-    private_pem = read_private_key_file(key_path)  # a public key, or a key others can read, stops here
-    grant = open_grant(grant_path.read_bytes(), private_pem, _passphrase(args.passphrase_env))
-    server = args.server or grant.server or DEFAULT_SERVER
-    with CloudClient(server, grant.reader_token) as cloud, TritonHasher(args.triton) as hasher:
-        local = open_local(cloud, grant)  # one round trip: the mode, and (private mode) the new sealed pages
-        first_sync = local.last_sync if local is not None else None
-        hits, timings = search_image(args.query, grant, cloud, hasher, args.k, local=local)
-    files = write_results(hits, args.out)
-    if args.json:
-        print(json.dumps({"query": args.query, "results": [
-            {"rank": h.rank, "id": h.id, "distance": h.distance, "name": h.name, "file": str(p)}
-            for h, p in zip(hits, files)], "ranking": "server" if local is None else "local (private mode)",
-            "sync": None if first_sync is None else {"pages_cached": first_sync.pages_cached,
-                                                     "pages_fetched": first_sync.pages_fetched,
-                                                     "bytes_fetched": first_sync.bytes_fetched,
-                                                     "seconds": first_sync.seconds},
-            "seconds": {"trapdoor": timings.trapdoor_s, "sync": timings.sync_s, "search": timings.search_s,
-                        "fetch_decrypt": timings.fetch_decrypt_s}}, indent=2))
+    user = User(args.grant, args.user_key, _passphrase(args.passphrase_env), server=args.server, triton=args.triton,
+                model=args.model, config=_cfg(args))
+    r = user.search(args.query, args.k, out=args.out)
+    if _emit(args, r):
         return 0
     print(f"{'rank':>4} {'dist':>4}  {'id':>20}  file")
-    for h, p in zip(hits, files):
-        print(f"{h.rank:>4} {h.distance:>4}  {h.id:>20}  {p}")
-    if first_sync is not None:
-        print(f"private mode: {len(local)} codes ranked on this machine from {local.pages} sealed page(s) "
-              f"({first_sync.pages_cached} cached, {first_sync.pages_fetched} fetched, "
-              f"{first_sync.bytes_fetched / 1e3:.1f} KB, {first_sync.seconds * 1e3:.1f} ms)")
-    print(f"trapdoor {timings.trapdoor_s * 1e3:.1f} ms, search {timings.search_s * 1e3:.1f} ms, "
-          f"fetch+decrypt {timings.fetch_decrypt_s * 1e3:.1f} ms; {len(files)} images in {args.out}")
+    for h in r.results:
+        print(f"{h.rank:>4} {h.distance:>4}  {h.id:>20}  {h.file or '-'}")
+    if r.sync is not None:
+        s = r.sync
+        print(f"private mode: {s['codes']} codes ranked on this machine from {s['pages']} sealed page(s) "
+              f"({s['pages_cached']} cached, {s['pages_fetched']} fetched, {s['bytes_fetched'] / 1e3:.1f} KB, "
+              f"{s['seconds'] * 1e3:.1f} ms)")
+    t = r.seconds
+    print(f"trapdoor {t['trapdoor'] * 1e3:.1f} ms, search {t['search'] * 1e3:.1f} ms, "
+          f"fetch+decrypt {t['fetch_decrypt'] * 1e3:.1f} ms; {sum(1 for h in r.results if h.file)} images in "
+          f"{r.out_dir}")
+
+
+# --- collections, items, status ---------------------------------------------------------------
+def _collections_list(args):
+    cols = _owner(args).collections(args.admin_token_file)
+    if _emit(args, cols):
+        return 0
+    print("\n".join(_collection_lines(cols)) if cols else "no collections")
+    return 0
+
+
+def _collections_describe(args):
+    c = _owner(args).describe(args.name, args.admin_token_file)
+    if _emit(args, c):
+        return 0
+    print(f"collection {c.name!r}: {c.mode}, {c.bits}-bit codes, {c.items} items, {_size(c.blob_bytes)} of "
+          f"encrypted images, codes under key version {c.key_id}")
+    if c.mode == "private":
+        print(f"sealed code pages: {c.code_pages} ({_size(c.code_page_bytes)})")
+    print(f"model fingerprint: {c.model_fingerprint or '- (not recorded)'}")
+    return 0
+
+
+def _collections_delete(args):
+    if not args.yes:
+        raise UserError(f"deleting collection {args.name!r} removes every item it holds and cannot be undone: "
+                        "add --yes")
+    c = _owner(args).delete_collection(args.name, args.admin_token_file)
+    if not _emit(args, {"deleted": c}):
+        print(f"collection {c.name!r} deleted with its {c.items} items ({_size(c.blob_bytes)})")
+    return 0
+
+
+def _items_delete(args):
+    owner = _owner(args)
+    ids = list(args.ids) + owner.item_ids(args.file, args.id_from, args.root)
+    if not ids:
+        raise UserError("give the ids to delete, or --file IMAGE")
+    n = owner.delete_items(ids, args.collection, tokens=args.tokens)
+    if not _emit(args, {"requested": ids, "deleted": n}):
+        print(f"deleted {n} of {len(ids)} items" + ("" if n == len(ids) else " (the others were not stored)"))
+    return 0
+
+
+def _status(args):
+    from dlheir.client.api import status
+
+    st = status(args.server, args.triton, args.model, admin_token_file=args.admin_token_file, config=_cfg(args))
+    code = 0 if st.server.up and st.triton.up else 1
+    if _emit(args, st):
+        return code
+    print(f"config file: {st.config_file or '- (none; ' + str(_config.default_path()) + ' not found)'}")
+    for s in (st.server, st.triton):
+        print(f"{s.name:<13} {s.address:<22} {'up' if s.up else 'DOWN':<5} {s.detail}")
+    if st.collections is None:
+        why = st.server.info.get("collections_error")
+        print(f"collections: {'-' if not st.server.up else why or 'unknown'}")
+    elif st.collections:
+        print("\n".join(_collection_lines(st.collections)))
+    else:
+        print("collections: none known (give the admin token to list all)")
+    return code

@@ -23,6 +23,7 @@ from dlheir.ids import item_id
 class UploadReport:
     uploaded: int = 0
     already_present: int = 0
+    replaced: int = 0  # with replace: items the server held and this upload overwrote
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
     bytes_uploaded: int = 0
     seconds: float = 0.0
@@ -98,8 +99,10 @@ def _hash_batch(hasher: TritonHasher, batch, report: UploadReport):
 
 
 def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys, collection: str, cloud: CloudClient,
-                  hasher: TritonHasher, batch_size: int = 32, progress: bool = True) -> UploadReport:
-    """Upload what the server does not hold yet; ids are stable per relative path."""
+                  hasher: TritonHasher, batch_size: int = 32, progress: bool = True,
+                  ids: Sequence[int] | None = None, replace: bool = False) -> UploadReport:
+    """Upload what the server does not hold yet (with ``replace``: everything, overwriting).
+    ``ids``: one per file, distinct (default: :func:`dlheir.ids.item_id` of the relative path)."""
     info = cloud.stats(collection)
     check_model(collection, info, hasher.fingerprint)  # before hashing: a private collection is checked only here
     if info.bits != hasher.bits:
@@ -111,12 +114,13 @@ def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys, collection
              if is_private(info) else None)
     failed: list[UserError] = []  # a page append that failed inside the stream, raised once it has ended
     report = UploadReport()
-    ids = [item_id(rel) for rel, _ in files]
+    ids = [item_id(rel) for rel, _ in files] if ids is None else [int(i) for i in ids]
     present: set[int] = set()
     for start in range(0, len(ids), 50_000):
         present |= cloud.contains(collection, ids[start:start + 50_000])
-    todo = [(rel, path, i) for (rel, path), i in zip(files, ids) if i not in present]
+    todo = [(rel, path, i) for (rel, path), i in zip(files, ids) if replace or i not in present]
     report.already_present = len(files) - len(todo)
+    report.replaced = len(present) if replace else 0
     bar = tqdm(total=len(todo), unit="img", desc=f"upload to {collection}", disable=not progress)
     t0 = time.perf_counter()
 
@@ -146,7 +150,7 @@ def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys, collection
                 yield i, code.tobytes(), blob, {}
 
     fingerprint = hasher.fingerprint or ""  # the model that made the codes: the server checks it
-    for ack in cloud.upload(collection, items(), model_fingerprint=fingerprint, batch_size=batch_size):
+    for ack in cloud.upload(collection, items(), model_fingerprint=fingerprint, batch_size=batch_size, replace=replace):
         report.uploaded += len(ack.ids)
         bar.update(len(ack.ids))
         elapsed = time.perf_counter() - t0

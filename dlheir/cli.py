@@ -41,12 +41,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _add_global_flags(parser, top=True)
     return parser
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """-v/-q/--config on the top level and on every subcommand (``dlheir -q owner upload`` and
+    ``dlheir owner upload -q`` both work); a subcommand's copy does not reset the top level's."""
+    default = None if top else argparse.SUPPRESS
+    group = parser.add_argument_group("output and settings (every command)")
+    group.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
+                       help="more log output (-v INFO, -vv DEBUG)")
+    group.add_argument("-q", "--quiet", action="count", default=0 if top else argparse.SUPPRESS,
+                       help="errors only; no progress bars")
+    group.add_argument("--config", metavar="FILE", default=default,
+                       help="client config file (TOML; default $DLHEIR_CONFIG, else $DLHEIR_HOME/config.toml)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                _add_global_flags(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from dlheir import config
+
+    config.set_verbosity(-1 if args.quiet else min(args.verbose, 2))
     if not getattr(args, "func", None):
         # a group given without its subcommand: show that group's help
         parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "--help"])

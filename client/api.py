@@ -1,0 +1,642 @@
+"""The Python API of DLHEIR's clients: :class:`Owner`, :class:`User` and :func:`status`.
+
+The ``dlheir owner|user|collections|items|status`` commands are thin layers over this module:
+they parse flags, call one method and print what it returns (``--json``: the same dataclass as
+JSON), so the CLI and the API give the same results.
+
+    import dlheir
+
+    owner = dlheir.Owner()                      # addresses, key paths: dlheir.config (file, env)
+    owner.init_keys()                           # -> $DLHEIR_HOME/owner.key
+    owner.create_collection("photos")           # bits from the Triton model; admin token from config/env
+    summary = owner.upload("my_images/", "photos")       # UploadSummary
+    owner.grant("alice.pub.pem", "photos")      # -> $DLHEIR_HOME/grant.bin
+    print(owner.collections())                  # [CollectionInfo(...)]
+
+    user = dlheir.User()                        # grant and private key from the key folder
+    result = user.search("query.jpg", k=10)     # SearchResult: .hits (rank, id, distance, name, image)
+
+Settings: every constructor argument left as None comes from :mod:`dlheir.config` (flag >
+environment > config file > built-in default; for the server, a tokens file's or grant's
+recorded address comes before the built-in default). Connections are opened on first use and
+closed by :meth:`close` (or a ``with`` block).
+
+**Errors.** Everything a caller can fix raises :class:`dlheir.errors.UserError` (one line,
+what the CLI prints after ``dlheir: error:``); subclasses say more:
+:class:`dlheir.client.cloud.CloudError` (the cloud server answered an error or cannot be
+reached: ``.code`` is the ``grpc.StatusCode``, ``.address``), :class:`dlheir.client.triton.HashError`
+(Triton refused an image), :class:`dlheir.client.crypto.GrantError` (a grant that this key
+cannot open), :class:`dlheir.client.crypto.BlobAuthenticationError` (a blob that does not
+decrypt). Invalid code lengths raise :class:`dlheir.contract.ContractError` (a ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from dlheir import config as _config
+from dlheir import paths
+from dlheir.errors import UserError
+
+__all__ = ["Owner", "User", "status", "CollectionInfo", "UploadSummary", "Hit", "SearchResult", "Readers",
+           "ServiceStatus", "Status", "to_json"]
+
+MODES = {0: "server-ranked", 1: "private"}
+
+
+# --- results: plain dataclasses ---------------------------------------------------------------
+@dataclass
+class CollectionInfo:
+    """A collection as the server reports it."""
+
+    name: str
+    bits: int
+    items: int
+    blob_bytes: int
+    mode: str  # "server-ranked" or "private"
+    key_id: int  # the owner's key version the stored codes are under
+    code_pages: int = 0  # private mode: sealed code pages and their bytes
+    code_page_bytes: int = 0
+    model_fingerprint: str | None = None  # the model its codes come from (None: a raw-code collection)
+    image_size: int | None = None  # that model's image size S
+
+    @classmethod
+    def from_pb(cls, info) -> "CollectionInfo":
+        return cls(info.name, int(info.bits), int(info.items), int(info.blob_bytes), MODES.get(int(info.mode), "?"),
+                   int(info.key_id or 1), int(info.code_pages), int(info.code_page_bytes),
+                   info.model_fingerprint or None, int(info.image_size) or None)
+
+
+@dataclass
+class Reader:
+    user: str
+    created: float  # seconds since the epoch
+    revoked: float | None  # None while active
+
+
+@dataclass
+class Readers:
+    """Who holds a reader token for a collection (``Owner.grants``)."""
+
+    collection: str
+    key_id: int
+    shared_token_active: bool
+    readers: list[Reader]
+
+
+@dataclass
+class UploadSummary:
+    """What ``Owner.upload`` did. ``duplicates``: (file, the file with the same id earlier in this
+    upload) -- not uploaded again; ``already_present``: files whose id the server already held (not
+    sent; with ``replace`` they are sent and counted in ``replaced``); ``skipped``: (file, reason)."""
+
+    collection: str
+    id_from: str
+    files: int
+    uploaded: int
+    replaced: int
+    already_present: list[str]
+    duplicates: list[tuple[str, str]]
+    skipped: list[tuple[str, str]]
+    bytes_uploaded: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.uploaded / self.seconds if self.seconds else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_uploaded / 1e6 / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: int
+    distance: int
+    name: str  # the original file name (from the decrypted blob)
+    file: Path | None = None  # where it was written (None if not written)
+    image: bytes = field(default=b"", repr=False)
+
+
+@dataclass
+class SearchResult:
+    query: str
+    collection: str
+    ranking: str  # "server" or "local (private mode)"
+    results: list[Hit]
+    out_dir: Path | None
+    seconds: dict[str, float]  # trapdoor, sync, search, fetch_decrypt
+    sync: dict[str, Any] | None = None  # private mode: pages cached / fetched, bytes, seconds
+
+
+@dataclass
+class ServiceStatus:
+    name: str  # "cloud server" or "triton"
+    address: str
+    up: bool
+    detail: str  # one line: what answered, or why not
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Status:
+    config_file: str | None
+    server: ServiceStatus
+    triton: ServiceStatus
+    collections: list[CollectionInfo] | None  # None when no token could list them
+
+
+def to_json(obj: Any) -> Any:
+    """A result dataclass (or list of them) as JSON-ready data: paths as strings, image bytes left out."""
+    if isinstance(obj, list):
+        return [to_json(o) for o in obj]
+    data = asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj
+
+    def clean(value):
+        if hasattr(value, "__dataclass_fields__"):
+            value = asdict(value)
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k != "image"}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    out = clean(data)
+    for prop in ("images_per_s", "mb_per_s"):
+        if hasattr(obj, prop):
+            out[prop] = round(getattr(obj, prop), 3)
+    return out
+
+
+def _cfg(cfg: "_config.Config | str | os.PathLike | None") -> "_config.Config":
+    return cfg if isinstance(cfg, _config.Config) else _config.load(cfg)
+
+
+def _server(cfg: "_config.Config", flag: str | None, recorded: str | None) -> str:
+    """flag > env > config file > the address a tokens file or grant recorded > built-in default."""
+    return cfg.get("server", flag) if cfg.given("server", flag) else (recorded or cfg.get("server"))
+
+
+def _hasher(cfg: "_config.Config", triton: str | None, model: str | None, batch_size: int = 16):
+    from dlheir.client.triton import TritonHasher
+
+    return TritonHasher(cfg.get("triton", triton), batch_size=batch_size, model=cfg.get("model", model))
+
+
+def _cloud(address: str, token: str | None, tls_ca: str | None):
+    from dlheir.client.cloud import CloudClient
+
+    return CloudClient(address, token, tls_ca=tls_ca)
+
+
+# --- the data owner ---------------------------------------------------------------------------
+class Owner:
+    """The data owner: keys, collections, encrypted uploads, grants.
+
+    ``key``: the owner key file (default ``owner_key`` setting, else ``$DLHEIR_HOME/owner.key``);
+    ``server``, ``triton``, ``model``, ``tls_ca``: override the configured ones; ``config``: a
+    :class:`dlheir.config.Config` or a config file path. A collection's owner token is read from
+    its tokens file (``$DLHEIR_HOME/COLLECTION.tokens.json``, or ``tokens=``)."""
+
+    def __init__(self, server: str | None = None, triton: str | None = None, model: str | None = None,
+                 key: str | os.PathLike | None = None, tls_ca: str | None = None,
+                 config: "_config.Config | str | os.PathLike | None" = None) -> None:
+        self.config = _cfg(config)
+        self._server_flag, self._triton, self._model = server, triton, model
+        self.key_path = paths.resolve(self.config.get("owner_key", key), paths.OWNER_KEY)
+        self.tls_ca = self.config.get("tls_ca", tls_ca)
+
+    # helpers
+    def server_for(self, tokens: dict | None = None) -> str:
+        return _server(self.config, self._server_flag, (tokens or {}).get("server"))
+
+    def _collection(self, collection: str | None) -> str:
+        name = self.config.get("collection", collection)
+        if not name and self.key_path.is_file():
+            from dlheir.client.crypto import OwnerKeys
+
+            name = OwnerKeys.load(self.key_path).collection
+        if not name:
+            raise UserError("give a collection (--collection, or collection in the config file; "
+                            f"{self.key_path} records none)")
+        paths.tokens_name(name)
+        return name
+
+    def tokens(self, collection: str, tokens: str | os.PathLike | None = None) -> dict:
+        """The tokens file of ``collection`` (written by :meth:`create_collection`)."""
+        from dlheir.client.crypto import read_secret
+
+        path = Path(tokens) if tokens else paths.default_path(paths.tokens_name(collection))
+        raw = read_secret(path, "tokens file", " (from 'dlheir owner create-collection', or give --tokens)")
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) for k in ("owner_token", "reader_token")):
+                raise ValueError("owner_token or reader_token missing")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: not a tokens file from 'dlheir owner create-collection' ({exc})") from None
+        return doc
+
+    def _owner_cloud(self, collection: str, tokens: str | os.PathLike | None = None):
+        doc = self.tokens(collection, tokens)
+        return _cloud(self.server_for(doc), doc["owner_token"], self.tls_ca)
+
+    def keys(self):
+        from dlheir.client.crypto import OwnerKeys
+
+        return OwnerKeys.load(self.key_path)
+
+    # keys and collections
+    def init_keys(self, collection: str | None = None, out: str | os.PathLike | None = None) -> Path:
+        """KeyGen: a new owner key file (mode 0600, never overwritten); returns its path."""
+        from dlheir.client.crypto import OwnerKeys
+
+        target = paths.resolve(out if out is not None else self.config.get("owner_key"), paths.OWNER_KEY, create=True)
+        return OwnerKeys.generate(collection).save(target)
+
+    def create_collection(self, name: str, bits: int | None = None, private: bool = False,
+                          admin_token_file: str | os.PathLike | None = None,
+                          tokens_out: str | os.PathLike | None = None) -> CollectionInfo:
+        """Create ``name`` on the server (admin token) for the Triton model (its code length, image
+        size and fingerprint: uploads and searches with another model are refused), or, with
+        ``bits`` alone, a raw-code collection tied to no model. The owner/reader tokens go into a
+        new tokens file (mode 0600; path in ``last_tokens_file``)."""
+        from dlheir.client.crypto import write_private
+        from dlheir.client.owner import create_collection, model_binding
+
+        paths.tokens_name(name)  # a name that cannot be a file name stops here
+        admin_token = self.config.admin_token(admin_token_file)
+        out = paths.resolve(tokens_out, paths.tokens_name(name), create=True)
+        if out.exists():
+            raise UserError(f"{out} already exists; refusing to overwrite")
+        if bits is None:
+            with _hasher(self.config, self._triton, self._model) as hasher:
+                binding = model_binding(hasher)
+        else:
+            binding = model_binding(None, bits)
+        server = self.server_for()
+        with _cloud(server, None, self.tls_ca) as cloud:
+            owner, reader = create_collection(cloud, name, admin_token, binding, private=private)
+            cloud.token = owner
+            info = CollectionInfo.from_pb(cloud.stats(name))
+        mode = "private" if private else "server-ranked"
+        doc = {"collection": name, "server": server, "bits": binding.bits, "mode": mode, "owner_token": owner,
+               "reader_token": reader}
+        write_private(out, (json.dumps(doc, indent=2) + "\n").encode())
+        self.last_tokens_file = out
+        return info
+
+    def collections(self, admin_token_file: str | os.PathLike | None = None) -> list[CollectionInfo]:
+        """Every collection on the server with the admin token (when one is configured), else the
+        collections whose tokens files are in the key folder."""
+        try:
+            admin = self.config.admin_token(admin_token_file)
+        except UserError:
+            if admin_token_file is not None:
+                raise
+            admin = None
+        if admin is not None:
+            with _cloud(self.server_for(), None, self.tls_ca) as cloud:
+                return sorted((CollectionInfo.from_pb(c) for c in cloud.list_collections(admin)), key=lambda c: c.name)
+        found = []
+        for path in sorted(paths.dlheir_home().glob("*" + paths.TOKENS_SUFFIX)):
+            name = path.name[: -len(paths.TOKENS_SUFFIX)]
+            try:
+                found.append(self.describe(name))
+            except UserError:
+                continue  # a collection deleted since, or on another server
+        return found
+
+    def describe(self, name: str, admin_token_file: str | os.PathLike | None = None) -> CollectionInfo:
+        """One collection: with its tokens file (owner token), else with the admin token."""
+        paths.tokens_name(name)
+        if paths.default_path(paths.tokens_name(name)).is_file() and admin_token_file is None:
+            with self._owner_cloud(name) as cloud:
+                return CollectionInfo.from_pb(cloud.stats(name))
+        admin = self.config.admin_token(admin_token_file)
+        with _cloud(self.server_for(), None, self.tls_ca) as cloud:
+            for c in cloud.list_collections(admin):
+                if c.name == name:
+                    return CollectionInfo.from_pb(c)
+        raise UserError(f"no collection named {name!r} on {self.server_for()}")
+
+    def delete_collection(self, name: str, admin_token_file: str | os.PathLike | None = None) -> CollectionInfo:
+        """Delete ``name`` and everything it holds (admin token); its tokens file is removed too.
+        Returns what it held."""
+        paths.tokens_name(name)
+        admin = self.config.admin_token(admin_token_file)
+        tokens_file = paths.default_path(paths.tokens_name(name))
+        recorded = None
+        if tokens_file.is_file():
+            try:
+                recorded = self.tokens(name).get("server")
+            except UserError:
+                pass
+        with _cloud(_server(self.config, self._server_flag, recorded), None, self.tls_ca) as cloud:
+            info = CollectionInfo.from_pb(cloud.delete_collection(name, admin))
+        tokens_file.unlink(missing_ok=True)  # its tokens open nothing any more
+        return info
+
+    # items
+    def item_ids(self, files: Iterable[str | os.PathLike], id_from: str = "content",
+                 root: str | os.PathLike | None = None) -> list[int]:
+        """The ids ``upload`` gives these files (``id_from`` "content", or "path" relative to ``root``)."""
+        from dlheir.ids import content_id, item_id
+
+        out = []
+        for f in files:
+            f = Path(f)
+            if id_from == "content":
+                try:
+                    out.append(content_id(f.read_bytes()))
+                except OSError as exc:
+                    raise UserError(f"cannot read {f}: {exc.strerror or exc}") from None
+            elif id_from == "path":
+                if root is None:
+                    raise UserError("ids from paths need the folder they were uploaded from (--root)")
+                out.append(item_id(f.resolve().relative_to(Path(root).resolve())))
+            else:
+                raise UserError(f"unknown id rule {id_from!r} (content or path)")
+        return out
+
+    def upload(self, images_dir: str | os.PathLike, collection: str | None = None, id_from: str = "content",
+               replace: bool = False, batch_size: int = 32, progress: bool | None = None,
+               tokens: str | os.PathLike | None = None) -> UploadSummary:
+        """Hash (Triton), encrypt and upload every image under ``images_dir``. Ids follow
+        ``id_from``: "content" (default: a hash of the file's bytes; the same image twice is one
+        item) or "path" (the path relative to ``images_dir``). Files whose id the server holds are
+        not sent unless ``replace``; files repeating an id of this upload are reported in
+        ``duplicates``."""
+        from dlheir.client.owner import image_files, upload_images
+        from dlheir.ids import ID_RULES, content_id, item_id
+
+        if id_from not in ID_RULES:
+            raise UserError(f"unknown id rule {id_from!r}: {' or '.join(ID_RULES)}")
+        collection = self._collection(collection)
+        keys = self.keys()
+        doc = self.tokens(collection, tokens)
+        files = image_files(images_dir)
+        if not files:
+            raise UserError(f"no images found under {images_dir}")
+        first: dict[int, str] = {}
+        kept, ids, duplicates, skipped = [], [], [], []
+        for rel, path in files:
+            if id_from == "content":
+                try:
+                    i = content_id(Path(path).read_bytes())
+                except OSError as exc:
+                    skipped.append((rel, exc.strerror or str(exc)))
+                    continue
+            else:
+                i = item_id(rel)
+            if i in first:
+                duplicates.append((rel, first[i]))
+                continue
+            first[i] = rel
+            kept.append((rel, path))
+            ids.append(i)
+        show = _config.show_progress() if progress is None else progress
+        with _cloud(self.server_for(doc), doc["owner_token"], self.tls_ca) as cloud, \
+                _hasher(self.config, self._triton, self._model, batch_size) as hasher:
+            present = set()
+            for start in range(0, len(ids), 50_000):
+                present |= cloud.contains(collection, ids[start:start + 50_000])
+            report = upload_images(kept, keys, collection, cloud, hasher, batch_size, progress=show, ids=ids,
+                                   replace=replace)
+        return UploadSummary(collection, id_from, len(files), report.uploaded, report.replaced,
+                             [] if replace else [rel for (rel, _), i in zip(kept, ids) if i in present],
+                             duplicates, skipped + list(report.skipped), report.bytes_uploaded, report.seconds)
+
+    def delete_items(self, ids: Iterable[int], collection: str | None = None,
+                     tokens: str | os.PathLike | None = None) -> int:
+        """Delete items by id (owner token); in a private-ranking collection tombstone pages go
+        first. Returns how many the server deleted (ids it did not hold are not counted)."""
+        from dlheir.client.private import delete_items, is_private
+
+        collection = self._collection(collection)
+        ids = [int(i) for i in ids]
+        with self._owner_cloud(collection, tokens) as cloud:
+            info = cloud.stats(collection)
+            if is_private(info):
+                keys = self.keys().at(info.key_id or 1)
+                return delete_items(cloud, keys.image_key, collection, info.bits, ids, keys.key_id)
+            return cloud.delete(collection, ids)
+
+    # access
+    def grant(self, user_pub: str | os.PathLike, collection: str | None = None, user: str | None = None,
+              out: str | os.PathLike | None = None, replace: bool = False, reader_token: str | None = None,
+              bits: int | None = None, tokens: str | os.PathLike | None = None) -> Path:
+        """Seal a grant for the holder of ``user_pub``'s private key (see ``dlheir owner grant``);
+        returns the grant file (default ``grant`` setting, else ``$DLHEIR_HOME/grant.bin``)."""
+        from dlheir.client.access import default_label, issue_grant
+        from dlheir.client.crypto import make_grant, read_public_key_file, write_private
+
+        pub = Path(user_pub)
+        public_pem = read_public_key_file(pub)  # a private key stops here: never sealed, written or sent
+        keys = self.keys()
+        collection = self.config.get("collection", collection) or keys.collection
+        if not collection:
+            raise UserError(f"give --collection ({self.key_path} records no collection name)")
+        user = paths.check_label(user) if user else None
+        out = paths.resolve(self.config.get("grant", out), paths.GRANT)
+        if out.exists():
+            raise UserError(f"{out} already exists; refusing to overwrite a grant")
+        if reader_token is not None:  # offline: the caller's token (no per-user credential on the server)
+            server = self._server_flag or (self.config.get("server") if self.config.given("server") else None)
+            grant = make_grant(keys, public_pem, collection, reader_token, server=server, bits=bits, user=user)
+        else:
+            doc = self.tokens(collection, tokens)
+            server = self.server_for(doc)
+            user = user or paths.check_label(default_label(pub))
+            with _cloud(server, doc["owner_token"], self.tls_ca) as cloud:
+                grant = issue_grant(keys, public_pem, collection, user, cloud, server=server,
+                                    bits=bits or doc.get("bits"), replace=replace)
+        out = paths.resolve(out, paths.GRANT, create=True)
+        write_private(out, grant, "a grant")
+        self.last_grant_user = user
+        return out
+
+    def grants(self, collection: str | None = None, tokens: str | os.PathLike | None = None) -> Readers:
+        collection = self._collection(collection)
+        with self._owner_cloud(collection, tokens) as cloud:
+            answer = cloud.list_readers(collection)
+        return Readers(collection, answer.key_id or 1, answer.shared_token_active,
+                       [Reader(r.user, r.created, r.revoked or None) for r in answer.readers])
+
+    def revoke(self, user: str | None = None, collection: str | None = None, shared_token: bool = False,
+               tokens: str | os.PathLike | None = None) -> bool:
+        """Revoke one user's reader token (or the shared one); False if it was already revoked."""
+        if bool(user) == bool(shared_token):
+            raise UserError("give a USER to revoke, or --shared-token")
+        user = paths.check_label(user) if user else None
+        collection = self._collection(collection)
+        with self._owner_cloud(collection, tokens) as cloud:
+            return cloud.revoke_reader(collection, user, shared_token=shared_token)
+
+    def rotate(self, collection: str | None = None, drop: Sequence[str] = (), out_dir: str | os.PathLike | None = None,
+               tokens: str | os.PathLike | None = None):
+        """Key rotation (see :func:`dlheir.client.access.rotate`); returns its RotationReport."""
+        from dlheir.client.access import rotate
+
+        collection = self._collection(collection)
+        doc = self.tokens(collection, tokens)
+        server = self.server_for(doc)
+        with _cloud(server, doc["owner_token"], self.tls_ca) as cloud:
+            return rotate(self.key_path, collection, cloud, server=server, drop=drop, out_dir=out_dir)
+
+
+# --- the query user ---------------------------------------------------------------------------
+def default_search_dir(query: str | os.PathLike, base: str | os.PathLike = "results/search") -> Path:
+    """A new, empty folder (made here, mode 0700) for one search's results:
+    ``results/search/YYYYmmdd-HHMMSS-<query name>`` (``-2``, ``-3``, ... when taken), so searches
+    never mix their files."""
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(query).stem)[:40] or "query"
+    base = Path(base)
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
+    base.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        folder = base / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir(mode=0o700)  # atomic: two searches at once get two folders
+            return folder
+        except FileExistsError:
+            continue
+    raise UserError(f"cannot find a free folder name for {name} under {base}")
+
+
+class User:
+    """A query user: opens the owner's grant with the user's RSA private key and searches.
+
+    ``grant``/``user_key``: files (default ``grant``/``user_key`` settings, else
+    ``$DLHEIR_HOME/grant.bin`` and ``user.pem``); ``passphrase``: the private key's, if it has one."""
+
+    def __init__(self, grant: str | os.PathLike | None = None, user_key: str | os.PathLike | None = None,
+                 passphrase: str | None = None, server: str | None = None, triton: str | None = None,
+                 model: str | None = None, tls_ca: str | None = None,
+                 config: "_config.Config | str | os.PathLike | None" = None) -> None:
+        self.config = _cfg(config)
+        self.grant_path = paths.resolve(self.config.get("grant", grant), paths.GRANT)
+        self.key_path = paths.resolve(self.config.get("user_key", user_key), paths.USER_KEY)
+        self.passphrase = passphrase
+        self._server_flag, self._triton, self._model = server, triton, model
+        self.tls_ca = self.config.get("tls_ca", tls_ca)
+        self._grant = None
+
+    @staticmethod
+    def keygen(out: str | os.PathLike | None = None, passphrase: str | None = None,
+               config: "_config.Config | str | os.PathLike | None" = None) -> tuple[Path, Path]:
+        """A new RSA-3072 pair (private 0600, public next to it); returns (private, public)."""
+        from dlheir.client.crypto import generate_user_keypair
+
+        cfg = _cfg(config)
+        return generate_user_keypair(paths.resolve(cfg.get("user_key", out), paths.USER_KEY, create=True), passphrase)
+
+    @property
+    def grant(self):
+        """The opened grant (collection, reader token, keys, recorded server and bits)."""
+        if self._grant is None:
+            from dlheir.client.crypto import open_grant, read_private_key_file
+
+            for path, what in ((self.grant_path, "grant"), (self.key_path, "private key")):
+                if not Path(path).is_file():
+                    raise UserError(f"{what} not found: {path}")
+            private_pem = read_private_key_file(self.key_path)  # a public key, or one others can read, stops here
+            self._grant = open_grant(self.grant_path.read_bytes(), private_pem, self.passphrase)
+        return self._grant
+
+    @property
+    def server(self) -> str:
+        return _server(self.config, self._server_flag, self.grant.server)
+
+    def search(self, query: str | os.PathLike, k: int = 20, out: str | os.PathLike | None = None,
+               write: bool = True) -> SearchResult:
+        """TrapGen (Triton), search (server-ranked, or locally in private mode), fetch and decrypt
+        the top ``k``. With ``write``, the images go into ``out`` (default: a new folder from
+        :func:`default_search_dir`), created 0700, each file 0600."""
+        from dlheir.client.private import open_local
+        from dlheir.client.user import search_image, write_results
+
+        if not Path(query).is_file():
+            raise UserError(f"query image not found: {query}")
+        grant = self.grant
+        with _cloud(self.server, grant.reader_token, self.tls_ca) as cloud, \
+                _hasher(self.config, self._triton, self._model) as hasher:
+            local = open_local(cloud, grant)  # one round trip: the mode, and (private mode) the new sealed pages
+            first_sync = local.last_sync if local is not None else None
+            hits, timings = search_image(query, grant, cloud, hasher, k, local=local)
+        out_dir = None
+        files: dict[int, Path] = {}
+        if write:
+            out_dir = Path(out) if out is not None else default_search_dir(query)
+            written = write_results(hits, out_dir)
+            files = dict(zip([h.rank for h in hits if h.image], written))
+        sync = None if first_sync is None else {
+            "codes": len(local), "pages": local.pages, "pages_cached": first_sync.pages_cached,
+            "pages_fetched": first_sync.pages_fetched, "bytes_fetched": first_sync.bytes_fetched,
+            "seconds": first_sync.seconds}
+        return SearchResult(str(query), grant.collection, "server" if local is None else "local (private mode)",
+                            [Hit(h.rank, h.id, h.distance, h.name, files.get(h.rank), h.image) for h in hits],
+                            out_dir, {"trapdoor": timings.trapdoor_s, "sync": timings.sync_s,
+                                      "search": timings.search_s, "fetch_decrypt": timings.fetch_decrypt_s}, sync)
+
+
+# --- services ---------------------------------------------------------------------------------
+def _server_status(address: str, tls_ca: str | None) -> ServiceStatus:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from dlheir.client.cloud import unreachable_reason
+
+    channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
+               if tls_ca else grpc.insecure_channel(address))
+    with channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                why = "answers gRPC but has no health service: not a dlheir cloud server (Triton's port?)"
+            else:
+                why = unreachable_reason(exc.details() or "") or f"{exc.code().name}: {exc.details()}"
+            return ServiceStatus("cloud server", address, False, why)
+    serving = answer.status == health_pb2.HealthCheckResponse.SERVING
+    return ServiceStatus("cloud server", address, serving,
+                         "serving" if serving else health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+
+
+def _triton_status(cfg: "_config.Config", address: str, model: str | None) -> ServiceStatus:
+    try:
+        with _hasher(cfg, address, model) as hasher:
+            info = {"model": hasher.model, "bits": hasher.bits, "image_size": hasher.image_size}
+            fingerprint = getattr(hasher, "fingerprint", None)
+            if fingerprint:
+                info["fingerprint"] = fingerprint
+    except UserError as exc:
+        return ServiceStatus("triton", address, False, str(exc))
+    return ServiceStatus("triton", address, True, f"model {info['model']!r} ready: {info['bits']} bits, "
+                                                  f"{info['image_size']} px", info)
+
+
+def status(server: str | None = None, triton: str | None = None, model: str | None = None,
+           admin_token_file: str | os.PathLike | None = None, tls_ca: str | None = None,
+           config: "_config.Config | str | os.PathLike | None" = None) -> Status:
+    """Which services answer, where, with which model, and the collections (all of them with
+    the admin token, else those whose tokens files are in the key folder). Never raises for a
+    service that is down: that is what it reports."""
+    cfg = _cfg(config)
+    address = cfg.get("server", server)
+    ca = cfg.get("tls_ca", tls_ca)
+    srv = _server_status(address, ca)
+    tri = _triton_status(cfg, cfg.get("triton", triton), model)
+    collections = None
+    if srv.up:
+        try:
+            collections = Owner(server=address, tls_ca=ca, config=cfg).collections(admin_token_file)
+        except UserError as exc:
+            srv.info["collections_error"] = str(exc)
+    return Status(str(cfg.path) if cfg.path else None, srv, tri, collections)

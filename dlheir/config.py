@@ -1,0 +1,173 @@
+"""Client settings, defined once: built-in defaults < config file < environment < command-line flag.
+
+The config file is TOML (read with ``tomllib``): ``--config FILE`` if given, else
+``$DLHEIR_CONFIG``, else ``dlheir_home()/config.toml`` (see :mod:`dlheir.paths`); a file named by
+``--config`` or ``$DLHEIR_CONFIG`` must exist, the default one may be absent. Every key is
+optional; an unknown key or a value of the wrong type is a one-line error naming the file::
+
+    server = "127.0.0.1:50051"        # the cloud server           env DLHEIR_SERVER
+    triton = "127.0.0.1:8001"         # Triton's gRPC port         env DLHEIR_TRITON
+    model = "dlheir"                  # the Triton model to hash with   env DLHEIR_MODEL
+    collection = "photos"             # default --collection       env DLHEIR_COLLECTION
+    admin_token_file = "runs/cloud/admin.token"                   # env DLHEIR_ADMIN_TOKEN_FILE
+    owner_key = "owner.key"           # default --key              env DLHEIR_OWNER_KEY
+    user_key = "user.pem"             # default --user-key         env DLHEIR_USER_KEY
+    grant = "grant.bin"               # default --grant            env DLHEIR_GRANT
+    tls_ca = "ca.pem"                 # the server's CA (TLS)      env DLHEIR_TLS_CA
+
+Relative paths in the file are relative to the file's folder; in the environment and in flags,
+to the working directory. The admin token itself is read only from ``$DLHEIR_ADMIN_TOKEN`` (the
+variable the server reads too) or from a token file: a config file is not a place for secrets.
+Where a setting is given nowhere, the server address recorded in a tokens file or grant comes
+next, then the built-in default.
+
+Import-light: standard library only (and :mod:`dlheir.contract` for the public model name).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from dlheir import paths
+from dlheir.contract import PUBLIC_MODEL
+from dlheir.errors import UserError
+
+CONFIG_ENV = "DLHEIR_CONFIG"
+CONFIG_NAME = "config.toml"
+ADMIN_TOKEN_ENV = "DLHEIR_ADMIN_TOKEN"  # the token itself (the server reads the same variable)
+
+DEFAULTS: dict[str, Any] = {
+    "server": "127.0.0.1:50051",
+    "triton": "127.0.0.1:8001",
+    "model": PUBLIC_MODEL,
+    "collection": None,
+    "admin_token_file": None,
+    "owner_key": None,  # None: paths.OWNER_KEY in the key folder
+    "user_key": None,  # None: paths.USER_KEY
+    "grant": None,  # None: paths.GRANT
+    "tls_ca": None,
+}
+ENV: dict[str, str] = {key: f"DLHEIR_{key.upper()}" for key in DEFAULTS}
+PATH_KEYS = frozenset({"admin_token_file", "owner_key", "user_key", "grant", "tls_ca"})
+
+
+def default_path() -> Path:
+    """Where the config file is looked for when neither ``--config`` nor ``$DLHEIR_CONFIG`` names one."""
+    return paths.dlheir_home() / CONFIG_NAME
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved settings: ``values[key]`` and where each came from (``sources[key]``:
+    ``default``, ``file PATH``, ``env VAR``)."""
+
+    values: dict[str, Any]
+    sources: dict[str, str]
+    path: Path | None = None  # the config file read, if any
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def get(self, key: str, flag: Any = None) -> Any:
+        """``flag`` if given (not None), else the configured value."""
+        if key not in self.values:
+            raise KeyError(key)
+        return flag if flag is not None else self.values[key]
+
+    def source(self, key: str, flag: Any = None) -> str:
+        return "flag" if flag is not None else self.sources[key]
+
+    def given(self, key: str, flag: Any = None) -> bool:
+        """Whether ``key`` was set anywhere (flag, env, file), not left at its built-in default."""
+        return flag is not None or self.sources[key] != "default"
+
+    def admin_token(self, flag_file: str | os.PathLike | None = None) -> str:
+        """The server's admin token: ``--admin-token-file`` > ``$DLHEIR_ADMIN_TOKEN`` >
+        ``admin_token_file`` (env, then file). UserError naming the ways to give it if none."""
+        from dlheir.client.crypto import read_secret
+
+        if flag_file is None and self.env.get(ADMIN_TOKEN_ENV, "").strip():
+            return self.env[ADMIN_TOKEN_ENV].strip()
+        path = self.get("admin_token_file", flag_file)
+        if path is None:
+            raise UserError(f"this needs the server's admin token: give --admin-token-file FILE (the server's "
+                            f"DATA_DIR/admin.token), set ${ADMIN_TOKEN_ENV} or ${ENV['admin_token_file']}, or "
+                            f"admin_token_file in {self.path or default_path()}")
+        token = read_secret(path, "admin token file").decode("utf-8", "replace").strip()
+        if not token:
+            raise UserError(f"{path}: the admin token file is empty")
+        return token
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"config_file": str(self.path) if self.path else None,
+                "settings": {k: {"value": str(v) if isinstance(v, Path) else v, "from": self.sources[k]}
+                             for k, v in self.values.items()}}
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise UserError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config file {path}: not valid TOML ({exc})") from None
+    for key, value in doc.items():
+        if key not in DEFAULTS:
+            raise UserError(f"config file {path}: unknown key {key!r} (known: {', '.join(sorted(DEFAULTS))})")
+        if not isinstance(value, str) or not value:
+            raise UserError(f"config file {path}: {key} must be a non-empty string, got {value!r}")
+    return {k: (str((path.parent / Path(v).expanduser()).resolve()) if k in PATH_KEYS else v) for k, v in doc.items()}
+
+
+def load(config_path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """The settings from built-in defaults, the config file and the environment (flags are
+    applied by the caller through :meth:`Config.get`)."""
+    env = dict(os.environ if env is None else env)
+    values, sources = dict(DEFAULTS), {k: "default" for k in DEFAULTS}
+    if config_path is not None:
+        path: Path | None = Path(config_path).expanduser()
+        if not path.is_file():
+            raise UserError(f"config file not found: {path} (given with --config)")
+    elif env.get(CONFIG_ENV):
+        path = Path(env[CONFIG_ENV]).expanduser()
+        if not path.is_file():
+            raise UserError(f"config file not found: {path} (named by ${CONFIG_ENV})")
+    else:
+        path = default_path()
+        path = path if path.is_file() else None
+    if path is not None:
+        for key, value in _read_file(path).items():
+            values[key], sources[key] = value, f"file {path}"
+    for key, var in ENV.items():
+        if env.get(var):
+            values[key], sources[key] = env[var], f"env {var}"
+    return Config(values, sources, path, env)
+
+
+# --- output behaviour: set once by the ``dlheir`` entry point --------------------------------
+_verbosity = 0  # -1 quiet, 0 normal, 1 verbose
+
+
+def set_verbosity(level: int) -> None:
+    """-q (-1), normal (0), -v (1) or -vv (2): the logging level and whether progress bars show.
+    Normal leaves logging as it is (warnings and errors reach stderr); -q shows errors only, -v
+    adds INFO and -vv DEBUG records."""
+    import logging
+
+    global _verbosity
+    _verbosity = level
+    if level:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger().setLevel({-1: logging.ERROR, 1: logging.INFO}.get(level, logging.DEBUG))
+    if not show_progress():
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads TQDM_* defaults: bars made elsewhere stay off too
+
+
+def show_progress() -> bool:
+    """Progress bars only on a terminal, and not with ``-q``."""
+    return _verbosity >= 0 and sys.stderr.isatty()

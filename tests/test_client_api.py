@@ -1,0 +1,238 @@
+"""The Python API (dlheir.Owner, dlheir.User, dlheir.status), the collection admin commands and
+the upload id rules, against real Triton and cloud-server processes; the CLI and the API give
+the same results."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import dlheir
+from dlheir import config
+from dlheir.cli import main
+from dlheir.client.api import to_json
+from dlheir.errors import UserError
+
+ENV_VARS = [*config.ENV.values(), config.CONFIG_ENV]
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch, triton_server, cloud_server, digits_small):
+    """A clean key folder whose config file names the test's servers (nothing else configured)."""
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("DLHEIR_HOME", str(home))
+    (home / "config.toml").write_text(
+        f'server = "{cloud_server.address}"\ntriton = "{triton_server.grpc_url}"\n'
+        f'admin_token_file = "{cloud_server.data_dir / "admin.token"}"\n')
+    images = shutil.copytree(digits_small, tmp_path / "images")
+    return {"home": home, "images": images, "cloud": cloud_server, "triton": triton_server}
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli_json(capsys, *argv):
+    code, out, err = cli(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_import_is_light_and_exports_the_api():
+    import subprocess
+    import sys
+
+    code = ("import sys, dlheir; assert 'grpc' not in sys.modules and 'numpy' not in sys.modules; "
+            "print(dlheir.Owner.__module__, dlheir.User.__module__, dlheir.status.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["dlheir.client.api"] * 3
+
+
+def test_collections_items_and_status_commands(setup, capsys):
+    s = setup
+    assert cli(capsys, "owner", "init")[0] == 0
+    created = cli_json(capsys, "owner", "create-collection", "photos")
+    assert created["collection"]["name"] == "photos" and created["collection"]["items"] == 0
+    assert cli(capsys, "owner", "create-collection", "sealed", "--private")[0] == 0
+
+    up = cli_json(capsys, "owner", "upload", s["images"], "--collection", "photos")
+    n = len(list(s["images"].rglob("*.png")))
+    assert up["uploaded"] == n and up["duplicates"] == [] and up["already_present"] == []
+
+    listing = cli_json(capsys, "collections", "list")  # admin token from the config file: every collection
+    assert [(c["name"], c["mode"], c["items"]) for c in listing] == [("photos", "server-ranked", n),
+                                                                      ("sealed", "private", 0)]
+    code, out, _ = cli(capsys, "collections", "list")
+    assert code == 0 and "photos" in out and "server-ranked" in out and "sealed" in out and "private" in out
+    described = cli_json(capsys, "collections", "describe", "photos")
+    assert described == listing[0]
+
+    st = cli_json(capsys, "status")
+    assert st["server"]["up"] and st["server"]["address"] == s["cloud"].address
+    assert st["triton"]["up"] and st["triton"]["info"]["bits"] == 48
+    assert [c["name"] for c in st["collections"]] == ["photos", "sealed"]
+    assert st["config_file"] == str(s["home"] / "config.toml")
+    code, out, _ = cli(capsys, "status")
+    assert code == 0 and "cloud server" in out and "up" in out and f"{s['triton'].grpc_url}" in out
+
+    # items delete: by id and by file (the content rule gives the same id the upload gave)
+    one, two = sorted(s["images"].rglob("*.png"))[:2]
+    owner = dlheir.Owner()
+    [id_one] = owner.item_ids([one])
+    deleted = cli_json(capsys, "items", "delete", id_one, "--file", two, "--collection", "photos")
+    assert deleted["deleted"] == 2
+    assert cli_json(capsys, "collections", "describe", "photos")["items"] == n - 2
+    code, out, _ = cli(capsys, "items", "delete", id_one, "--collection", "photos")
+    assert code == 0 and "deleted 0 of 1" in out
+
+    # delete a collection: refused without --yes; then gone, its tokens file too, its token refused
+    code, _, err = cli(capsys, "collections", "delete", "photos")
+    assert code == 2 and "--yes" in err
+    gone = cli_json(capsys, "collections", "delete", "photos", "--yes")
+    assert gone["deleted"]["name"] == "photos" and gone["deleted"]["items"] == n - 2
+    assert not (s["home"] / "photos.tokens.json").exists()
+    assert [c["name"] for c in cli_json(capsys, "collections", "list")] == ["sealed"]
+    code, _, err = cli(capsys, "collections", "delete", "photos", "--yes")
+    assert code == 2 and "NOT_FOUND" in err
+
+
+def test_status_names_what_is_down(setup, capsys):
+    from dlheir.server.testing import free_port
+
+    nowhere = f"127.0.0.1:{free_port()}"
+    code, out, _ = cli(capsys, "status", "--server", nowhere, "--triton", nowhere)
+    assert code == 1 and "DOWN" in out and "connection refused" in out
+    st = dlheir.status(server=nowhere)
+    assert not st.server.up and st.triton.up and st.collections is None
+
+
+def test_cli_and_api_give_the_same_results(setup, capsys):
+    s = setup
+    owner = dlheir.Owner()
+    owner.init_keys()
+    info = owner.create_collection("same", bits=48)
+    summary = owner.upload(s["images"], "same", progress=False)
+    assert summary.uploaded == len(list(s["images"].rglob("*.png"))) and not summary.skipped
+
+    assert cli(capsys, "user", "keygen")[0] == 0
+    owner.grant(s["home"] / "user.pub.pem", "same", user="alice")
+    user = dlheir.User()
+    query = next(s["images"].glob("1/*.png"))
+    api = user.search(query, k=6, out="api-found")
+    got = cli_json(capsys, "user", "search", query, "-k", 6, "--out", "cli-found")
+    assert [(h.rank, h.id, h.distance, h.name) for h in api.results] == \
+           [(h["rank"], h["id"], h["distance"], h["name"]) for h in got["results"]]
+    assert len(api.results) == 6 and api.results[0].distance == 0
+    originals = {p.name: p.read_bytes() for p in s["images"].rglob("*.png")}  # names are unique here
+    for h, c in zip(api.results, got["results"]):  # both wrote the decrypted originals
+        assert h.image == h.file.read_bytes() == originals[h.name] == (s["home"].parent / c["file"]).read_bytes()
+
+    assert to_json(owner.collections()) == cli_json(capsys, "collections", "list")
+    assert to_json(owner.describe("same")) == cli_json(capsys, "collections", "describe", "same")
+    assert to_json(owner.grants("same")) == cli_json(capsys, "owner", "grants", "--collection", "same")
+    assert info.name == "same" and info.bits == 48
+
+
+def test_upload_ids_duplicates_and_replace(setup, capsys):
+    s = setup
+    images = s["images"]
+    first = sorted(images.rglob("*.png"))[0]
+    shutil.copy(first, images / "0" / "copy_of_first.png")  # the same content twice in one upload
+    n = len(list(images.rglob("*.png")))
+    owner = dlheir.Owner()
+    owner.init_keys()
+    owner.create_collection("ids", bits=48)
+    code, out, _ = cli(capsys, "owner", "upload", images, "--collection", "ids")
+    assert code == 0 and f"uploaded {n - 1} images" in out and "1 duplicates" in out
+    assert f"duplicate 0/copy_of_first.png: same content as {first.relative_to(images).as_posix()}" in out
+
+    # a subfolder on its own: every image is already stored (content ids), nothing is added
+    sub = owner.upload(images / "1", "ids", progress=False)
+    assert sub.uploaded == 0 and len(sub.already_present) == len(list((images / "1").glob("*.png")))
+    assert owner.describe("ids").items == n - 1
+
+    # an edited file is a new item under the content rule; --replace re-sends what is stored
+    first.write_bytes(first.read_bytes() + b"\0")  # still a PNG (trailing bytes are ignored)
+    assert owner.upload(images / "0", "ids", progress=False).uploaded == 1
+    again = cli_json(capsys, "owner", "upload", images / "1", "--collection", "ids", "--replace")
+    assert again["uploaded"] == len(list((images / "1").glob("*.png"))) and again["replaced"] == again["uploaded"]
+    assert owner.describe("ids").items == n
+
+    # --id-from path: ids from relative paths, so the same files are new items here
+    by_path = owner.upload(images / "2", "ids", id_from="path", progress=False)
+    assert by_path.uploaded == len(list((images / "2").glob("*.png"))) and by_path.id_from == "path"
+    with pytest.raises(UserError, match="unknown id rule"):
+        owner.upload(images, "ids", id_from="name")
+
+
+def test_search_writes_into_its_own_folder(setup, capsys):
+    s = setup
+    owner = dlheir.Owner()
+    owner.init_keys()
+    owner.create_collection("own", bits=48)
+    owner.upload(s["images"], "own", progress=False)
+    dlheir.User.keygen()
+    owner.grant(s["home"] / "user.pub.pem", "own")
+    query = next(s["images"].glob("2/*.png"))
+    a = cli_json(capsys, "user", "search", query, "-k", 3)
+    b = cli_json(capsys, "user", "search", query, "-k", 3)
+    assert a["out_dir"] != b["out_dir"]
+    for r in (a, b):
+        folder = s["home"].parent / r["out_dir"]
+        assert folder.parent == s["home"].parent / "results" / "search" and query.stem in folder.name
+        assert sorted(p.name for p in folder.iterdir()) == sorted(h["file"].rsplit("/", 1)[1] for h in r["results"])
+
+
+def test_config_precedence_and_errors(tmp_path, monkeypatch):
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DLHEIR_HOME", str(tmp_path / "home"))
+    assert config.load().path is None and config.load().get("server") == "127.0.0.1:50051"  # no file: defaults
+    f = tmp_path / "cfg" / "dlheir.toml"
+    f.parent.mkdir()
+    f.write_text('server = "file:1"\ntriton = "file:2"\nowner_key = "keys/owner.key"\n')
+    c = config.load(f)
+    assert (c.get("server"), c.get("triton"), c.get("model")) == ("file:1", "file:2", "dlheir")
+    assert c.get("owner_key") == str(f.parent / "keys" / "owner.key")  # relative to the file's folder
+    assert c.sources["server"] == f"file {f}" and c.sources["model"] == "default"
+    monkeypatch.setenv("DLHEIR_SERVER", "env:1")
+    monkeypatch.setenv("DLHEIR_CONFIG", str(f))
+    c = config.load()  # the file named by $DLHEIR_CONFIG; env over file; flag over env
+    assert (c.get("server"), c.get("triton"), c.get("server", "flag:1")) == ("env:1", "file:2", "flag:1")
+    assert c.source("server") == "env DLHEIR_SERVER" and c.source("server", "x") == "flag"
+
+    monkeypatch.setenv("DLHEIR_ADMIN_TOKEN", "from-env")
+    assert config.load().admin_token() == "from-env"
+    f.write_text('serverr = "x"\n')
+    with pytest.raises(UserError, match="unknown key 'serverr'"):
+        config.load(f)
+    f.write_text('server = 50051\n')
+    with pytest.raises(UserError, match="server must be a non-empty string"):
+        config.load(f)
+    f.write_text('server = "\n')
+    with pytest.raises(UserError, match="not valid TOML"):
+        config.load(f)
+    with pytest.raises(UserError, match="config file not found"):
+        config.load(tmp_path / "missing.toml")
+
+
+def test_global_flags_on_every_command(tmp_path, monkeypatch, capsys):
+    from dlheir.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["owner", "upload", "x", "-q", "--config", "c.toml"])
+    assert args.quiet == 1 and args.config == "c.toml"
+    args = parser.parse_args(["-v", "status"])
+    assert args.verbose == 1 and args.config is None
+    monkeypatch.setenv("DLHEIR_HOME", str(tmp_path))
+    code = main(["collections", "list", "--config", str(tmp_path / "nope.toml")])
+    assert code == 2 and "config file not found" in capsys.readouterr().err
