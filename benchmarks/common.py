@@ -116,22 +116,16 @@ def bench_model(checkpoint: str | None, image_size: int, bits: int):
 
 
 def triton_with_model(model, image_size: int, work_dir: Path | str):
-    """A TritonServer (not started) serving ``model`` from a fresh copy of model_repository."""
-    import shutil
-
+    """A TritonServer (not started) serving ``model`` from a repository generated in ``work_dir``
+    (backend onnx-cpu); returns (server, onnx_path)."""
     from dlheir.export.onnx_export import export_onnx
     from dlheir.triton.launcher import TritonServer, free_port
-    from dlheir.triton.repository import install_onnx
+    from dlheir.triton.repository import prepare_repository
 
     work_dir = Path(work_dir)
-    repo = work_dir / "model_repository"
-    if repo.exists():
-        shutil.rmtree(repo)
-    src = Path(__file__).resolve().parent.parent / "model_repository"
-    shutil.copytree(src, repo, ignore=shutil.ignore_patterns("*.onnx", "*.plan"))
-    onnx_path = export_onnx(model, repo / "dlheir_onnx_cpu" / "1" / "model.onnx", image_size)
-    install_onnx(onnx_path, repo)
-    server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+    onnx_path = export_onnx(model, work_dir / "model.onnx", image_size)
+    repo = prepare_repository(work_dir / "model_repository", onnx_path, "onnx-cpu")
+    server = TritonServer(repo.path, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                           state_dir=work_dir / "triton")
     return server, onnx_path
 

@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dlheir.contract import PUBLIC_MODEL
+
 # Table 3, DLHEIR 48 bits, units not stated in the paper; Figure 6 (ms) as printed.
 PAPER_RETRIEVAL_48 = {2000: 0.58, 4000: 0.742, 6000: 0.908, 8000: 1.073, 10000: 1.249}
 PAPER_TRAPDOOR_MS = {"DLHEIR": 8.86, "Xia (CSD)": 2.13, "Xia (SCD)": 2.16, "Qin": 0.21}
@@ -25,13 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bits", type=int, default=48)
     p.add_argument("--sizes", default="2000,4000,6000,8000,10000")
     p.add_argument("--trapdoors", type=int, default=100, help="single-image trapdoors timed")
+    p.add_argument("--model", default=PUBLIC_MODEL, help=f"Triton model to call (default {PUBLIC_MODEL})")
     p.add_argument("--out-dir", default="results")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from dlheir.benchmarks.common import (bar_plot, bench_model, latency_stats, sample_images, save_json, table,
                                           time_calls, triton_with_model)
     from dlheir.client.cloud import CloudClient
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     images = sample_images(sizes[-1], 64)
     with tempfile.TemporaryDirectory() as tmp:
         server, _ = triton_with_model(model, size, tmp)
-        with server, TritonHasher(server.grpc_url, batch_size=16, max_in_flight=4) as hasher:
+        with server, TritonHasher(server.grpc_url, batch_size=16, max_in_flight=4, model=args.model) as hasher:
+            bits = hasher.bits  # read from the model called, as the clients do
             it = iter(range(10**9))
             trap = latency_stats(time_calls(lambda: hasher.hash_one(images[next(it) % len(images)]), args.trapdoors))
             extraction, all_codes = [], None
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         retrieval = []
         with run_cloud_server(Path(tmp) / "cloud") as cloud_server:
             admin = CloudClient(cloud_server.address)
-            token, _ = admin.create_collection("bench", args.bits, cloud_server.admin_token)
+            token, _ = admin.create_collection("bench", bits, cloud_server.admin_token)
             client = CloudClient(cloud_server.address, token)
             have = 0
             for n in sizes:

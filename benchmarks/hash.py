@@ -10,6 +10,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dlheir.contract import PUBLIC_MODEL
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("hash", help="images/s and latency through Triton (batch x concurrency) vs in-process")
@@ -19,11 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--concurrency", default="1,2,4")
     p.add_argument("--images", type=int, default=256, help="images per measurement (default 256)")
+    p.add_argument("--model", default=PUBLIC_MODEL, help=f"Triton model to call (default {PUBLIC_MODEL})")
     p.add_argument("--out-dir", default="results")
     p.set_defaults(func=run)
 
 
-def _triton_run(client_url: str, images: list[bytes], batch: int, concurrency: int) -> dict:
+def _triton_run(client_url: str, images: list[bytes], batch: int, concurrency: int, model: str = PUBLIC_MODEL) -> dict:
     import numpy as np
     import tritonclient.grpc as g
 
@@ -35,7 +38,7 @@ def _triton_run(client_url: str, images: list[bytes], batch: int, concurrency: i
         inp = g.InferInput("IMAGE_BYTES", [len(chunks[i]), 1], "BYTES")
         inp.set_data_from_numpy(np.array([[b] for b in chunks[i]], dtype=object))
         t0 = time.perf_counter()
-        client.infer("dlheir", [inp], outputs=[g.InferRequestedOutput("CODE")])
+        client.infer(model, [inp], outputs=[g.InferRequestedOutput("CODE")])
         return time.perf_counter() - t0
 
     for i in range(min(concurrency, len(chunks))):  # warm up
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         with server:
             for batch in batches:
                 for conc in concs:
-                    r = _triton_run(server.grpc_url, images, batch, conc)
+                    r = _triton_run(server.grpc_url, images, batch, conc, args.model)
                     rows.append({"path": "triton ensemble", "batch": batch, "concurrency": conc,
                                  "images_per_s": r["images_per_s"], **latency_stats(r["latencies"])})
             pa = _perf_analyzer(server.grpc_url, 8, 4, images[0], Path(tmp))

@@ -1,8 +1,11 @@
 """Hash codes from Triton: images (paths, bytes or pixel arrays) -> (PROBS, CODE).
 
-Sends batches to the ``dlheir`` ensemble (encoded bytes; Triton decodes and warps) or
-to ``dlheir_onnx_cpu`` directly (pre-resized uint8 pixels), with several requests in
-flight so Triton's dynamic batcher stays busy.
+Sends batches to the public ensemble (``dlheir.contract.PUBLIC_MODEL``, or the model named
+by ``model``: encoded bytes; Triton decodes and warps) or to the ensemble's network model
+directly (pre-resized uint8 pixels), with several requests in flight so Triton's dynamic
+batcher stays busy. S, N and the model's fingerprint are read from the model called (its
+config parameters, written by ``dlheir.triton.repository.prepare_repository``), whatever
+backend runs it.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from dlheir.contract import (
+    BITS_PARAM, CODE, FINGERPRINT_PARAM, IMAGE, IMAGE_BYTES, IMAGE_SIZE_PARAM, PROBS, PUBLIC_MODEL,
+    signature_from_shapes,
+)
 from dlheir.errors import UserError
-
-ENSEMBLE = "dlheir"
-ONNX_MODEL = "dlheir_onnx_cpu"
 
 
 class HashError(UserError):
@@ -74,15 +78,22 @@ def connection_error(url: str, exc) -> UserError:
 
 
 class TritonHasher:
-    """Client of the Triton hash service (gRPC)."""
+    """Client of the Triton hash service (gRPC).
+
+    ``model`` (default the public ensemble) is what ``hash_images`` calls; ``pixel_model``
+    (default: the ensemble's last step, or ``model`` itself if it is not an ensemble) is what
+    ``hash_pixels`` calls. ``image_size``, ``bits`` and ``fingerprint`` are read from ``model``:
+    its config parameters, S and N checked against its tensor shapes. ``fingerprint`` is None
+    for a model whose config does not carry one.
+    """
 
     def __init__(self, url: str = "127.0.0.1:8001", batch_size: int = 16, max_in_flight: int = 4,
-                 model: str = ENSEMBLE, pixel_model: str = ONNX_MODEL) -> None:
+                 model: str = PUBLIC_MODEL, pixel_model: str | None = None) -> None:
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
         self.url, self.batch_size, self.max_in_flight = url, batch_size, max_in_flight
-        self.model, self.pixel_model = model, pixel_model
+        self.model = model
         self.client = grpcclient.InferenceServerClient(url)
         try:
             ready = self.client.is_model_ready(model)
@@ -92,24 +103,51 @@ class TritonHasher:
         except Exception as exc:
             self.client.close()
             raise UserError(f"cannot reach Triton at {url}: {exc}") from exc
-        if not ready:
-            raise UserError(f"Triton at {url} has no ready model '{model}' (start it with 'dlheir triton start')")
-        meta = self.client.get_model_metadata(pixel_model)
+        try:
+            if not ready:
+                raise UserError(f"Triton at {url} has no ready model '{model}'; ready models: "
+                                f"{', '.join(self._ready_models()) or 'none'}")
+            self._read_model(pixel_model)
+        except BaseException:
+            self.client.close()
+            raise
+
+    def _ready_models(self) -> list[str]:
+        index = self.client.get_model_repository_index().models
+        return sorted({m.name for m in index if m.state == "READY"})
+
+    def _read_model(self, pixel_model: str | None) -> None:
+        """S, N, fingerprint and the pixel model, from the model called."""
+        config = self.client.get_model_config(self.model).config
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        steps = config.ensemble_scheduling.step
+        self.pixel_model = pixel_model or (steps[-1].model_name if steps else self.model)
+        meta = self.client.get_model_metadata(self.model)
         shapes = {t.name: list(t.shape) for t in [*meta.inputs, *meta.outputs]}
-        self.image_size = int(shapes["IMAGE"][1])
-        self.bits = int(shapes["PROBS"][1])
+        if PROBS not in shapes:
+            raise UserError(f"Triton model '{self.model}' has no {PROBS} output: not a DLHEIR hashing model")
+        if IMAGE not in shapes:  # an ensemble takes IMAGE_BYTES: S from the network it runs
+            pixel_meta = self.client.get_model_metadata(self.pixel_model)
+            shapes[IMAGE] = next((list(t.shape) for t in pixel_meta.inputs if t.name == IMAGE), [])
+        size, bits = signature_from_shapes(shapes)
+        for name, value in ((IMAGE_SIZE_PARAM, size), (BITS_PARAM, bits)):
+            if name in params and params[name] != str(value):
+                raise UserError(f"Triton model '{self.model}': parameter {name} {params[name]} disagrees with its "
+                                f"tensor shapes ({value}); regenerate its repository")
+        self.image_size, self.bits = size, bits
+        self.fingerprint: str | None = params.get(FINGERPRINT_PARAM) or None
 
     def _infer(self, model: str, name: str, array: np.ndarray, datatype: str, labels: Sequence[str]):
         inp = self._grpc.InferInput(name, list(array.shape), datatype)
         inp.set_data_from_numpy(array)
-        outputs = [self._grpc.InferRequestedOutput("PROBS"), self._grpc.InferRequestedOutput("CODE")]
+        outputs = [self._grpc.InferRequestedOutput(PROBS), self._grpc.InferRequestedOutput(CODE)]
         try:
             result = self.client.infer(model, [inp], outputs=outputs)
         except self._grpc.InferenceServerException as exc:
             where = labels[0] if len(labels) == 1 else f"one of {', '.join(labels)}"
             message = " ".join(str(exc.message()).split())
             raise HashError(f"Triton could not hash {where}: {message}", _reason(message)) from exc
-        return result.as_numpy("PROBS"), result.as_numpy("CODE")
+        return result.as_numpy(PROBS), result.as_numpy(CODE)
 
     def _run(self, model, name, chunks, datatype, labels_of) -> tuple[np.ndarray, np.ndarray]:
         with ThreadPoolExecutor(self.max_in_flight) as pool:
@@ -125,7 +163,7 @@ class TritonHasher:
         data = [_read(s) for s in sources]
         chunks = [(i, np.array([[d] for d in data[i:i + self.batch_size]], dtype=object))
                   for i in range(0, len(data), self.batch_size)]
-        return self._run(self.model, "IMAGE_BYTES", chunks, "BYTES", lambda i, n: labels[i:i + n])
+        return self._run(self.model, IMAGE_BYTES, chunks, "BYTES", lambda i, n: labels[i:i + n])
 
     def hash_each(self, sources: Iterable) -> Iterator[HashResult]:
         """One request per image, ``max_in_flight`` at a time (Triton batches them): a failure
@@ -133,7 +171,7 @@ class TritonHasher:
 
         def one(source) -> HashResult:
             try:
-                probs, codes = self._infer(self.model, "IMAGE_BYTES", np.array([[_read(source)]], dtype=object),
+                probs, codes = self._infer(self.model, IMAGE_BYTES, np.array([[_read(source)]], dtype=object),
                                            "BYTES", [str(source) if not isinstance(source, bytes) else "image"])
             except HashError as exc:
                 return HashResult(None, None, exc.reason)
@@ -148,12 +186,12 @@ class TritonHasher:
         return probs[0], codes[0]
 
     def hash_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [B, S, S, 3] already warped -> (probs, codes), calling the ONNX model directly."""
+        """uint8 [B, S, S, 3] already warped -> (probs, codes), calling the network model directly."""
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
         if pixels.ndim != 4 or pixels.shape[1:] != (self.image_size, self.image_size, 3):
             raise UserError(f"pixels must be uint8 [B, {self.image_size}, {self.image_size}, 3], got {pixels.shape}")
         chunks = [(i, pixels[i:i + self.batch_size]) for i in range(0, len(pixels), self.batch_size)]
-        return self._run(self.pixel_model, "IMAGE", chunks, "UINT8", lambda i, n: [f"pixels[{i}:{i + n}]"])
+        return self._run(self.pixel_model, IMAGE, chunks, "UINT8", lambda i, n: [f"pixels[{i}:{i + n}]"])
 
     def close(self) -> None:
         self.client.close()

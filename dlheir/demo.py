@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dlheir.contract import PUBLIC_MODEL
 from dlheir.errors import UserError
 
 from dlheir.export.defaults import DIGITS_DEMO as DIGITS_DEFAULTS, PAPER as PAPER_DEFAULTS  # noqa: E402
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{key.replace('_', '-')}", type=type(DIGITS_DEFAULTS[key]), default=None,
                        help=f"digits: {DIGITS_DEFAULTS[key]}, image folder: {PAPER_DEFAULTS[key]} with CUDA, "
                             f"{DIGITS_DEFAULTS[key]} without")
+    p.add_argument("--model", default=PUBLIC_MODEL,
+                   help=f"Triton model the demo calls (default {PUBLIC_MODEL}, the public ensemble)")
     p.add_argument("--retrain", action="store_true", help="train again even if the work dir has a finished checkpoint")
     p.set_defaults(func=run_demo)
 
@@ -74,7 +76,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from dlheir.export.train import TrainConfig, data_spec, evaluate, train
     from dlheir.server.testing import CloudServerProcess
     from dlheir.triton.launcher import TritonServer, free_port
-    from dlheir.triton.repository import install_onnx
+    from dlheir.triton.repository import prepare_repository
 
     t_start = time.perf_counter()
     import torch
@@ -119,19 +121,20 @@ def run_demo(args: argparse.Namespace) -> int:
     repo = work / "model_repository"
     if repo.exists():
         shutil.rmtree(repo)
-    shutil.copytree(REPO_ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("*.onnx", "*.plan"))
     model, _ = load_checkpoint(ckpt)
-    onnx_path = export_onnx(model, repo / "dlheir_onnx_cpu" / "1" / "model.onnx", cfg["image_size"])
-    install_onnx(onnx_path, repo)
+    onnx_path = export_onnx(model, work / "model.onnx", cfg["image_size"])
+    served = prepare_repository(repo, onnx_path, "onnx-cpu")
+    print(served.describe())
 
     cloud_dir = work / "cloud"
     if cloud_dir.exists():
         shutil.rmtree(cloud_dir)
     for f in ("owner.key", "user.pem", "user.pub.pem", "private.pages"):
         (work / f).unlink(missing_ok=True)
-    triton = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+    triton = TritonServer(served.path, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                           state_dir=work / "triton")
     cloud_proc = CloudServerProcess(cloud_dir)
+    connect_triton = lambda: TritonHasher(triton.grpc_url, model=args.model)  # noqa: E731 - the model --model names
     try:
         print("== 4. start Triton and the cloud server on loopback")
         t0 = time.perf_counter()
@@ -146,7 +149,7 @@ def run_demo(args: argparse.Namespace) -> int:
         collection = "demo"
         with CloudClient(cloud_proc.address) as admin:
             owner_token, reader_token = admin.create_collection(collection, cfg["bits"], cloud_proc.admin_token)
-        with CloudClient(cloud_proc.address, owner_token) as cloud, TritonHasher(triton.grpc_url) as hasher:
+        with CloudClient(cloud_proc.address, owner_token) as cloud, connect_triton() as hasher:
             report = upload_images([(r.relpath, r.path) for r in database], keys, collection, cloud, hasher)
         print(f"uploaded {report.uploaded} images, {report.bytes_uploaded / 1e6:.2f} MB in {report.seconds:.1f}s "
               f"({report.images_per_s:.1f} images/s, {report.mb_per_s:.2f} MB/s)")
@@ -157,7 +160,7 @@ def run_demo(args: argparse.Namespace) -> int:
         with CloudClient(cloud_proc.address) as admin:
             p_owner_token, p_reader_token = admin.create_collection(private_collection, cfg["bits"],
                                                                     cloud_proc.admin_token, private=True)
-        with CloudClient(cloud_proc.address, p_owner_token) as cloud, TritonHasher(triton.grpc_url) as hasher:
+        with CloudClient(cloud_proc.address, p_owner_token) as cloud, connect_triton() as hasher:
             p_report = upload_images([(r.relpath, r.path) for r in database], keys, private_collection, cloud, hasher)
         print(f"private-ranking collection {private_collection!r}: uploaded {p_report.uploaded} images, codes in "
               f"sealed pages only ({p_report.seconds:.1f}s)")
@@ -171,7 +174,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
         print(f"== 7. search all {len(queries)} queries through Triton and the cloud server")
         by_id = {r.id: r for r in database}
-        with CloudClient(cloud_proc.address, grant.reader_token) as cloud, TritonHasher(triton.grpc_url) as hasher:
+        with CloudClient(cloud_proc.address, grant.reader_token) as cloud, connect_triton() as hasher:
             # served ranking of the whole database for each query -> the same metrics as offline
             transform = CodeTransform(grant.transform_secret, hasher.bits)
             _, q_codes = hasher.hash_images([r.path for r in queries])
@@ -189,7 +192,7 @@ def run_demo(args: argparse.Namespace) -> int:
                         mismatches += 1
 
         print(f"== 7b. private-ranking mode: sync the sealed code pages, rank all {len(queries)} queries locally")
-        with CloudClient(cloud_proc.address, p_grant.reader_token) as cloud, TritonHasher(triton.grpc_url) as hasher:
+        with CloudClient(cloud_proc.address, p_grant.reader_token) as cloud, connect_triton() as hasher:
             local = open_local(cloud, p_grant, cache=work / "private.pages")  # learns the mode, syncs every page
             sync = local.last_sync
             # the whole database ranked for every query on this machine, against the server's ranking

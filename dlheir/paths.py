@@ -14,7 +14,12 @@ folder is created with mode 0700 when a command first writes into it. Inside it:
 - ``grants/COLLECTION/USER.grant``: the grants ``owner rotate`` issues (mode 0600).
 
 Every command's path flag (``--out``, ``--key``, ``--tokens``, ``--grant``, ``--user-key``)
-overrides its default. Import-light: only the standard library.
+overrides its default.
+
+Machine state that is not a secret (the Triton launcher's pid file and log, its backend
+links, the generated model repository, the latest ONNX export) lives in a second per-user
+folder, :func:`state_dir`: ``$DLHEIR_STATE`` if set, else ``$XDG_STATE_HOME/dlheir``, else
+``~/.local/state/dlheir``. Import-light: only the standard library.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 from dlheir.errors import UserError
 
 HOME_ENV = "DLHEIR_HOME"
+STATE_ENV = "DLHEIR_STATE"
 OWNER_KEY = "owner.key"
 USER_KEY = "user.pem"
 GRANT = "grant.bin"
@@ -43,6 +49,16 @@ def dlheir_home() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CONFIG_HOME")
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".config"  # XDG: relative values are ignored
+    return base / "dlheir"
+
+
+def state_dir() -> Path:
+    """The per-user folder for the Triton launcher's state and the exports (not created here)."""
+    env = os.environ.get(STATE_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
     return base / "dlheir"
 
 

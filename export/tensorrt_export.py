@@ -2,10 +2,15 @@
 
 Install with ``pip install '.[gpu]'`` on a GPU machine. The engine keeps the ONNX
 interface (IMAGE uint8 -> PROBS, CODE) with one optimization profile for batch 1..max.
+Beside each engine, ``ENGINE.json`` records what it was built from: the fingerprint of the
+ONNX graph (``contract.model_fingerprint``), S and N. That fingerprint is the engine's: codes
+from the engine are codes of that model, and the Triton repository exposes it.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +28,42 @@ def _require_tensorrt():
     if not torch.cuda.is_available():
         raise UserError("TensorRT export needs a CUDA GPU; none is visible here (torch.cuda.is_available() is False)")
     return trt
+
+
+def _facts_path(plan_path: Path | str) -> Path:
+    plan_path = Path(plan_path)
+    return plan_path.with_name(plan_path.name + ".json")
+
+
+def write_engine_facts(plan_path: Path | str, onnx_path: Path | str, **facts) -> dict:
+    """Record beside ``plan_path`` the fingerprint, S and N of the ONNX graph it was built from."""
+    from dlheir.contract import model_fingerprint
+
+    size, bits = onnx_signature(onnx_path)
+    facts = {"fingerprint": model_fingerprint(onnx_path), "image_size": size, "bits": bits,
+             "onnx": str(Path(onnx_path).resolve()), **facts}
+    _facts_path(plan_path).write_text(json.dumps(facts, indent=2))
+    return facts
+
+
+def engine_fingerprint(plan_path: Path | str) -> str:
+    """The fingerprint of the ONNX graph an engine was built from (its ``ENGINE.json``)."""
+    plan_path = Path(plan_path)
+    if not plan_path.is_file():
+        raise UserError(f"TensorRT engine not found: {plan_path} (build it with 'dlheir export tensorrt' on the GPU host)")
+    try:
+        return str(json.loads(_facts_path(plan_path).read_text())["fingerprint"])
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{plan_path} has no {_facts_path(plan_path).name} naming the ONNX it was built from: "
+                        "build it again with 'dlheir export tensorrt'") from None
+
+
+def copy_engine(plan_path: Path | str, target: Path | str) -> None:
+    """Copy an engine and its facts file (the facts last: a target without them is refused)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(plan_path, target)
+    shutil.copyfile(_facts_path(plan_path), _facts_path(target))
 
 
 def build_engine(onnx_path: Path | str, out_path: Path | str, fp16: bool = True, max_batch: int = 64) -> dict:
@@ -51,8 +92,8 @@ def build_engine(onnx_path: Path | str, out_path: Path | str, fp16: bool = True,
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_bytes(bytes(engine))
-    return {"engine": str(out_path), "build_seconds": seconds, "fp16": fp16, "max_batch": max_batch,
-            "image_size": size, "bits": bits}
+    facts = write_engine_facts(out_path, onnx_path, fp16=fp16, max_batch=max_batch)
+    return {"engine": str(out_path), "build_seconds": seconds, **facts}
 
 
 class EngineRunner:

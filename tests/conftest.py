@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,18 @@ def margined_model(bits: int = BITS, num_classes: int = 3, seed: int = 0):
     return model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _state_dir(tmp_path_factory):
+    """The launcher's state and the exports go to a temporary folder, never the user's."""
+    old = os.environ.get("DLHEIR_STATE")
+    os.environ["DLHEIR_STATE"] = str(tmp_path_factory.mktemp("dlheir_state"))
+    yield Path(os.environ["DLHEIR_STATE"])
+    if old is None:
+        os.environ.pop("DLHEIR_STATE", None)
+    else:
+        os.environ["DLHEIR_STATE"] = old
+
+
 @pytest.fixture(scope="session")
 def digits_small(tmp_path_factory) -> Path:
     return make_digit_folder(tmp_path_factory.mktemp("digits_small"))
@@ -48,22 +60,21 @@ def digits_small(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def served_model(tmp_path_factory, digits_small):
-    """A checkpoint, its ONNX graph installed in a copy of model_repository, and the paths."""
+    """A checkpoint, its ONNX graph, a model repository generated for it (backend onnx-cpu), and the paths."""
     from dlheir.export.checkpoint import save_checkpoint
     from dlheir.export.data import split_dataset
     from dlheir.export.onnx_export import export_onnx
-    from dlheir.triton.repository import install_onnx
+    from dlheir.triton.repository import prepare_repository
 
     work = tmp_path_factory.mktemp("served_model")
     _, _, class_names = split_dataset(digits_small)
     model = margined_model(num_classes=len(class_names))
     ckpt = save_checkpoint(work / "model.pt", model, {"image_size": SMALL_SIZE, "class_names": class_names,
                                                        "epoch": 0, "config": {"seed": 0}})
-    repo = shutil.copytree(REPO_ROOT / "model_repository", work / "model_repository",
-                           ignore=shutil.ignore_patterns("*.onnx", "*.plan"))
-    onnx_path = export_onnx(model, repo / "dlheir_onnx_cpu" / "1" / "model.onnx", SMALL_SIZE)
-    install_onnx(onnx_path, repo)
-    return {"checkpoint": ckpt, "onnx": onnx_path, "repo": repo, "model": model, "work": work}
+    onnx_path = export_onnx(model, work / "model.onnx", SMALL_SIZE)
+    served = prepare_repository(work / "model_repository", onnx_path, "onnx-cpu")
+    return {"checkpoint": ckpt, "onnx": onnx_path, "repo": served.path, "served": served, "model": model,
+            "work": work}
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,4 @@
 import io
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -9,20 +8,33 @@ from tritonclient.grpc import model_config_pb2
 
 from conftest import BITS, REPO_ROOT, SMALL_SIZE
 from dlheir.client.triton import HashError, TritonHasher
+from dlheir.contract import model_fingerprint
 from dlheir.export.data import list_images
 from dlheir.preprocess import preprocess
-from dlheir.triton.repository import ALL_CONFIGS
+from dlheir.triton.repository import TEMPLATES, templates_dir
 
 
-@pytest.mark.parametrize("model", ALL_CONFIGS)
-def test_committed_configs_parse(model):
+@pytest.mark.parametrize("model", TEMPLATES)
+def test_committed_templates_parse(model):
     config = text_format.Parse((REPO_ROOT / "model_repository" / model / "config.pbtxt").read_text(),
                                model_config_pb2.ModelConfig())
     assert config.name == model and config.max_batch_size >= 32
 
 
-def test_install_writes_shapes_from_the_model(served_model):
-    for model in ALL_CONFIGS:
+def test_templates_are_found_and_hold_only_templates():
+    assert templates_dir() == REPO_ROOT / "model_repository"  # this checkout's (editable install)
+    files = {p.relative_to(templates_dir()).as_posix() for p in templates_dir().rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts}
+    assert files == {f"{m}/config.pbtxt" for m in TEMPLATES} | {"dlheir_preprocess/model.py",
+                                                                "dlheir_onnx_cpu/model.py"}
+
+
+def test_generated_repository_has_the_models_shapes(served_model):
+    served = served_model["served"]
+    assert served.models == ("dlheir_preprocess", "dlheir_onnx_cpu", "dlheir")
+    assert (served.image_size, served.bits, served.version) == (SMALL_SIZE, BITS, 1)
+    assert served.fingerprint == model_fingerprint(served_model["onnx"])
+    for model in served.models:
         config = text_format.Parse((served_model["repo"] / model / "config.pbtxt").read_text(),
                                    model_config_pb2.ModelConfig())
         dims = {t.name: list(t.dims) for t in [*config.input, *config.output]}
@@ -38,6 +50,8 @@ def test_codes_from_triton_equal_in_process_onnx(triton_server, served_model, di
     _, expected = session.run(None, {"IMAGE": np.stack([preprocess(f, SMALL_SIZE) for f in files])})
     with TritonHasher(triton_server.grpc_url, batch_size=5, max_in_flight=3) as hasher:
         assert (hasher.image_size, hasher.bits) == (SMALL_SIZE, BITS)
+        assert hasher.fingerprint == model_fingerprint(served_model["onnx"])
+        assert (hasher.model, hasher.pixel_model) == ("dlheir", "dlheir_onnx_cpu")
         _, codes = hasher.hash_images(files)  # ensemble: encoded bytes in
         np.testing.assert_array_equal(codes, expected)
         # a JPEG of a different size goes through the same preprocessing

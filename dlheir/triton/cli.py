@@ -1,4 +1,4 @@
-"""CLI: `dlheir triton start|stop` and `dlheir hash`."""
+"""CLI: `dlheir triton start|prepare|stop` and `dlheir hash`."""
 
 from __future__ import annotations
 
@@ -12,21 +12,43 @@ from pathlib import Path
 
 from dlheir.errors import UserError
 
-PID_FILE = Path(".dlheir/tritonserver.pid")
+from dlheir.triton.repository import BACKENDS  # import-light: protobuf and onnx only inside its functions
+
+
+def _pid_file() -> Path:
+    from dlheir.triton.launcher import launcher_state
+
+    return launcher_state() / "tritonserver.pid"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from dlheir.contract import PUBLIC_MODEL
+
     tri = sub.add_parser("triton", help="start or stop the Triton Inference Server with the model repository")
     tsub = tri.add_subparsers(dest="action", metavar="ACTION")
-    p = tsub.add_parser("start", help="start tritonserver in the background (loopback by default)",
-                        description="Starts the tritonserver binary from nvidia-pytriton with the CPU models "
-                                    "(dlheir_preprocess, dlheir_onnx_cpu, ensemble dlheir), waits until they are ready.")
-    p.add_argument("--model-repository", default="model_repository")
+    p = tsub.add_parser(
+        "start", help="start tritonserver in the background (loopback by default)",
+        description=f"Generates the model repository for --backend from the latest export (or --onnx) in the "
+                    f"state folder ($DLHEIR_STATE, else $XDG_STATE_HOME/dlheir, else ~/.local/state/dlheir), "
+                    f"starts the tritonserver binary of nvidia-pytriton with exactly that backend's models "
+                    f"(dlheir_preprocess, the network, the ensemble '{PUBLIC_MODEL}') and waits until they are "
+                    f"ready. The pid file and log are kept in STATE/triton. nvidia-pytriton's tritonserver has "
+                    f"only the python backend: onnx-gpu and tensorrt need NVIDIA's Triton container (the "
+                    f"repository is still generated for it).")
+    _repository_flags(p)
+    p.add_argument("--model-repository", default=None,
+                   help="serve this repository as it is (default: the one generated in the state folder)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.set_defaults(func=_start)
+    p = tsub.add_parser("prepare", help="generate the model repository for a backend without starting Triton",
+                        description="Writes the repository (e.g. for NVIDIA's Triton container on a GPU host) "
+                                    "and prints its path, the models to load and the served fingerprint.")
+    _repository_flags(p)
+    p.add_argument("--out", default=None, help="repository folder (default: STATE/model_repository)")
+    p.set_defaults(func=_prepare)
     p = tsub.add_parser("stop", help="stop the tritonserver started by 'dlheir triton start'")
     p.set_defaults(func=_stop)
 
@@ -35,32 +57,80 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "corrupt, too large) is reported on its own line on stderr and the exit code is 2.")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC address (default 127.0.0.1:8001)")
+    p.add_argument("--model", default=PUBLIC_MODEL, help=f"Triton model to call (default {PUBLIC_MODEL})")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     p.set_defaults(func=_hash)
 
 
-def _start(args: argparse.Namespace) -> int:
-    from dlheir.triton.launcher import TritonServer
+def _repository_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=list(BACKENDS), default=None,
+                   help="what runs the network: onnx-cpu (python backend + ONNX Runtime, default), onnx-gpu "
+                        "(Triton's onnxruntime backend on a GPU), tensorrt (a TensorRT engine)")
+    p.add_argument("--onnx", default=None, help="ONNX file to serve (default: the latest 'dlheir export onnx')")
+    p.add_argument("--engine", default=None,
+                   help="tensorrt: engine built from that ONNX (default: STATE/exports/model.plan)")
 
-    if PID_FILE.exists():
-        pid = int(PID_FILE.read_text())
+
+def _generate(args: argparse.Namespace, dest: Path):
+    from dlheir.triton.repository import exports_dir, latest_export, prepare_repository
+
+    backend = args.backend or "onnx-cpu"
+    onnx = Path(args.onnx) if args.onnx else latest_export()
+    engine = args.engine or (exports_dir() / "model.plan" if backend == "tensorrt" else None)
+    return prepare_repository(dest, onnx, backend, engine_path=engine)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from dlheir.triton.repository import default_repository
+
+    repo = _generate(args, Path(args.out) if args.out else default_repository())
+    print(repo.describe())
+    print(f"load: {' '.join(f'--load-model={m}' for m in repo.models)}")
+    return 0
+
+
+def _start(args: argparse.Namespace) -> int:
+    from dlheir.triton.launcher import TritonServer, missing_backend
+    from dlheir.triton.repository import check_repository, default_repository
+
+    pid_file = _pid_file()
+    if pid_file.exists():
+        pid = json.loads(pid_file.read_text())["pid"]
         try:
             os.kill(pid, 0)
-            raise UserError(f"a tritonserver started here is already running (pid {pid}); 'dlheir triton stop' first")
+            raise UserError(f"a tritonserver started by 'dlheir triton start' is already running (pid {pid}); "
+                            "'dlheir triton stop' first")
         except ProcessLookupError:
-            PID_FILE.unlink()
-    server = TritonServer(args.model_repository, args.host, args.grpc_port, args.http_port, args.metrics_port)
+            pid_file.unlink()
+    if args.model_repository:
+        if args.onnx or args.engine:
+            raise UserError("--onnx/--engine generate a repository: not with --model-repository")
+        repo = check_repository(args.model_repository)
+        if args.backend and args.backend != repo.backend:
+            raise UserError(f"{args.model_repository} serves backend {repo.backend} ({repo.network}), "
+                            f"not {args.backend}")
+    else:
+        repo = _generate(args, default_repository())
+    print(repo.describe())
+    problem = missing_backend(repo.backend)
+    if problem:
+        raise UserError(problem)
+    server = TritonServer(repo.path, args.host, args.grpc_port, args.http_port, args.metrics_port,
+                          models=repo.models)
     server.start(detach=True)
-    PID_FILE.write_text(str(server.process.pid))
-    print(f"tritonserver ready (pid {server.process.pid}): gRPC {args.host}:{args.grpc_port}, "
-          f"HTTP {args.host}:{args.http_port}, metrics {args.host}:{args.metrics_port}; log {server.log_path}")
+    pid_file.write_text(json.dumps({"pid": server.process.pid, "grpc": server.grpc_url, "backend": repo.backend,
+                                    "repository": str(Path(repo.path).resolve())}))
+    print(f"tritonserver ready (pid {server.process.pid}, backend {repo.backend}, models "
+          f"{', '.join(repo.models)}): gRPC {args.host}:{args.grpc_port}, HTTP {args.host}:{args.http_port}, "
+          f"metrics {args.host}:{args.metrics_port}; log {server.log_path}")
     return 0
 
 
 def _stop(args: argparse.Namespace) -> int:
-    if not PID_FILE.exists():
-        raise UserError(f"no {PID_FILE}: no tritonserver was started from this folder")
-    pid = int(PID_FILE.read_text())
+    pid_file = _pid_file()
+    if not pid_file.exists():
+        raise UserError(f"no {pid_file}: no tritonserver started by 'dlheir triton start' is running")
+    pid = json.loads(pid_file.read_text())["pid"]
     try:
         os.kill(pid, signal.SIGINT)
         for _ in range(100):
@@ -69,7 +139,7 @@ def _stop(args: argparse.Namespace) -> int:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    PID_FILE.unlink()
+    pid_file.unlink()
     print(f"tritonserver (pid {pid}) stopped")
     return 0
 
@@ -80,7 +150,7 @@ def _hash(args: argparse.Namespace) -> int:
     from dlheir.codes import to_hex
 
     failed = 0
-    with TritonHasher(args.triton) as hasher:
+    with TritonHasher(args.triton, model=args.model) as hasher:
         for image, result in zip(args.images, hasher.hash_each(args.images)):
             if result.error is not None:
                 failed += 1

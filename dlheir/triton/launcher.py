@@ -1,10 +1,11 @@
 """Start and stop the real ``tritonserver`` shipped in the ``nvidia-pytriton`` wheel.
 
 The wheel carries the binary (``pytriton/tritonserver/bin/tritonserver``), the python
-backend and one backend stub per Python version. We never write into site-packages:
-a backend directory the project owns (``.dlheir/triton_backends``) links to those files.
-The python-backend models import ``dlheir`` and onnxruntime from this interpreter's
-environment through PYTHONPATH.
+backend and one backend stub per Python version, and no other backend: the onnx-gpu and
+tensorrt backends need NVIDIA's Triton container (:func:`missing_backend`). We never write into
+site-packages: a backend directory the launcher owns (``STATE/triton/backends``, STATE being
+``dlheir.paths.state_dir()``) links to those files. The python-backend models import
+``dlheir`` and onnxruntime from this interpreter's environment through PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -20,10 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dlheir
+from dlheir import paths
 from dlheir.errors import UserError
-from dlheir.triton.repository import CPU_MODELS, check_repository
+from dlheir.triton.repository import BACKENDS, check_repository
 
-STATE_DIR = Path(".dlheir")
+CONTAINER = "nvcr.io/nvidia/tritonserver:24.10-py3"  # the README's GPU deployment
+
+
+def launcher_state() -> Path:
+    """The launcher's folder: pid file, logs, backend links (``state_dir()/triton``)."""
+    return paths.state_dir() / "triton"
 
 
 def pytriton_root() -> Path:
@@ -34,14 +41,30 @@ def pytriton_root() -> Path:
     return Path(pytriton.__file__).parent / "tritonserver"
 
 
-def prepare_backends(state_dir: Path = STATE_DIR) -> Path:
-    """Create ``<state_dir>/triton_backends/python`` with links to the wheel's backend and stub."""
+def available_backends() -> list[str]:
+    """The Triton backends the wheel's tritonserver has (only ``python`` in nvidia-pytriton 0.7)."""
+    return sorted(p.name for p in (pytriton_root() / "backends").iterdir() if p.is_dir())
+
+
+def missing_backend(backend: str) -> str | None:
+    """None if this host's tritonserver can serve ``backend``, else one line saying what it needs."""
+    needed = BACKENDS[backend].triton_backend
+    have = available_backends()
+    if needed in have:
+        return None
+    return (f"the tritonserver of nvidia-pytriton has only the {', '.join(have)} backend; --backend {backend} needs "
+            f"Triton's {needed} backend and a GPU: run NVIDIA's Triton container ({CONTAINER}) on the generated "
+            "repository (README, 'GPU deployment')")
+
+
+def prepare_backends(state_dir: Path | None = None) -> Path:
+    """Create ``<state_dir>/backends/python`` with links to the wheel's backend and stub."""
     root = pytriton_root()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.exists():
         raise UserError(f"nvidia-pytriton has no python backend stub for Python {version}")
-    backend_dir = Path(state_dir).resolve() / "triton_backends"
+    backend_dir = Path(state_dir if state_dir is not None else launcher_state()).resolve() / "backends"
     python_dir = backend_dir / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     for src in [*(root / "backends" / "python").glob("*.so"), *(root / "backends" / "python").glob("*.py"), stub]:
@@ -70,19 +93,22 @@ def _python_path() -> str:
 
 @dataclass
 class TritonServer:
-    """A tritonserver process serving the CPU models of ``model_repository``.
+    """A tritonserver process serving a generated model repository (``prepare_repository``).
 
-    Use as a context manager (tests, the demo) or call start/stop. ``log_path`` keeps
-    Triton's own output; its error lines are shown when startup or a model load fails.
+    Loads ``models``, by default exactly those of the backend the repository was generated
+    for (read from its ensemble). Use as a context manager (tests, the demo) or call
+    start/stop. ``log_path`` keeps Triton's own output; its error lines are shown when startup
+    or a model load fails. ``state_dir`` (default ``launcher_state()``) holds the backend links
+    and the log.
     """
 
-    model_repository: Path | str = "model_repository"
+    model_repository: Path | str
     host: str = "127.0.0.1"
     grpc_port: int = 8001
     http_port: int = 8000
     metrics_port: int = 8002
-    state_dir: Path | str = STATE_DIR
-    models: tuple[str, ...] = CPU_MODELS
+    state_dir: Path | str | None = None
+    models: tuple[str, ...] | None = None
     startup_timeout: float = 180.0
     log_path: Path | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
@@ -106,9 +132,15 @@ class TritonServer:
         return cmd
 
     def start(self, detach: bool = False) -> "TritonServer":
-        check_repository(self.model_repository)
-        backend_dir = prepare_backends(Path(self.state_dir))
-        state = Path(self.state_dir)
+        served = check_repository(self.model_repository)
+        if self.models is None:
+            self.models = served.models
+        problem = missing_backend(served.backend) if served.network in self.models else None
+        if problem:
+            raise UserError(problem)
+        state = Path(self.state_dir if self.state_dir is not None else launcher_state())
+        self.state_dir = state
+        backend_dir = prepare_backends(state)
         state.mkdir(parents=True, exist_ok=True)
         if self.log_path is None:
             self.log_path = state / f"tritonserver-{self.grpc_port}.log"

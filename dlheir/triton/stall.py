@@ -1,9 +1,9 @@
 """Latency of small hash requests while heavy ones run (issue 9, item 14): prints numbers, asserts nothing.
 
-    python -m dlheir.triton.stall --model-repository model_repository
+    python -m dlheir.triton.stall [--onnx MODEL.onnx]
 
-starts a tritonserver from a temporary copy of the repository (which needs an exported
-model: ``dlheir export onnx``), optionally with another preprocessing instance count,
+starts a tritonserver from a temporary repository generated for the ONNX graph (default: the
+latest ``dlheir export onnx``), optionally with another preprocessing instance count,
 ``max_pixels`` or with dynamic batching (as before issue 9: 1 instance, dynamic batching), then
 
 1. ``--small-clients`` threads send one small image per request (a 640x480 JPEG) back to
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import shutil
 import tempfile
 import threading
 import time
@@ -86,25 +85,13 @@ def _percentiles(values: list[float]) -> str:
     return f"n={len(ms)} p50={p50:.1f} ms p90={p90:.1f} ms p99={p99:.1f} ms max={ms.max():.1f} ms"
 
 
-def _prepare_repository(src: Path, dst: Path, instances: int | None, max_pixels: int | None,
-                        dynamic_batching: bool) -> tuple[Path, str]:
-    """Copy ``src`` to ``dst`` with dlheir_preprocess's settings changed; (repo, a one-line summary)."""
-    from dlheir.preprocess import DEFAULT_MAX_PIXELS
-    from dlheir.triton.repository import _write, load_config
+def _preprocess_summary(repo: Path) -> str:
+    """One line: dlheir_preprocess's instances, pixel limit and batching in the generated ``repo``."""
+    from dlheir.triton.repository import PREPROCESS, load_config, max_pixels
 
-    repo = Path(shutil.copytree(src, dst / "model_repository"))
-    config = load_config(repo, "dlheir_preprocess")
-    if instances is not None:
-        config.instance_group[0].count = instances
-    if max_pixels is not None:
-        config.parameters["max_pixels"].string_value = str(max_pixels)
-    if dynamic_batching and not config.HasField("dynamic_batching"):
-        config.dynamic_batching.max_queue_delay_microseconds = 500
-    _write(repo / "dlheir_preprocess" / "config.pbtxt", config)
-    limit = config.parameters["max_pixels"].string_value if "max_pixels" in config.parameters else DEFAULT_MAX_PIXELS
-    summary = (f"dlheir_preprocess: {sum(g.count for g in config.instance_group)} instance(s), max_pixels {limit}, "
-               f"dynamic batching {'on' if config.HasField('dynamic_batching') else 'off'}")
-    return repo, summary
+    config = load_config(repo, PREPROCESS)
+    return (f"dlheir_preprocess: {sum(g.count for g in config.instance_group)} instance(s), max_pixels "
+            f"{max_pixels(repo)}, dynamic batching {'on' if config.HasField('dynamic_batching') else 'off'}")
 
 
 def measure(url: str, seconds: float, small_clients: int, heavy_clients: int, heavy_images: int,
@@ -167,8 +154,9 @@ def measure(url: str, seconds: float, small_clients: int, heavy_clients: int, he
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dlheir.triton.stall", description=__doc__.split("\n\n")[0])
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--model-repository", type=Path, help="start a tritonserver from a copy of this repository")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--onnx", type=Path,
+                       help="start a tritonserver serving this graph (default: the latest 'dlheir export onnx')")
     where.add_argument("--triton", help="gRPC address of a running tritonserver")
     parser.add_argument("--instances", type=int, help="dlheir_preprocess instance count (default: the config's)")
     parser.add_argument("--max-pixels", type=int, help="dlheir_preprocess max_pixels (default: the config's)")
@@ -195,11 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         run(args.triton)
         return 0
     from dlheir.triton.launcher import TritonServer, free_port
+    from dlheir.triton.repository import latest_export, prepare_repository
 
     with tempfile.TemporaryDirectory(prefix="dlheir-stall-") as tmp:
-        repo, summary = _prepare_repository(args.model_repository, Path(tmp), args.instances, args.max_pixels,
-                                            args.dynamic_batching)
-        print(summary, flush=True)
+        repo = prepare_repository(Path(tmp) / "model_repository", args.onnx or latest_export(),
+                                  max_pixels=args.max_pixels, preprocess_instances=args.instances,
+                                  dynamic_batching=args.dynamic_batching or None).path
+        print(_preprocess_summary(repo), flush=True)
         with TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                           state_dir=Path(tmp) / "state") as server:
             run(server.grpc_url, server.process.pid)

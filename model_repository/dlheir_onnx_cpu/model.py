@@ -1,4 +1,4 @@
-"""Triton python backend running model.onnx (beside this file's folder) with ONNX Runtime.
+"""Triton python backend running model.onnx (beside this file, in the version folder) with ONNX Runtime.
 
 Requests of a dynamic batch are concatenated into one ORT call, then split again.
 Execution providers: TensorRT and CUDA when this ORT build has them, CPU otherwise.
@@ -10,6 +10,8 @@ import os
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+from dlheir.contract import CODE, IMAGE, PROBS
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -25,17 +27,17 @@ class TritonPythonModel:
         available = ort.get_available_providers()
         providers = [p for p in PREFERRED_PROVIDERS if p in available]
         self.session = ort.InferenceSession(path, options, providers=providers)
-        self.outputs = ["PROBS", "CODE"]
+        self.outputs = [PROBS, CODE]
 
     def execute(self, requests):
-        batches = [pb_utils.get_input_tensor_by_name(r, "IMAGE").as_numpy() for r in requests]
-        probs, codes = self.session.run(self.outputs, {"IMAGE": np.concatenate(batches)})
+        batches = [pb_utils.get_input_tensor_by_name(r, IMAGE).as_numpy() for r in requests]
+        probs, codes = self.session.run(self.outputs, {IMAGE: np.concatenate(batches)})
         responses, start = [], 0
         for batch in batches:
             end = start + len(batch)
             responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("PROBS", probs[start:end]),
-                pb_utils.Tensor("CODE", codes[start:end]),
+                pb_utils.Tensor(PROBS, probs[start:end]),
+                pb_utils.Tensor(CODE, codes[start:end]),
             ]))
             start = end
         return responses

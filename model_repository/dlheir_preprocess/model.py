@@ -15,6 +15,7 @@ import logging
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from dlheir.contract import IMAGE, IMAGE_BYTES, IMAGE_SIZE_PARAM
 from dlheir.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, preprocess
 
 log = logging.getLogger("dlheir_preprocess")
@@ -31,11 +32,11 @@ def _parameter(config: dict, key: str, default: str) -> str:
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.size = int(_parameter(config, "image_size", "0"))
+        self.size = int(_parameter(config, IMAGE_SIZE_PARAM, "0"))
         self.max_pixels = int(_parameter(config, "max_pixels", str(DEFAULT_MAX_PIXELS))) or None
 
     def _pixels(self, request) -> np.ndarray:
-        data = pb_utils.get_input_tensor_by_name(request, "IMAGE_BYTES").as_numpy().reshape(-1)
+        data = pb_utils.get_input_tensor_by_name(request, IMAGE_BYTES).as_numpy().reshape(-1)
         out = np.empty((len(data), self.size, self.size, 3), dtype=np.uint8)
         for i, item in enumerate(data):
             label = f"image {i + 1} of {len(data)}"
@@ -60,7 +61,7 @@ class TritonPythonModel:
                 log.exception("unexpected error in a request")
                 message = "internal error"
             else:
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("IMAGE", pixels)]))
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(IMAGE, pixels)]))
                 continue
             responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"dlheir_preprocess: {message}")))
         return responses
