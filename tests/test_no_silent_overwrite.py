@@ -65,7 +65,7 @@ def test_evaluate_without_data_uses_the_checkpoints_folder(trained, tmp_path, ca
     assert payload["config"]["data"] == str(data.resolve())  # recorded absolute, usable from any directory
     monkeypatch.chdir(tmp_path)  # a relative default would not find the folder from here
     out = tmp_path / "eval.json"
-    assert main(["evaluate", "--checkpoint", str(ckpt), "--json", str(out)]) == 0
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--json-out", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert f"data: {data.resolve()}" in stdout and "recorded in the checkpoint" in stdout
     result = json.loads(out.read_text())
