@@ -72,8 +72,8 @@ def test_cli_prints_one_line_naming_the_address(tmp_path, capsys):
     token_file.write_text("admin-token\n")
     os.chmod(token_file, 0o600)
     address = f"127.0.0.1:{free_port()}"
-    code = main(["owner", "create-collection", "x", "--server", address, "--admin-token-file", str(token_file),
-                 "--out", str(tmp_path / "x.tokens.json")])
+    code = main(["owner", "create-collection", "x", "--bits", "48", "--server", address, "--admin-token-file",
+                 str(token_file), "--out", str(tmp_path / "x.tokens.json")])
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "Traceback" not in err

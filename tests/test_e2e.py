@@ -109,7 +109,7 @@ def test_cli_flow_resumes_and_skips_unreadable(tmp_path, triton_server, cloud_se
     (images / "0" / "zz_broken.png").write_bytes(b"garbage")
     addr, tri = cloud_server.address, triton_server.grpc_url
     assert main(["owner", "init"]) == 0
-    assert main(["owner", "create-collection", "cli", "--server", addr,
+    assert main(["owner", "create-collection", "cli", "--server", addr, "--triton", tri,
                  "--admin-token-file", str(cloud_server.data_dir / "admin.token")]) == 0
     assert main(["owner", "upload", str(images), "--collection", "cli", "--triton", tri]) == 0
     out = capsys.readouterr().out

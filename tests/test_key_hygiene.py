@@ -92,7 +92,7 @@ def test_keys_tokens_and_grants_go_to_the_home_folder_without_path_flags(home, c
     assert code == 0 and str(home / "user.pem") in out and str(home / "user.pub.pem") in out
     assert mode_of(home / "user.pem") == 0o600
 
-    code, _, _ = run_cli(capsys, "owner", "create-collection", "photos", "--server", cloud_server.address,
+    code, _, _ = run_cli(capsys, "owner", "create-collection", "photos", "--bits", 48, "--server", cloud_server.address,
                          "--admin-token-file", cloud_server.data_dir / "admin.token")
     assert code == 0 and mode_of(home / "photos.tokens.json") == 0o600
     (cwd / "q.png").write_bytes(b"query")

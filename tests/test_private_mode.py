@@ -334,11 +334,11 @@ def test_cli_creates_a_private_collection(cloud_server, tmp_path, capsys, monkey
 
     monkeypatch.setenv("DLHEIR_HOME", str(tmp_path / "home"))
     token_file = str(cloud_server.data_dir / "admin.token")
-    assert main(["owner", "create-collection", "p1", "--private", "--server", cloud_server.address,
+    assert main(["owner", "create-collection", "p1", "--bits", "48", "--private", "--server", cloud_server.address,
                  "--admin-token-file", token_file]) == 0
-    assert main(["owner", "create-collection", "p2", "--mode", "private", "--server", cloud_server.address,
+    assert main(["owner", "create-collection", "p2", "--bits", "48", "--mode", "private", "--server", cloud_server.address,
                  "--admin-token-file", token_file]) == 0
-    assert main(["owner", "create-collection", "s1", "--server", cloud_server.address,
+    assert main(["owner", "create-collection", "s1", "--bits", "48", "--server", cloud_server.address,
                  "--admin-token-file", token_file]) == 0
     assert "private" in capsys.readouterr().out
     modes = {}
@@ -366,7 +366,8 @@ def test_cli_user_search_ranks_locally_for_a_private_collection(tmp_path, triton
     query = next(digits_small.glob("1/*.png"))
     found = {}
     for name, flags in (("ranked", []), ("sealed", ["--private"])):
-        assert main(["owner", "create-collection", name, "--server", addr, "--admin-token-file", admin, *flags]) == 0
+        assert main(["owner", "create-collection", name, "--server", addr, "--triton", tri, "--admin-token-file", admin,
+                     *flags]) == 0
         assert main(["owner", "upload", str(digits_small), "--collection", name, "--triton", tri]) == 0
         assert main(["owner", "grant", "--user-pub", str(home / "user.pub.pem"), "--collection", name,
                      "--out", str(tmp_path / f"{name}.grant")]) == 0
