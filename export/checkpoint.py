@@ -9,7 +9,10 @@ import torch
 from dlheir.errors import UserError
 from dlheir.export.model import DLHEIR
 
-FORMAT_VERSION = 1
+# 2: the inverted residual block is torchvision's own (state-dict keys changed), the network
+#    normalises its pixel input itself. Older checkpoints are refused: train again.
+FORMAT_VERSION = 2
+RETRAIN = "train it again (dlheir train --force, or dlheir demo --retrain)"
 
 
 def save_checkpoint(path: Path | str, model: DLHEIR, meta: dict) -> Path:
@@ -38,8 +41,15 @@ def read_checkpoint(path: Path | str) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise UserError(f"cannot read checkpoint {path}: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+    version = payload.get("format_version") if isinstance(payload, dict) else None
+    if not isinstance(version, int):
         raise UserError(f"{path} is not a dlheir checkpoint (format {FORMAT_VERSION})")
+    if version < FORMAT_VERSION:
+        raise UserError(f"{path} is a checkpoint of an older dlheir (format {version}; this version reads format "
+                        f"{FORMAT_VERSION}, whose network layout differs); {RETRAIN}")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path} is a checkpoint of a newer dlheir (format {version}; this version reads format "
+                        f"{FORMAT_VERSION}); upgrade dlheir or {RETRAIN}")
     return payload
 
 
@@ -49,8 +59,7 @@ def load_weights(model: DLHEIR, state_dict: dict, path: Path | str) -> None:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise UserError(f"{path} does not match this version's {model.arch} layout ({first[:160]}); "
-                        "train it again (dlheir train, or dlheir demo --retrain)") from exc
+        raise UserError(f"{path} does not match this version's {model.arch} layout ({first[:160]}); {RETRAIN}") from exc
 
 
 def load_checkpoint(path: Path | str) -> tuple[DLHEIR, dict]:

@@ -5,8 +5,8 @@ DLHEIR (paper section 3.3.2):
 * torchvision's DenseNet201 ``features`` (dense blocks of 6, 12, 48, 32 layers);
 * the last 14 dense layers of dense block 4 are removed. After the 18 kept layers the
   block outputs 896 + 18 * 32 = 1472 channels; one MobileNetV2 inverted residual block
-  (``InvertedResidual`` below: 1x1 expansion, BN, ReLU6, 3x3 depthwise, BN, ReLU6, 1x1
-  linear projection, BN, identity shortcut) takes their place, 1472 -> 1472 channels, so
+  (torchvision's own ``InvertedResidual``: 1x1 expansion, BN, ReLU6, 3x3 depthwise, BN,
+  ReLU6, 1x1 linear projection, BN, identity shortcut) takes their place, 1472 -> 1472 channels, so
   no transition layer is needed and ``norm5`` just shrinks to 1472 channels.
   Channel choice: the block's input is DenseNet's wide concatenation (1472), not a narrow
   MobileNetV2 bottleneck, so the usual expansion t = 6 would cost 26 M parameters. The
@@ -30,12 +30,14 @@ pixels and normalisation exists only here. ``forward`` returns ``(probs, logits)
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torchvision.models import DenseNet201_Weights, densenet201
+from torchvision.models.mobilenetv2 import InvertedResidual
 
 from dlheir.contract import validate_bits
 from dlheir.errors import UserError
@@ -70,28 +72,6 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class InvertedResidual(nn.Module):
-    """MobileNetV2 inverted residual block (stride 1): expand, depthwise, linear project, add.
-
-    1x1 conv (channels -> hidden), BN, ReLU6; 3x3 depthwise conv, BN, ReLU6; 1x1 conv
-    (hidden -> out_channels), BN with no activation (the linear bottleneck); the input is
-    added when the shapes match.
-    """
-
-    def __init__(self, channels: int, out_channels: int, hidden: int) -> None:
-        super().__init__()
-        self.expand = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True))
-        self.depthwise = nn.Sequential(
-            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)
-        )
-        self.project = nn.Sequential(nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
-        self.use_residual = channels == out_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.project(self.depthwise(self.expand(x)))
-        return x + y if self.use_residual else y
-
-
 class HashLayer(nn.Module):
     """Conv2d 1x1 (N filters) -> BatchNorm -> sigmoid -> global average pooling."""
 
@@ -105,7 +85,11 @@ class HashLayer(nn.Module):
 
 
 class DLHEIR(nn.Module):
-    def __init__(self, bits: int, num_classes: int, arch: str = "dlheir") -> None:
+    """``imagenet=True`` starts the backbone from torchvision's ImageNet DenseNet201 weights
+    (``DenseNet201_Weights.IMAGENET1K_V1``, downloaded once into torch's cache); the default
+    is a random initialisation that never touches the network."""
+
+    def __init__(self, bits: int, num_classes: int, arch: str = "dlheir", imagenet: bool = False) -> None:
         super().__init__()
         bits = validate_bits(bits)
         if arch not in ARCHS:
@@ -114,19 +98,20 @@ class DLHEIR(nn.Module):
             raise UserError(f"need at least 2 classes, got {num_classes}")
         self.bits, self.num_classes, self.arch = bits, num_classes, arch
         self.normalize = Normalize()
-        self.features = densenet201(weights=None).features
-        channels = self.features.norm5.num_features  # 1920
+        parts = OrderedDict(densenet201(weights=DenseNet201_Weights.IMAGENET1K_V1 if imagenet else None)
+                            .features.named_children())
+        norm5 = parts["norm5"]
+        channels = norm5.num_features  # 1920
         if arch == "dlheir":
-            block4 = self.features.denseblock4
+            block4 = parts["denseblock4"]  # a ModuleDict of dense layers
             kept = len(block4) - REPLACED_LAYERS
-            for name in list(block4._modules)[kept:]:
-                del block4._modules[name]
-            channels = block4.denselayer1.norm1.num_features + kept * block4.denselayer1.conv2.out_channels
-            hidden = int(round(channels * EXPAND_RATIO))
-            self.features.inverted_residual = InvertedResidual(channels, channels, hidden)
-            # norm5 must stay last in `features`: re-create it after the new block
-            del self.features._modules["norm5"]
-            self.features.norm5 = nn.BatchNorm2d(channels)
+            for name in list(block4.keys())[kept:]:
+                block4.pop(name)
+            channels = block4["denselayer1"].norm1.num_features + kept * block4["denselayer1"].conv2.out_channels
+            del parts["norm5"]  # norm5 stays last: after the new block, shrunk to its channels
+            parts["inverted_residual"] = InvertedResidual(channels, channels, stride=1, expand_ratio=EXPAND_RATIO)
+            parts["norm5"] = _first_channels(norm5, channels)
+        self.features = nn.Sequential(parts)
         self.hash = HashLayer(channels, bits)
         self.classifier = nn.Linear(bits, num_classes)
 
@@ -136,36 +121,31 @@ class DLHEIR(nn.Module):
         return probs, self.classifier(probs)
 
 
-def _load_imagenet_backbone(model: DLHEIR) -> None:
-    try:
-        state = DenseNet201_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
-    except Exception as exc:  # no internet, proxy, corrupt cache ...
-        raise UserError(
-            f"cannot get torchvision's ImageNet DenseNet201 weights ({type(exc).__name__}: {exc}); "
-            "use --weights none or --weights PATH to a local state dict"
-        ) from exc
-    own = model.features.state_dict()
-    loaded = {}
-    for key, value in state.items():
-        if not key.startswith("features."):
-            continue
-        key = key[len("features."):]
-        # torchvision's old checkpoints name layers 'norm.1'; the module uses 'norm1'
-        key = key.replace("norm.1", "norm1").replace("norm.2", "norm2").replace("conv.1", "conv1").replace("conv.2", "conv2")
-        if key in own:
-            if own[key].shape == value.shape:
-                loaded[key] = value
-            elif key.startswith("norm5.") and value.ndim == 1:  # keep the first channels
-                loaded[key] = value[: own[key].shape[0]]
-    model.features.load_state_dict(loaded, strict=False)
+def _first_channels(norm: nn.BatchNorm2d, channels: int) -> nn.BatchNorm2d:
+    """A BatchNorm over the first ``channels`` of ``norm``'s (block 4 concatenates, so the kept
+    layers' feature maps are the first channels), with their statistics and affine weights."""
+    out = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        for name, value in norm.state_dict().items():
+            out.state_dict()[name].copy_(value[:channels] if value.ndim else value)
+    return out
 
 
 def build_model(bits: int, num_classes: int, arch: str = "dlheir", weights: str = "none") -> DLHEIR:
-    """Build DLHEIR or the baseline; ``weights`` is 'imagenet', 'none' or a path to a state dict."""
-    model = DLHEIR(bits, num_classes, arch)
+    """Build DLHEIR or the baseline; ``weights`` is 'none' (default, random init), 'imagenet'
+    (torchvision's weights API, downloaded once) or a path to a state dict."""
     if weights == "imagenet":
-        _load_imagenet_backbone(model)
-    elif weights != "none":
+        try:
+            return DLHEIR(bits, num_classes, arch, imagenet=True)
+        except UserError:
+            raise
+        except Exception as exc:  # no internet, proxy, corrupt cache ...
+            raise UserError(
+                f"cannot get torchvision's ImageNet DenseNet201 weights ({type(exc).__name__}: {exc}); "
+                "use --weights none or --weights PATH to a local state dict"
+            ) from exc
+    model = DLHEIR(bits, num_classes, arch)
+    if weights != "none":
         path = Path(weights)
         if not path.is_file():
             raise UserError(f"--weights: no such file {path} (use 'imagenet', 'none' or a state dict path)")

@@ -34,6 +34,51 @@ def test_inverted_residual_has_fewer_parameters_than_baseline():
     assert count_parameters(dlheir.features.inverted_residual) < removed
 
 
+def test_the_block_is_torchvisions_inverted_residual_and_norm5_keeps_the_first_channels():
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    from dlheir.export.model import _first_channels
+
+    model = build_model(48, 100)
+    block = model.features.inverted_residual
+    assert isinstance(block, InvertedResidual) and block.use_res_connect
+    assert count_parameters(block) == 2_179_296  # 1472 -> 736 -> 1472: the figure in the module docstring
+    assert list(dict(model.features.named_children()))[-2:] == ["inverted_residual", "norm5"]
+    norm = torch.nn.BatchNorm2d(8)
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.arange(8.0))
+        norm.weight.copy_(torch.arange(8.0) + 10)
+    small = _first_channels(norm, 5)
+    assert small.running_mean.tolist() == [0, 1, 2, 3, 4] and small.weight.tolist() == [10, 11, 12, 13, 14]
+
+
+def _old_layout(state: dict) -> dict:
+    """The state dict a format-1 checkpoint held: the hand-made block's expand/depthwise/project names."""
+    names = {"conv.0.0.": "expand.0.", "conv.0.1.": "expand.1.", "conv.1.0.": "depthwise.0.",
+             "conv.1.1.": "depthwise.1.", "conv.2.": "project.0.", "conv.3.": "project.1."}
+    out = {}
+    for key, value in state.items():
+        for new, old in names.items():
+            key = key.replace(f"inverted_residual.{new}", f"inverted_residual.{old}")
+        out[key] = value
+    return out
+
+
+def test_an_old_checkpoint_is_one_line_saying_to_retrain(tmp_path, capsys):
+    model = margined_model(num_classes=2)
+    old = tmp_path / "old.pt"
+    torch.save({"format_version": 1, "state_dict": _old_layout(model.state_dict()), "bits": 48, "arch": "dlheir",
+                "num_classes": 2, "image_size": SMALL_SIZE, "class_names": ["0", "1"], "epoch": 1,
+                "config": {"seed": 0}}, old)
+    for argv in (["evaluate", "--checkpoint", str(old), "--data", "digits"],
+                 ["export", "onnx", "--checkpoint", str(old), "--out", str(tmp_path / "m.onnx")]):
+        code, err = _cli(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
+        assert "older dlheir (format 1" in lines[0] and "train it again" in lines[0]
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_one_training_step_lowers_the_loss():
     torch.manual_seed(0)
     model = build_model(48, 3)
