@@ -65,7 +65,7 @@ def _pct(values, q) -> float:
 def run_demo(args: argparse.Namespace) -> int:
     from dlheir.client.cloud import CloudClient
     from dlheir.client.crypto import OwnerKeys, generate_user_keypair, make_grant, open_grant, CodeTransform
-    from dlheir.client.owner import upload_images
+    from dlheir.client.owner import create_collection, model_binding, upload_images
     from dlheir.client.private import open_local
     from dlheir.client.triton import TritonHasher
     from dlheir.client.user import search_image
@@ -147,8 +147,10 @@ def run_demo(args: argparse.Namespace) -> int:
         keys = OwnerKeys.generate()
         keys.save(work / "owner.key")
         collection = "demo"
-        with CloudClient(cloud_proc.address) as admin:
-            owner_token, reader_token = admin.create_collection(collection, cfg["bits"], cloud_proc.admin_token)
+        with CloudClient(cloud_proc.address) as admin, connect_triton() as hasher:
+            model = model_binding(hasher)  # the collections record the served model: codes of another are refused
+            owner_token, reader_token = create_collection(admin, collection, cloud_proc.admin_token, model)
+        print(f"collection {collection!r} made for model {model.fingerprint} ({model.image_size} px, {model.bits} bits)")
         with CloudClient(cloud_proc.address, owner_token) as cloud, connect_triton() as hasher:
             report = upload_images([(r.relpath, r.path) for r in database], keys, collection, cloud, hasher)
         print(f"uploaded {report.uploaded} images, {report.bytes_uploaded / 1e6:.2f} MB in {report.seconds:.1f}s "
@@ -158,8 +160,8 @@ def run_demo(args: argparse.Namespace) -> int:
         # the same images in a second collection in private-ranking mode: no code on the server
         private_collection = "demo-private"
         with CloudClient(cloud_proc.address) as admin:
-            p_owner_token, p_reader_token = admin.create_collection(private_collection, cfg["bits"],
-                                                                    cloud_proc.admin_token, private=True)
+            p_owner_token, p_reader_token = create_collection(admin, private_collection, cloud_proc.admin_token, model,
+                                                              private=True)
         with CloudClient(cloud_proc.address, p_owner_token) as cloud, connect_triton() as hasher:
             p_report = upload_images([(r.relpath, r.path) for r in database], keys, private_collection, cloud, hasher)
         print(f"private-ranking collection {private_collection!r}: uploaded {p_report.uploaded} images, codes in "
@@ -178,7 +180,8 @@ def run_demo(args: argparse.Namespace) -> int:
             # served ranking of the whole database for each query -> the same metrics as offline
             transform = CodeTransform(grant.transform_secret, hasher.bits)
             _, q_codes = hasher.hash_images([r.path for r in queries])
-            results = cloud.search(collection, transform.apply(q_codes), k=len(database))
+            results = cloud.search(collection, transform.apply(q_codes), k=len(database),
+                                   model_fingerprint=hasher.fingerprint)
             ranked_labels = np.array([[by_id[int(i)].label for i in ids] for ids, _ in results])
             served = metrics.summarize(metrics.relevance(ranked_labels, np.array([r.label for r in queries])))
             # the user flow, one query at a time: trapdoor, search top 20, fetch, decrypt, verify
