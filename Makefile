@@ -21,3 +21,13 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs results .dlheir
+
+# NVIDIA's perf_analyzer (from the tritonclient 2.34.0 wheel, with libcudart and libb64 beside
+# it) for `dlheir bench hash`; not needed by `make test`, whose perf_analyzer test skips without it.
+PERF_ANALYZER := $(VENV)/perf_analyzer/perf_analyzer
+
+.PHONY: perf-analyzer
+perf-analyzer: $(PERF_ANALYZER)
+
+$(PERF_ANALYZER): | $(STAMP)
+	$(PY) -m dlheir.benchmarks.perf_analyzer install $(VENV)/perf_analyzer

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,23 +50,33 @@ def _triton_run(client_url: str, images: list[bytes], batch: int, concurrency: i
     return {"images_per_s": len(images) / wall, "latencies": lat}
 
 
-def _perf_analyzer(url: str, batch: int, concurrency: int, image: bytes, tmp: Path) -> dict | None:
-    exe = shutil.which("perf_analyzer")
-    if not exe:
-        return None
-    import json
+def perf_analyzer_figures(url: str, model: str, images: list[bytes], batch: int, concurrency: list[int],
+                          **options) -> dict:
+    """NVIDIA perf_analyzer on ``model`` with real encoded images, where it is installed
+    (``make perf-analyzer``); else ``installed: False`` and how to install it. ``options`` go to
+    ``dlheir.benchmarks.perf_analyzer.measure``."""
+    from dlheir.benchmarks import perf_analyzer as pa
 
-    data = tmp / "pa_input.json"
-    import base64
+    exe = pa.find()
+    if exe is None:
+        return {"installed": False, "hint": pa.INSTALL_HINT}
+    return {"installed": True, "exe": str(exe), **pa.measure(exe, url, model, images[:64], batch, concurrency, **options)}
 
-    data.write_text(json.dumps({"data": [{"IMAGE_BYTES": {"b64": base64.b64encode(image).decode(), "shape": [1]}}]}))
-    cmd = [exe, "-m", "dlheir", "-u", url, "-i", "grpc", "-b", str(batch), "--concurrency-range", str(concurrency),
-           "--input-data", str(data), "--measurement-interval", "3000"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    for line in out.stdout.splitlines():
-        if "Throughput:" in line and "infer/sec" in line:
-            return {"infer_per_s": float(line.split("Throughput:")[1].split()[0]) , "raw": line.strip()}
-    return {"error": (out.stderr or out.stdout)[-300:]}
+
+def _side_by_side(rows: list[dict], pa: dict) -> str:
+    """perf_analyzer's rows beside ours at the same batch and concurrency."""
+    from dlheir.benchmarks.common import table
+
+    ours = {(r["batch"], r["concurrency"]): r for r in rows if r["path"] == "triton ensemble"}
+    both = []
+    for r in pa.get("rows", []):
+        mine = ours.get((pa["batch"], r["concurrency"]), {})
+        both.append({"batch": pa["batch"], "concurrency": r["concurrency"], "ours": mine.get("images_per_s"),
+                     "pa": r["infer_per_s"], "ours_p50": mine.get("p50_ms"), "pa_p50": r["p50_ms"],
+                     "ours_p99": mine.get("p99_ms"), "pa_p99": r["p99_ms"]})
+    return table(both, [("batch", "batch", "d"), ("concurrency", "conc", "d"), ("ours", "ours images/s", ".1f"),
+                        ("pa", "perf_analyzer infer/s", ".1f"), ("ours_p50", "ours p50 ms", ".1f"),
+                        ("pa_p50", "pa p50 ms", ".1f"), ("ours_p99", "ours p99 ms", ".1f"), ("pa_p99", "pa p99 ms", ".1f")])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                     r = _triton_run(server.grpc_url, images, batch, conc, args.model)
                     rows.append({"path": "triton ensemble", "batch": batch, "concurrency": conc,
                                  "images_per_s": r["images_per_s"], **latency_stats(r["latencies"])})
-            pa = _perf_analyzer(server.grpc_url, 8, 4, images[0], Path(tmp))
+            pa = perf_analyzer_figures(server.grpc_url, args.model, images, 8 if 8 in batches else batches[-1], concs)
     print(table(rows, [("path", "path", ""), ("batch", "batch", "d"), ("concurrency", "conc", "d"),
                        ("images_per_s", "images/s", ".1f"), ("p50_ms", "p50 ms", ".1f"), ("p99_ms", "p99 ms", ".1f")]))
     ort8 = next((r["images_per_s"] for r in rows if r["path"].startswith("onnx") and r["batch"] == 8), None)
@@ -122,7 +130,13 @@ def run(args: argparse.Namespace) -> int:
     ratio = tri8 / ort8 if ort8 and tri8 else None
     if ratio:
         print(f"Triton (batch 8, concurrency 4) / in-process ONNX Runtime (batch 8): {ratio:.2f}")
-    print("perf_analyzer:", pa if pa else "not installed (pip install perf-analyzer to add its numbers)")
+    if not pa["installed"]:
+        print(f"perf_analyzer: not installed; to add its figures: {pa['hint']}")
+    elif "error" in pa:
+        print(f"perf_analyzer: failed: {pa['error']}")
+    else:
+        print(f"perf_analyzer ({pa['exe']}, batch {pa['batch']}, {pa['images']} real images as input data):")
+        print(_side_by_side(rows, pa))
     path = save_json("bench_hash", {"image_size": size, "rows": rows, "triton_over_ort_batch8": ratio,
                                     "perf_analyzer": pa}, args.out_dir)
     labels = [f"b{r['batch']} c{r['concurrency']}" for r in rows if r["path"] == "triton ensemble"]
