@@ -69,6 +69,21 @@ def check_model(collection: str, info: pb.CollectionInfo | pb.SyncHeader, finger
         raise ContractError(reason)
 
 
+def search_results(reply: pb.SearchResponse) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query: (ids int64, distances int32), from a packed reply (or, from a server that
+    predates it, the per-query ``results``)."""
+    if len(reply.results) or not len(reply.counts):
+        return [(np.array(x.ids, dtype=np.int64), np.array(x.distances, dtype=np.int32)) for x in reply.results]
+    ids = np.frombuffer(reply.ids, "<i8").astype(np.int64)
+    dist = np.frombuffer(reply.distances, "<u2").astype(np.int32)
+    counts = np.array(reply.counts, dtype=np.int64)
+    if len(ids) != counts.sum() or len(dist) != len(ids):
+        raise CloudError(grpc.StatusCode.DATA_LOSS, f"malformed search reply: {counts.sum()} results counted, "
+                                                     f"{len(ids)} ids and {len(dist)} distances sent")
+    cuts = np.cumsum(counts)[:-1]
+    return list(zip(np.split(ids, cuts), np.split(dist, cuts)))
+
+
 class CloudClient:
     def __init__(self, address: str, token: str | None = None, tls_ca: str | None = None) -> None:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -143,11 +158,10 @@ class CloudClient:
         the query codes (a collection made with one needs it)."""
         codes = np.atleast_2d(np.asarray(codes, dtype=np.uint8))
         req = pb.SearchRequest(collection=name, codes=[c.tobytes() for c in codes], k=k,
-                               model_fingerprint=model_fingerprint)
+                               model_fingerprint=model_fingerprint, packed=True)
         if max_distance is not None:
             req.max_distance = max_distance
-        r = self._call(self.stub.Search, req)
-        return [(np.array(x.ids, dtype=np.int64), np.array(x.distances, dtype=np.int32)) for x in r.results]
+        return search_results(self._call(self.stub.Search, req))
 
     def fetch(self, name: str, ids: Iterable[int]) -> Iterator[tuple[int, bytes, dict]]:
         try:

@@ -70,17 +70,25 @@ def gpu_available() -> bool:
         return False
 
 
-@contextmanager
-def faiss_threads(n: int):
+class faiss_threads:  # noqa: N801 - used like a function: ``with faiss_threads(1): ...``
     """FAISS's OpenMP threads for the calls made inside, in the calling thread only (OpenMP keeps
     the setting per thread), restored after: parallelism here comes from the shards, one FAISS
-    call per shard and thread, and nothing else in the process is affected."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
+    call per shard and thread, and nothing else in the process is affected. (A class, not a
+    generator context: it wraps every shard search.)"""
+
+    __slots__ = ("n", "before")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        self.before = faiss.omp_get_max_threads()
+        if self.before != self.n:
+            faiss.omp_set_num_threads(self.n)
+
+    def __exit__(self, *exc) -> None:
+        if self.before != self.n:
+            faiss.omp_set_num_threads(self.before)
 
 
 def _new_index(nbytes: int):
@@ -182,8 +190,10 @@ class _Shard:
         k = min(k, self.n)
         if k == 0:
             return np.zeros((len(queries), 0), np.int32), np.zeros((len(queries), 0), np.int64)
-        with faiss_threads(1):
-            dist, pos = self.index.search(queries, k)
+        dist = np.empty((len(queries), k), dtype=np.int32)
+        pos = np.empty((len(queries), k), dtype=np.int64)
+        with faiss_threads(1):  # FAISS's own wrapper, minus its per-call checks (hot path)
+            self.index.search_c(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(dist), faiss.swig_ptr(pos))
         return dist, self.ids[pos]
 
     def within(self, query: np.ndarray, max_dist: int) -> tuple[np.ndarray, np.ndarray]:
@@ -248,17 +258,21 @@ class BinaryIndex:
             self._generation += 1
             if replace_ids is not None and len(replace_ids):
                 self._remove(np.asarray(replace_ids, dtype=np.int64))
-            # fill the smallest shards first so shards stay balanced
+            # fill the smallest shards first so shards stay balanced; a small collection stays
+            # in one shard (one FAISS call, no merge: splitting it would cost more than it saves)
             sizes = np.array([s.n for s in self.shards])
-            target = (sizes.sum() + len(ids)) / len(self.shards)
-            start = 0
-            for i in np.argsort(sizes, kind="stable"):
-                take = int(max(0, min(len(ids) - start, np.ceil(target - sizes[i]))))
-                if take:
-                    self.shards[i].add(ids[start:start + take], padded[start:start + take])
-                    start += take
-            if start < len(ids):
-                self.shards[int(np.argmin(sizes))].add(ids[start:], padded[start:])
+            if sizes.sum() + len(ids) <= PARALLEL_MIN_WORK:
+                self.shards[int(np.argmax(sizes))].add(ids, padded)
+            else:
+                target = (sizes.sum() + len(ids)) / len(self.shards)
+                start = 0
+                for i in np.argsort(sizes, kind="stable"):
+                    take = int(max(0, min(len(ids) - start, np.ceil(target - sizes[i]))))
+                    if take:
+                        self.shards[i].add(ids[start:start + take], padded[start:start + take])
+                        start += take
+                if start < len(ids):
+                    self.shards[int(np.argmin(sizes))].add(ids[start:], padded[start:])
             self._n += len(ids)
         if seal:
             self.maybe_seal()
@@ -371,12 +385,14 @@ class BinaryIndex:
                        "mih_ms": 1e3 * hashing_s / len(queries)}
         return hashing_s < flat_s
 
-    def _search_shards(self, q: np.ndarray, kk: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        if len(self.shards) == 1 or self._n * len(q) < PARALLEL_MIN_WORK:
-            return [s.search(q, kk) for s in self.shards]
-        futures = [self.pool.submit(s.search, q, kk) for s in self.shards[1:]]
-        first = self.shards[0].search(q, kk)  # the calling thread takes one shard itself
-        return [first, *(f.result() for f in futures)]
+    def _search_shards(self, q: np.ndarray, kk: int) -> tuple[list["_Shard"], list[tuple[np.ndarray, np.ndarray]]]:
+        """The non-empty shards and each one's (distances, ids) for ``q``."""
+        shards = [s for s in self.shards if s.n]
+        if len(shards) <= 1 or self._n * len(q) < PARALLEL_MIN_WORK:
+            return shards, [s.search(q, kk) for s in shards]
+        futures = [self.pool.submit(s.search, q, kk) for s in shards[1:]]
+        first = shards[0].search(q, kk)  # the calling thread takes one shard itself
+        return shards, [first, *(f.result() for f in futures)]
 
     def search(self, queries: np.ndarray, k: int, max_distance: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per query: (ids int64, distances uint32) of the exact top k by (distance, id),
@@ -421,12 +437,14 @@ class BinaryIndex:
 
     def _search_flat(self, q: np.ndarray, k: int, kk: int, max_distance: int | None):
         nq = len(q)
-        parts = self._search_shards(q, kk)
+        shards, parts = self._search_shards(q, kk)
+        if not parts:
+            return [(np.zeros(0, np.int64), np.zeros(0, np.uint32)) for _ in range(nq)]
         dist = np.concatenate([d for d, _ in parts], axis=1)
         ids = np.concatenate([i for _, i in parts], axis=1)
-        order = np.lexsort((ids, dist), axis=-1)
-        dist = np.take_along_axis(dist, order, axis=1)
-        ids = np.take_along_axis(ids, order, axis=1)
+        order = rank(dist, ids)
+        rows = np.arange(nq)[:, None]
+        dist, ids = dist[rows, order], ids[rows, order]
         if dist.shape[1] <= k:  # every shard returned everything it holds
             kth = None
         else:
@@ -439,12 +457,12 @@ class BinaryIndex:
             if kth is not None:
                 # shards that returned all they were asked for, and whose last distance is
                 # still <= the boundary, may hold more items at the boundary distance
-                open_shards = [s for s, (sd, _) in zip(self.shards, parts)
+                open_shards = [s for s, (sd, _) in zip(shards, parts)
                                if kk < s.n and sd[qi, -1] <= kth[qi]]
                 if open_shards:
                     b = int(kth[qi])
-                    cand_d = [sd[qi][sd[qi] <= b] for s, (sd, _) in zip(self.shards, parts) if s not in open_shards]
-                    cand_i = [si[qi][sd[qi] <= b] for s, (sd, si) in zip(self.shards, parts) if s not in open_shards]
+                    cand_d = [sd[qi][sd[qi] <= b] for s, (sd, _) in zip(shards, parts) if s not in open_shards]
+                    cand_i = [si[qi][sd[qi] <= b] for s, (sd, si) in zip(shards, parts) if s not in open_shards]
                     for s in open_shards:
                         rd, ri = s.within(q[qi], b)
                         cand_d.append(rd)

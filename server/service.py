@@ -340,6 +340,10 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         queries = np.frombuffer(b"".join(request.codes), np.uint8).reshape(-1, want)
         max_d = request.max_distance if request.HasField("max_distance") else None
         results = col.index.search(queries, request.k, max_d)
+        if request.packed:  # whole arrays, no per-result objects: cheaper to build and to read
+            return pb.SearchResponse(counts=[len(i) for i, _ in results],
+                                     ids=np.concatenate([i for i, _ in results]).astype("<i8").tobytes(),
+                                     distances=np.concatenate([d for _, d in results]).astype("<u2").tobytes())
         return pb.SearchResponse(results=[pb.SearchResult(ids=i.tolist(), distances=d.tolist()) for i, d in results])
 
     def Fetch(self, request, context):

@@ -146,3 +146,34 @@ def test_small_ids_are_held_in_four_bytes():
     assert mih.ids.dtype == np.uint32
     ids, _ = mih.search_one(codes[5], 1)
     assert ids.dtype == np.int64 and ids[0] == 2**32 - 1000 + 5
+
+
+@pytest.mark.parametrize("min_work", [0, None])
+def test_flat_shards_equal_brute_force_with_ties(monkeypatch, min_work):
+    """Small collections stay in one shard (one FAISS call); with the split forced (min_work 0:
+    balanced shards searched in parallel) ties at the k-th distance that cross shards are
+    still resolved by id, after deletes and replaces."""
+    from dlheir.server import index as index_mod
+
+    if min_work is not None:
+        monkeypatch.setattr(index_mod, "PARALLEL_MIN_WORK", min_work)
+    rng = np.random.default_rng(2)
+    codes = _codes(rng, 4000, 48, "tie-heavy")
+    ids = rng.choice(10**6, 4000, replace=False).astype(np.int64)
+    index = BinaryIndex(48, n_shards=3, choose="flat")
+    index.add(ids, codes)
+    used = sum(1 for s in index.shards if s.n)
+    assert used == (3 if min_work == 0 else 1)
+    index.remove(ids[::5])
+    new = _codes(rng, 300, 48, "tie-heavy")
+    index.add(ids[1:1500:5], new, replace_ids=ids[1:1500:5])
+    live = {int(i): c for i, c in zip(ids, codes)}
+    for i in ids[::5].tolist():
+        del live[i]
+    live.update({int(i): c for i, c in zip(ids[1:1500:5], new)})
+    all_ids = np.array(sorted(live), dtype=np.int64)
+    all_codes = np.array([live[i] for i in all_ids.tolist()], dtype=np.uint8)
+    queries = codes[:10]
+    for k in (1, 25, 400):
+        for (got_ids, got_d), q in zip(index.search(queries, k), queries):
+            assert (list(got_ids), list(got_d)) == _brute_force(all_ids, all_codes, q, k)

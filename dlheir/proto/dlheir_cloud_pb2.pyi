@@ -130,18 +130,20 @@ class UploadAck(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., total_items: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "codes", "k", "max_distance", "model_fingerprint")
+    __slots__ = ("collection", "codes", "k", "max_distance", "model_fingerprint", "packed")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     CODES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     MAX_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     collection: str
     codes: _containers.RepeatedScalarFieldContainer[bytes]
     k: int
     max_distance: int
     model_fingerprint: str
-    def __init__(self, collection: _Optional[str] = ..., codes: _Optional[_Iterable[bytes]] = ..., k: _Optional[int] = ..., max_distance: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    packed: bool
+    def __init__(self, collection: _Optional[str] = ..., codes: _Optional[_Iterable[bytes]] = ..., k: _Optional[int] = ..., max_distance: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class SearchResult(_message.Message):
     __slots__ = ("ids", "distances")
@@ -152,10 +154,16 @@ class SearchResult(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., distances: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "counts", "ids", "distances")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    DISTANCES_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SearchResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[SearchResult, _Mapping]]] = ...) -> None: ...
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    ids: bytes
+    distances: bytes
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchResult, _Mapping]]] = ..., counts: _Optional[_Iterable[int]] = ..., ids: _Optional[bytes] = ..., distances: _Optional[bytes] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("collection", "ids")
