@@ -79,23 +79,29 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 
 def bar_plot(path: Path | str, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str,
-             log: bool = False) -> Path:
+             log: bool = False, xlabel: str | None = None) -> Path:
+    """Grouped bars: one group per label, one bar per series; a None/NaN value leaves its bar out
+    (not measured there). The y label states the scale (linear or log)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, len(labels) * 0.9), 4))
+    fig, ax = plt.subplots(figsize=(max(6.5, len(labels) * 0.9 + len(series) * 0.6), 4.5))
     width = 0.8 / max(1, len(series))
     x = np.arange(len(labels))
     for i, (name, values) in enumerate(series.items()):
+        values = np.array([np.nan if v is None else v for v in values], dtype=float)
         ax.bar(x + i * width - 0.4 + width / 2, values, width, label=name)
-    ax.set_xticks(x, labels, rotation=30, ha="right")
-    ax.set_ylabel(ylabel)
+    ax.set_xticks(x, labels, rotation=30 if max(map(len, labels), default=0) > 8 else 0,
+                  ha="right" if max(map(len, labels), default=0) > 8 else "center")
+    ax.set_ylabel(f"{ylabel} ({'log' if log else 'linear'} scale)")
+    if xlabel:
+        ax.set_xlabel(xlabel)
     ax.set_title(title)
     if log:
         ax.set_yscale("log")
-    ax.legend()
+    ax.legend(fontsize="small")
     return save_figure(fig, path)
 
 

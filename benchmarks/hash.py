@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", default="1,2,4")
     p.add_argument("--images", type=int, default=256, help="images per measurement (default 256)")
     p.add_argument("--model", default=PUBLIC_MODEL, help=f"Triton model to call (default {PUBLIC_MODEL})")
-    p.add_argument("--out-dir", default="results")
+    p.add_argument("--out-dir", default="results/bench_hash",
+                   help="where bench_hash.json and .png go (default results/bench_hash/)")
     p.set_defaults(func=run)
 
 
@@ -70,6 +71,8 @@ def _side_by_side(rows: list[dict], pa: dict) -> str:
     ours = {(r["batch"], r["concurrency"]): r for r in rows if r["path"] == "triton ensemble"}
     both = []
     for r in pa.get("rows", []):
+        if "error" in r:
+            continue
         mine = ours.get((pa["batch"], r["concurrency"]), {})
         both.append({"batch": pa["batch"], "concurrency": r["concurrency"], "ours": mine.get("images_per_s"),
                      "pa": r["infer_per_s"], "ours_p50": mine.get("p50_ms"), "pa_p50": r["p50_ms"],
@@ -77,6 +80,25 @@ def _side_by_side(rows: list[dict], pa: dict) -> str:
     return table(both, [("batch", "batch", "d"), ("concurrency", "conc", "d"), ("ours", "ours images/s", ".1f"),
                         ("pa", "perf_analyzer infer/s", ".1f"), ("ours_p50", "ours p50 ms", ".1f"),
                         ("pa_p50", "pa p50 ms", ".1f"), ("ours_p99", "ours p99 ms", ".1f"), ("pa_p99", "pa p99 ms", ".1f")])
+
+
+def plot(rows: list[dict], batches: list[int], concs: list[int], size: int, n_images: int, path: Path) -> Path:
+    """One group of bars per batch size; each bar is one measured setting only: the in-process
+    paths run one request at a time (no bar at other concurrencies), Triton at each concurrency."""
+    from dlheir.benchmarks.common import bar_plot
+
+    def value(path_name: str, batch: int, conc: int):
+        return next((r["images_per_s"] for r in rows if r["path"] == path_name and r["batch"] == batch
+                     and r["concurrency"] == conc), None)
+
+    series = {f"{name}, 1 request at a time": [value(name, b, 1) for b in batches]
+              for name in ("onnxruntime in-process", "pytorch eager in-process")}
+    for c in concs:
+        series[f"Triton ensemble, {c} request{'s' if c > 1 else ''} in flight"] = [value("triton ensemble", b, c)
+                                                                               for b in batches]
+    return bar_plot(path, f"Hashing throughput (higher is better)\n{size}x{size} px model, the same {n_images} "
+                          "encoded images for every path", [str(b) for b in batches], series, "images per second",
+                    xlabel="batch size (images per request)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,13 +159,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"perf_analyzer ({pa['exe']}, batch {pa['batch']}, {pa['images']} real images as input data):")
         print(_side_by_side(rows, pa))
+        for r in pa["rows"]:
+            if "error" in r:
+                print(f"perf_analyzer at concurrency {r['concurrency']}: failed: {r['error']}")
     path = save_json("bench_hash", {"image_size": size, "rows": rows, "triton_over_ort_batch8": ratio,
                                     "perf_analyzer": pa}, args.out_dir)
-    labels = [f"b{r['batch']} c{r['concurrency']}" for r in rows if r["path"] == "triton ensemble"]
-    series = {"triton ensemble": [r["images_per_s"] for r in rows if r["path"] == "triton ensemble"]}
-    for name in ("onnxruntime in-process", "pytorch eager in-process"):
-        series[name] = [next(x["images_per_s"] for x in rows if x["path"] == name and x["batch"] == r["batch"])
-                        for r in rows if r["path"] == "triton ensemble"]
-    png = bar_plot(Path(args.out_dir) / "bench_hash.png", f"hashing at {size}px (same images)", labels, series, "images/s")
+    png = plot(rows, batches, concs, size, len(images), Path(args.out_dir) / "bench_hash.png")
     print(f"written {path}, {png}")
     return 0

@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
     p.add_argument("--bits", type=int, default=48)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out-dir", default="results")
+    p.add_argument("--out-dir", default="results/bench_inference",
+                   help="where bench_inference.json and .png go (default results/bench_inference/)")
     p.set_defaults(func=run)
 
 
@@ -45,9 +46,10 @@ def run(args: argparse.Namespace) -> int:
     print(table(rows, [("runtime", "runtime", ""), ("size", "size", "d"), ("batch", "batch", "d"),
                        ("images_per_s", "images/s", ".1f"), ("p50_ms", "p50 ms", ".1f"), ("p99_ms", "p99 ms", ".1f")]))
     path = save_json("bench_inference", {"rows": rows, "threads": torch.get_num_threads()}, args.out_dir)
-    labels = [f"{r['size']}px b{r['batch']}" for r in rows if r["runtime"] == "onnxruntime"]
-    png = bar_plot(Path(args.out_dir) / "bench_inference.png", "DLHEIR CPU inference", labels,
+    labels = [f"{r['size']} px, batch {r['batch']}" for r in rows if r["runtime"] == "onnxruntime"]
+    png = bar_plot(Path(args.out_dir) / "bench_inference.png",
+                   f"DLHEIR CPU inference, {torch.get_num_threads()} threads (higher is better)", labels,
                    {rt: [r["images_per_s"] for r in rows if r["runtime"] == rt] for rt in ("pytorch-eager", "onnxruntime")},
-                   "images/s")
+                   "images per second", xlabel="input size and batch size (images per call)")
     print(f"written {path}, {png}")
     return 0

@@ -277,10 +277,10 @@ def plot(path: Path, runs: list[dict], title: str) -> Path:
         axes[0].plot([0], [st["exact"]], marker="*", markersize=14, color=line.get_color(), linestyle="none",
                      label=f"{label}: no pair, bit statistics")
         axes[1].plot([0], [st["bits"]], marker="*", markersize=14, color=line.get_color(), linestyle="none")
-    axes[0].set_ylabel("held-out stored codes predicted exactly (fraction)")
-    axes[1].set_ylabel("held-out stored bits predicted right (fraction)")
+    axes[0].set_ylabel("held-out stored codes predicted exactly (fraction, linear scale)")
+    axes[1].set_ylabel("held-out stored bits predicted right (fraction, linear scale)")
     for ax in axes:
-        ax.set_xlabel("known (raw code, stored code) pairs (count)")
+        ax.set_xlabel("known (raw code, stored code) pairs (count; symlog scale: linear to 10, log above)")
         ax.set_xscale("symlog", linthresh=10)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
@@ -308,7 +308,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--known", default=DEFAULT_KNOWN, help=f"known-pair counts (default {DEFAULT_KNOWN})")
     p.add_argument("--trials", type=int, default=20, help="random secrets (and pair draws) per setting (default 20)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="results", help="where bench_leakage.json and .png go (default results/)")
+    p.add_argument("--out-dir", default="results/bench_leakage",
+                   help="where bench_leakage.json and .png go (default results/bench_leakage/)")
     p.set_defaults(func=run)
 
 

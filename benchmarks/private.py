@@ -17,7 +17,7 @@ private-ranking one (items without codes, codes in sealed pages), on one real se
 
 Every size also checks that both modes return identical (id, distance) lists for
 ``--check-queries`` queries. No Triton is needed (random codes); writes
-results/bench_private.json and .png.
+results/bench_private/bench_private.json and .png.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("private", help="private-ranking mode (sync + local ranking) vs server-ranked search",
                        description="Sync size and time, local search time and end-to-end latency of the "
                                    "private-ranking mode beside the server-ranked mode on the same random codes "
-                                   "and one real cloud server. Writes results/bench_private.json and .png.")
+                                   "and one real cloud server. Writes results/bench_private/bench_private.json and .png.")
     p.add_argument("--sizes", default="10000,100000", help="collection sizes, comma separated (default 10000,100000)")
     p.add_argument("--bits", type=int, default=48, help="code length in bits (default 48)")
     p.add_argument("-k", type=int, default=20, help="top k, also the blobs fetched per query (default 20)")
@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--page-records", type=int, default=50_000, help="records per sealed page (default 50000)")
     p.add_argument("--new-page-records", type=int, default=1000, help="records in the new-page sync (default 1000)")
     p.add_argument("--sync-repeats", type=int, default=3, help="cold full syncs timed per size (default 3)")
-    p.add_argument("--out-dir", default="results", help="where JSON and PNG go (default results/)")
+    p.add_argument("--out-dir", default="results/bench_private",
+                   help="where bench_private.json and .png go (default results/bench_private/)")
     p.set_defaults(func=run)
 
 
@@ -67,13 +68,14 @@ def _plot(path: Path, rows: list[dict], bits: int, k: int) -> Path:
     a.plot(sizes, [r["e2e_p50_ms"] for r in prv], "s-", label="private: no-op sync + local search + Fetch k")
     a.plot(sizes, [r["search_p50_ms"] for r in srv], "o--", label="server-ranked: Search alone")
     a.plot(sizes, [r["search_p50_ms"] for r in prv], "s--", label="private: local search alone")
-    a.set(xscale="log", yscale="log", xlabel="codes in the collection", ylabel="p50 latency per query (ms)",
+    a.set(xscale="log", yscale="log", xlabel="codes in the collection (count, log scale)",
+          ylabel="p50 latency per query (ms, log scale)",
           title=f"per-query latency, {bits}-bit codes, k={k}")
     a.legend(fontsize=8)
     b.plot(sizes, [r["full_sync_s"] for r in prv], "s-", label="full sync, empty cache")
     b.plot(sizes, [r["cache_load_s"] for r in prv], "^-", label="start from a full cache")
     b.plot(sizes, [r["new_page_sync_ms"] / 1e3 for r in prv], "v-", label="sync of one new page")
-    b.set(xscale="log", yscale="log", xlabel="codes in the collection", ylabel="seconds",
+    b.set(xscale="log", yscale="log", xlabel="codes in the collection (count, log scale)", ylabel="seconds (log scale)",
           title="private mode: getting the codes to the client")
     for r in prv:
         b.annotate(f"{r['full_sync_mb']:.1f} MB", (r["size"], r["full_sync_s"]), textcoords="offset points",
