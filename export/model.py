@@ -41,8 +41,8 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 
 from dlheir.contract import validate_bits
 from dlheir.errors import UserError
+from dlheir.export.defaults import ARCHS
 
-ARCHS = ("dlheir", "baseline")
 REPLACED_LAYERS = 14  # dense layers of block 4 replaced by the inverted residual block
 EXPAND_RATIO = 0.5  # hidden width of the inverted residual block / its 1472 input channels
 # The statistics torchvision's ImageNet DenseNet201 weights were trained with, read from their

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +16,7 @@ from dlheir.codes import probs_to_codes
 from dlheir.errors import UserError
 from dlheir.export import metrics
 from dlheir.export.checkpoint import load_checkpoint, load_weights, read_checkpoint, save_checkpoint
-from dlheir.export.defaults import DIGITS_DEMO, WEIGHT_DECAY
+from dlheir.export.defaults import TrainConfig
 from dlheir.export.data import Record, check_images, resolve_data, split_dataset
 from dlheir.export.model import DLHEIR, build_model, to_input
 from dlheir.preprocess import ImageDecodeError, preprocess
@@ -25,26 +24,6 @@ from dlheir.preprocess import ImageDecodeError, preprocess
 # Pushes hash values away from the 0.5 threshold so the codes are stable (weight of
 # the term 1 - (2p - 1)^2, which is 0 at p in {0, 1} and 1 at p = 0.5).
 QUANTIZATION_WEIGHT = 0.1
-
-
-@dataclass
-class TrainConfig:
-    """Training settings; the defaults are the digits demo (``dlheir.export.defaults.DIGITS_DEMO``)."""
-
-    data: str = "digits"
-    bits: int = DIGITS_DEMO["bits"]
-    image_size: int = DIGITS_DEMO["image_size"]
-    epochs: int = DIGITS_DEMO["epochs"]
-    batch_size: int = DIGITS_DEMO["batch_size"]
-    lr: float = DIGITS_DEMO["lr"]
-    momentum: float = DIGITS_DEMO["momentum"]
-    weight_decay: float = WEIGHT_DECAY
-    weights: str = DIGITS_DEMO["weights"]
-    arch: str = "dlheir"
-    seed: int = 0
-    out: str = "runs/train"
-    resume: bool = False
-    force: bool = False  # replace an existing <out>/model.pt instead of refusing
 
 
 def data_spec(spec: str | Path) -> str:
@@ -95,6 +74,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def train(cfg: TrainConfig) -> Path:
     """Train and save ``<out>/model.pt``; returns its path. Resumable with ``cfg.resume``."""
+    cfg.validate()
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out)
     ckpt_path = out_dir / "model.pt"

@@ -175,8 +175,38 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     code, err = _cli(capsys, "train", "--bits", "30", "--out", str(tmp_path / "r"))
     assert code == 2 and "multiple of 4" in err
 
+    code, err = _cli(capsys, "train", "--resume", "--force", "--out", str(tmp_path / "r"))
+    assert code == 2 and "give one of them" in err
+
+    code, err = _cli(capsys, "train", "--epochs", "0", "--out", str(tmp_path / "r"))
+    assert code == 2 and "--epochs must be at least 1" in err
+
     code, err = _cli(capsys, "evaluate", "--checkpoint", str(tmp_path / "nope.pt"))
     assert code == 2 and "checkpoint not found" in err
+
+
+def test_train_flags_are_generated_from_the_one_declaration(capsys):
+    import argparse
+    import dataclasses
+
+    from dlheir.export.defaults import DIGITS_DEMO, PAPER, TrainConfig, add_train_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    assert config_from_args(parser.parse_args([])) == TrainConfig()
+    cfg = config_from_args(parser.parse_args(["--image-size", "96", "--weight-decay", "0.001", "--force"]))
+    assert (cfg.image_size, cfg.weight_decay, cfg.force) == (96, 0.001, True)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')}" in text and f.metadata["help"] in text
+        if not isinstance(f.default, bool):
+            paper = f"; paper: {f.metadata['paper']}" if f.metadata["paper"] is not None else ""
+            assert f"(default {f.default}{paper})" in text
+    assert PAPER == {"bits": 48, "image_size": 384, "epochs": 200, "batch_size": 64, "lr": 0.01, "momentum": 0.9,
+                     "weights": "imagenet"}
+    assert DIGITS_DEMO == {k: getattr(TrainConfig(), k) for k in PAPER}
 
 
 def test_tensorrt_export_without_gpu_says_so(tmp_path, capsys):
