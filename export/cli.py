@@ -7,34 +7,16 @@ import json
 from pathlib import Path
 
 from dlheir.errors import UserError
-from dlheir.export.defaults import DIGITS_DEMO as D
+from dlheir.export.defaults import add_train_arguments, config_from_args
 
 STATE = "the state folder ($DLHEIR_STATE, else $XDG_STATE_HOME/dlheir, else ~/.local/state/dlheir)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train DLHEIR on an image folder or the bundled digits",
-                       description="Train DLHEIR (or the baseline) with SGD; saves RUN_DIR/model.pt each epoch.")
-    p.add_argument("--data", default="digits", help="image folder (one sub-folder per class) or 'digits' (default)")
-    p.add_argument("--bits", type=int, default=D["bits"],
-                   help=f"code length N, a multiple of 4 from 8 to 256 (default {D['bits']})")
-    p.add_argument("--image-size", type=int, default=D["image_size"],
-                   help=f"input side S; images are warped to SxS (default {D['image_size']}; paper: 384)")
-    p.add_argument("--epochs", type=int, default=D["epochs"], help=f"default {D['epochs']} (paper: 200)")
-    p.add_argument("--batch-size", type=int, default=D["batch_size"], help=f"default {D['batch_size']} (paper: 64)")
-    p.add_argument("--lr", type=float, default=D["lr"],
-                   help=f"SGD learning rate, cosine-annealed (default {D['lr']}; paper: 0.01 with ImageNet weights)")
-    p.add_argument("--momentum", type=float, default=D["momentum"], help=f"SGD momentum (default {D['momentum']})")
-    p.add_argument("--weights", default=D["weights"],
-                   help="'imagenet' (torchvision's download), 'none' (random init, default) or a state dict path")
-    p.add_argument("--arch", choices=("dlheir", "baseline"), default="dlheir",
-                   help="dlheir (inverted residual block) or baseline (original DenseNet201 + hash layer)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/model.pt")
-    p.add_argument("--force", action="store_true",
-                   help="start over and replace an existing RUN_DIR/model.pt (without --force or --resume, "
-                        "train refuses to overwrite it)")
+                       description="Train DLHEIR (or the baseline) with SGD; saves RUN_DIR/model.pt each epoch. "
+                                   "Defaults: the digits demo; the paper's values are shown beside them.")
+    add_train_arguments(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="precision@k and mAP of a checkpoint (Hamming ranking)",
@@ -84,19 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dlheir.contract import validate_bits
-    from dlheir.export.train import TrainConfig, evaluate, format_metrics, train
+    from dlheir.export.train import train
 
-    validate_bits(args.bits)
-    if args.resume and args.force:
-        raise UserError("--resume continues the checkpoint and --force replaces it: give one of them")
-    if args.image_size < 32:
-        raise UserError(f"--image-size must be at least 32 (DenseNet downsamples 32x), got {args.image_size}")
-    cfg = TrainConfig(data=args.data, bits=args.bits, image_size=args.image_size, epochs=args.epochs,
-                      batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weights=args.weights,
-                      arch=args.arch, seed=args.seed, out=args.out, resume=args.resume,
-                      force=args.force)
-    path = train(cfg)
+    path = train(config_from_args(args))  # train() validates the settings
     print(f"checkpoint: {path}")
     return 0
 
