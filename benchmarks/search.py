@@ -9,9 +9,13 @@ grows through the given sizes. At each size:
 * ``faiss flat``: a plain ``IndexBinaryFlat`` in-process on the same codes, one thread;
 * ``index in-process``: the server's own index class called directly (flat shards, or exact
   multi-index hashing from ``--mih-min-items`` codes), which isolates the gRPC cost;
-* the index the server chose, its RSS per stored item (RSS after a restart minus an empty
-  server's; SQLite's page cache is a few MB and not subtracted), the restart time (SIGTERM,
-  start, until the health check answers SERVING), and the upload rate.
+* the index the server chose (from its log), its RSS per stored item after a restart and again
+  after the searches (minus an empty server's; SQLite's page cache is a few MB and not
+  subtracted), the restart time after a clean shutdown (SIGTERM, start, until the health check
+  answers SERVING: the index snapshot is loaded) and after a crash (SIGKILL, snapshot removed:
+  the index is rebuilt from the store; SQLite's quick_check time from the log), the upload
+  rate and the 1-minute load average (this machine is shared: say under what load);
+* at the end, each goal of issue 11 with the figure measured for it (worst kind of codes).
 
 Writes ``OUT_DIR/bench_search.json`` and ``OUT_DIR/bench_search.png``.
 """
@@ -19,6 +23,7 @@ Writes ``OUT_DIR/bench_search.json`` and ``OUT_DIR/bench_search.png``.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -87,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from dlheir.client.cloud import CloudClient
     from dlheir.contract import code_bytes, validate_bits
     from dlheir.errors import UserError
-    from dlheir.server.index import MIH_MIN_ITEMS, BinaryIndex, default_shards
+    from dlheir.server import snapshot
+    from dlheir.server.index import MIH_MIN_ITEMS, BinaryIndex, default_shards, faiss_threads
     from dlheir.server.testing import CloudServerProcess, proc_status_bytes
 
     validate_bits(args.bits)
@@ -131,10 +137,11 @@ def run(args: argparse.Namespace) -> int:
                     upload_s = time.perf_counter() - t0
                     n_new, have = size - have, size
                     client.close()
-                    server.stop()  # restart: the index is rebuilt from the store
+                    server.stop()  # clean shutdown: the index snapshot is written
                     t0 = time.perf_counter()
-                    server.start()
+                    server.start()  # ... and loaded
                     restart_s = time.perf_counter() - t0
+                    started = _server_start(server)
                     time.sleep(0.5)
                     rss = proc_status_bytes(server.process.pid) - rss_empty
                     client = CloudClient(server.address, owner_token)
@@ -144,16 +151,24 @@ def run(args: argparse.Namespace) -> int:
                     bare = time_calls(lambda: health.Check(health_pb2.HealthCheckRequest()), args.queries, warmup=20)
                     srv = time_calls(lambda: client.search("bench", single[nxt()][None, :], args.k), args.queries,
                                      warmup=20)
+                    bare2 = time_calls(lambda: health.Check(health_pb2.HealthCheckRequest()), args.queries, warmup=5)
                     batch = queries[: args.batch_queries]
                     srv_batch = time_calls(lambda: client.search("bench", batch, args.k), 3, warmup=1)
                     client.close()
+                    rss_used = proc_status_bytes(server.process.pid) - rss_empty  # after searches (thread stacks...)
+                    server.kill()  # a crash: the store has no newer write, but the snapshot is removed below
+                    snapshot.snapshot_path(server.data_dir, "bench").unlink(missing_ok=True)
+                    t0 = time.perf_counter()
+                    server.start()  # rebuilt from the store (SQLite rows, multi-index hash build)
+                    rebuild_s = time.perf_counter() - t0
+                    rebuilt = _server_start(server)
                     # in-process baselines on the same codes
                     n_base = args.queries if size <= 2_000_000 else min(args.queries, 30)
                     flat = faiss.IndexBinaryFlat(code_len * 8)
                     flat.add(codes[:size])
-                    faiss.omp_set_num_threads(1)
                     nxt = _cycle(n_base)
-                    flat_t = time_calls(lambda: flat.search(single[nxt()][None, :], args.k), n_base, warmup=3)
+                    with faiss_threads(1):
+                        flat_t = time_calls(lambda: flat.search(single[nxt()][None, :], args.k), n_base, warmup=3)
                     del flat
                     ours = BinaryIndex(args.bits, shards, mih_min=mih_min, choose=args.index)
                     ours.add(np.arange(size), codes[:size], seal=False)
@@ -164,36 +179,95 @@ def run(args: argparse.Namespace) -> int:
                     ours_t = time_calls(lambda: ours.search(single[nxt()][None, :], args.k), args.queries, warmup=10)
                     index_kind = ours.kind
                     del ours
-                    row = {"codes": kind, "size": size, "index": index_kind,
-                           "bare_grpc_p50_ms": latency_stats(bare)["p50_ms"],
+                    bare_p50 = min(latency_stats(bare)["p50_ms"], latency_stats(bare2)["p50_ms"])
+                    row = {"codes": kind, "size": size, "server_index": started["index"], "index": index_kind,
+                           "bare_grpc_p50_ms": bare_p50,
                            "server_p50_ms": latency_stats(srv)["p50_ms"], "server_p99_ms": latency_stats(srv)["p99_ms"],
                            "server_batch_qps": args.batch_queries / float(np.median(srv_batch)),
                            "index_p50_ms": latency_stats(ours_t)["p50_ms"], "index_build_s": build_s,
                            "faiss_flat_p50_ms": latency_stats(flat_t)["p50_ms"],
-                           "rss_bytes_per_item": rss / size, "code_and_id_bytes": code_len + 8,
-                           "restart_s": restart_s, "upload_items_per_s": n_new / upload_s}
+                           "rss_bytes_per_item": rss / size, "rss_after_queries_bytes_per_item": rss_used / size,
+                           "code_and_id_bytes": code_len + 8,
+                           "restart_s": restart_s, "restart_from": started["from"],
+                           "restart_rebuild_s": rebuild_s, "rebuild_quick_check_s": rebuilt["quick_check_s"],
+                           "upload_items_per_s": n_new / upload_s, "load_avg_1min": os.getloadavg()[0]}
                     row["server_overhead_ms"] = row["server_p50_ms"] - row["bare_grpc_p50_ms"]
                     rows.append(row)
-                    print(f"{kind} {size}: index {index_kind}; p50 bare gRPC {row['bare_grpc_p50_ms']:.3f} ms, "
-                          f"server {row['server_p50_ms']:.3f} ms (p99 {row['server_p99_ms']:.3f}), in-process index "
+                    print(f"{kind} {size}: server index {row['server_index']} (in-process copy {index_kind}); p50 bare "
+                          f"gRPC {row['bare_grpc_p50_ms']:.3f} ms, server {row['server_p50_ms']:.3f} ms (+"
+                          f"{row['server_overhead_ms']:.3f}; p99 {row['server_p99_ms']:.3f}), in-process index "
                           f"{row['index_p50_ms']:.3f} ms, FAISS flat {row['faiss_flat_p50_ms']:.3f} ms; batched "
-                          f"{row['server_batch_qps']:.0f} q/s; RSS {row['rss_bytes_per_item']:.1f} B/item; restart "
-                          f"{restart_s:.1f} s; upload {row['upload_items_per_s']:.0f} items/s", flush=True)
+                          f"{row['server_batch_qps']:.0f} q/s; RSS {row['rss_bytes_per_item']:.1f} B/item "
+                          f"({row['rss_after_queries_bytes_per_item']:.1f} after queries); restart {restart_s:.1f} s "
+                          f"(from {started['from']}), after a crash {rebuild_s:.1f} s (quick_check "
+                          f"{rebuilt['quick_check_s']:.1f} s); upload {row['upload_items_per_s']:.0f} items/s; "
+                          f"load {row['load_avg_1min']:.1f}", flush=True)
             finally:
                 server.stop()
-    print(table(rows, [("codes", "codes", ""), ("size", "size", "d"), ("index", "index", ""),
+    print(table(rows, [("codes", "codes", ""), ("size", "size", "d"), ("server_index", "server index", ""),
                        ("bare_grpc_p50_ms", "bare gRPC p50 ms", ".3f"), ("server_p50_ms", "server p50 ms", ".3f"),
-                       ("server_p99_ms", "p99 ms", ".3f"), ("index_p50_ms", "index in-proc ms", ".3f"),
-                       ("faiss_flat_p50_ms", "FAISS flat ms", ".3f"), ("server_batch_qps", "batched q/s", ".0f"),
-                       ("rss_bytes_per_item", "RSS B/item", ".1f"), ("restart_s", "restart s", ".1f"),
-                       ("upload_items_per_s", "upload items/s", ".0f")]))
+                       ("server_overhead_ms", "overhead ms", ".3f"), ("server_p99_ms", "p99 ms", ".3f"),
+                       ("index_p50_ms", "index in-proc ms", ".3f"), ("faiss_flat_p50_ms", "FAISS flat ms", ".3f"),
+                       ("server_batch_qps", "batched q/s", ".0f"), ("rss_bytes_per_item", "RSS B/item", ".1f"),
+                       ("rss_after_queries_bytes_per_item", "RSS after q", ".1f"), ("restart_s", "restart s", ".1f"),
+                       ("restart_rebuild_s", "crash restart s", ".1f"), ("upload_items_per_s", "upload items/s", ".0f"),
+                       ("load_avg_1min", "load", ".1f")]))
+    goals = _goals(rows, code_len)
+    for line in goals:
+        print(line)
     out = Path(args.out_dir)
     path = save_json("bench_search", {"bits": args.bits, "k": args.k, "shards": shards, "mih_min_items": mih_min,
                                       "blob_bytes": args.blob_bytes, "queries": args.queries,
-                                      "batch_queries": args.batch_queries, "rows": rows}, out)
+                                      "batch_queries": args.batch_queries, "rows": rows, "goals": goals}, out)
     png = _plot(out / "bench_search.png", rows, kinds, args)
     print(f"written {path}, {png}")
     return 0
+
+
+def _server_start(server) -> dict:
+    """What the server's log says about its last start: the index it chose, whether it came from
+    a snapshot or was rebuilt, and how long SQLite's quick_check took."""
+    import re
+
+    text = (server.data_dir / "server.log").read_text()
+    text = text[text.rindex("quick_check of"):] if "quick_check of" in text else text
+    check = re.search(r"quick_check of .* passed in ([0-9.]+) s", text)
+    ready = re.search(r"index ready in [0-9.]+ s: 'bench' \d+ items \(([a-z+]+)\)", text)
+    return {"index": ready.group(1) if ready else "?", "from": "snapshot" if "loaded in" in text else "store",
+            "quick_check_s": float(check.group(1)) if check else 0.0}
+
+
+def _goals(rows: list[dict], code_len: int) -> list[str]:
+    """Issue 11's goals, each with the figures measured in this run (worst kind of codes)."""
+    def at(size: int, key: str, worst=max):
+        values = [r[key] for r in rows if r["size"] == size]
+        return worst(values) if values else None
+
+    lines = []
+
+    def goal(text: str, value, ok) -> None:
+        if value is not None:
+            lines.append(f"goal {text}: measured {value} -> {'met' if ok else 'NOT met'}")
+
+    v = at(10_000, "server_overhead_ms")
+    goal("server p50 at 10k within 0.15 ms of bare gRPC", None if v is None else f"+{v:.3f} ms", v is not None and v <= 0.15)
+    for size, limit in ((1_000_000, 1.0), (10_000_000, 5.0), (100_000_000, 50.0)):
+        v = at(size, "server_p50_ms")
+        goal(f"server p50 at {size:,} <= {limit:g} ms", None if v is None else f"{v:.2f} ms", v is not None and v <= limit)
+    v = at(1_000_000, "server_batch_qps", min)
+    goal("batched >= 4,000 queries/s at 1M", None if v is None else f"{v:.0f} q/s", v is not None and v >= 4000)
+    big = [r for r in rows if r["size"] >= 1_000_000]
+    if big:
+        v = max(r["rss_after_queries_bytes_per_item"] for r in big)
+        goal(f"RSS per item at 1M+ <= 2 x (code + id) = {2 * (code_len + 8)} B", f"{v:.1f} B",
+             v <= 2 * (code_len + 8))
+    v = at(10_000_000, "restart_s")
+    goal("restart to SERVING at 10M <= 10 s (clean shutdown)", None if v is None else f"{v:.1f} s",
+         v is not None and v <= 10)
+    v = at(10_000_000, "restart_rebuild_s")
+    goal("restart to SERVING at 10M <= 10 s (after a crash: rebuilt)", None if v is None else f"{v:.1f} s",
+         v is not None and v <= 10)
+    return lines
 
 
 def _plot(path: Path, rows: list[dict], kinds: list[str], args) -> Path:
