@@ -636,6 +636,11 @@ def status(server: str | None = None, triton: str | None = None, model: str | No
     collections = None
     if srv.up:
         try:
+            cfg.admin_token(admin_token_file)
+            srv.info["admin"] = True  # the listing is every collection, not only the tokens files held
+        except UserError:
+            srv.info["admin"] = False
+        try:
             collections = Owner(server=address, tls_ca=ca, config=cfg).collections(admin_token_file)
         except UserError as exc:
             srv.info["collections_error"] = str(exc)

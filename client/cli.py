@@ -496,5 +496,6 @@ def _status(args):
     elif st.collections:
         print("\n".join(_collection_lines(st.collections)))
     else:
-        print("collections: none known (give the admin token to list all)")
+        print("collections: none" if st.server.info.get("admin") else
+              "collections: none known (give the admin token to list all)")
     return code
