@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import ipaddress
+import json
 import logging
 import os
 import secrets
@@ -22,6 +23,7 @@ from dlheir.errors import UserError
 
 ADMIN_ENV = "DLHEIR_ADMIN_TOKEN"
 LOCK_FILE = "server.lock"
+READY_FILE = "server.ready"  # default --ready-file, in DATA_DIR
 log = logging.getLogger("dlheir.server")
 
 
@@ -52,6 +54,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-integrity-check", action="store_true",
                    help="start without SQLite's quick_check of the store (faster start of a huge store; "
                         "a damaged store is then found only when read)")
+    p.add_argument("--ready-file", metavar="PATH",
+                   help=f"written atomically once the port is bound and health answers SERVING (JSON: pid, "
+                        f"address, port, tls), removed at a clean stop; launchers wait on it "
+                        f"(default DATA_DIR/{READY_FILE})")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="DEBUG logs every call, INFO start/stop/collections/deletes, WARNING failed calls (default INFO)")
 
@@ -59,6 +65,50 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 def host_port(host: str, port: int) -> str:
     """gRPC address of host and port (IPv6 literals in brackets)."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def ready_file(args: argparse.Namespace) -> Path:
+    """Where this server announces that it serves: --ready-file, else DATA_DIR/server.ready."""
+    return Path(args.ready_file) if getattr(args, "ready_file", None) else Path(args.data_dir) / READY_FILE
+
+
+class ReadyFile:
+    """The file that says "this server serves" (JSON: pid, address, port, tls), written atomically
+    (a temporary file renamed over it). Its space is reserved when the server starts, so that a
+    full disk (which the server still serves reads from) cannot keep it from being written."""
+
+    RESERVE = 1024  # bytes; the JSON is about 200
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.write_bytes(b" " * self.RESERVE)
+        except OSError as exc:  # tried again in write()
+            log.warning("cannot reserve the ready file %s: %s", self.tmp, exc)
+
+    def write(self, info: dict) -> None:
+        data = (json.dumps(info) + "\n").encode()
+        with open(self.tmp, "r+b" if self.tmp.exists() else "wb") as f:  # in place: no new disk space
+            f.write(data)
+            f.truncate()
+        os.replace(self.tmp, self.path)
+
+    def remove(self) -> None:
+        """At a clean stop, or when the start failed: remove ours (never another server's file)."""
+        self.tmp.unlink(missing_ok=True)
+        if (read_ready(self.path) or {}).get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def read_ready(path: Path) -> dict | None:
+    """The ready file's contents, or None while there is none (or it is not one)."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and "pid" in info and "port" in info else None
 
 
 def is_loopback(host: str) -> bool:
@@ -180,6 +230,7 @@ def build_server(args: argparse.Namespace):
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     args.lock_fd = lock_data_dir(data_dir)
+    args.ready = ReadyFile(ready_file(args))  # only now: the ready file of a server refused the lock is not ours
     token, token_source = admin_token(data_dir, args.admin_token_file)
     max_bytes = args.max_store_mb * 1024 * 1024 if args.max_store_mb else None
     try:
@@ -231,11 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server, service, port, token_source = build_server(args)
     except UserError as exc:  # one line, no traceback, no log record repeating it
+        if getattr(args, "ready", None):
+            args.ready.remove()
         print(f"dlheir server: error: {exc}", file=sys.stderr, flush=True)
         return 2
     server.start()
     scheme = "TLS" if args.tls_cert else "plaintext"
-    # 'listening on' is the line that launchers wait for (dlheir.server.cli.wait_listening)
     log.info("dlheir cloud server (pid %d) listening on %s (%s; admin token: %s; %d collection(s), %d item(s) "
              "indexed; %d workers, at most %d calls at once, idle streams cancelled after %.0f s)",
              os.getpid(), host_port(args.host, port), scheme, token_source, len(service.collections),
@@ -244,7 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    # bound, started and health SERVING: launchers (dlheir.server.cli.wait_ready) wait for this file
+    try:
+        args.ready.write({"pid": os.getpid(), "address": host_port(args.host, port), "host": args.host,
+                          "port": port, "tls": bool(args.tls_cert), "data_dir": str(Path(args.data_dir).resolve())})
+    except OSError as exc:  # serve anyway (a foreground server needs no launcher); launchers will time out
+        log.error("cannot write the ready file %s (%s): launchers waiting for it will give up", args.ready.path, exc)
     stop.wait()
+    args.ready.remove()  # not ready any more (and never left behind stale)
     log.info("stopping: finishing calls in progress (2 s grace)")
     service.health.enter_graceful_shutdown()  # health checks answer NOT_SERVING from here
     server.stop(grace=2).wait()

@@ -29,44 +29,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_stop)
 
 
-def wait_healthy(address: str, process: subprocess.Popen | None = None, timeout: float = 120.0,
-                 tls_ca: str | None = None) -> None:
-    """Poll the standard gRPC health service until it answers SERVING (the index is rebuilt by then).
+def wait_ready(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> dict:
+    """Wait until *this* server process (the pid in the file) has written its ready file: its port is
+    bound and health answers SERVING (a stale file of an earlier, killed server has another pid).
+    Returns the file's contents (pid, address, port, tls)."""
+    from dlheir.server.app import read_ready
 
-    ``tls_ca``: PEM file to verify a TLS server with (e.g. its self-signed certificate)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
-               if tls_ca else grpc.insecure_channel(address))
-    with channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process is not None and process.poll() is not None:
-                raise UserError(f"cloud server exited with code {process.returncode}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise UserError(f"cloud server at {address} not healthy after {timeout:.0f}s")
-
-
-def wait_listening(log_path: Path, offset: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Wait for the 'listening on' line that *this* server process prints to its log once it has
-    bound its port and serves (a health check alone could be answered by another server already
-    on that port; a TLS certificate may not verify for a loopback name)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        info = read_ready(path)
+        if info is not None and info.get("pid") == process.pid:
+            return info
         if process.poll() is not None:
             raise UserError(f"cloud server exited with code {process.returncode}")
-        with open(log_path, "rb") as f:
-            f.seek(offset)
-            if b"listening on" in f.read():
-                return
-        time.sleep(0.2)
-    raise UserError(f"cloud server did not start within {timeout:.0f}s")
+        time.sleep(0.1)
+    raise UserError(f"cloud server did not start within {timeout:.0f}s (no {path})")
 
 
 def server_command(args: argparse.Namespace) -> list[str]:
@@ -74,7 +51,7 @@ def server_command(args: argparse.Namespace) -> list[str]:
            "--port", str(args.port), "--workers", str(args.workers),
            "--max-concurrent-rpcs", str(args.max_concurrent_rpcs), "--stream-idle-timeout", str(args.stream_idle_timeout),
            "--log-level", args.log_level, "--index", args.index]
-    for flag in ("tls_cert", "tls_key", "admin_token_file", "shards", "max_store_mb", "mih_min_items"):
+    for flag in ("tls_cert", "tls_key", "admin_token_file", "shards", "max_store_mb", "mih_min_items", "ready_file"):
         if getattr(args, flag, None):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     for flag in ("insecure", "skip_integrity_check"):
@@ -84,7 +61,7 @@ def server_command(args: argparse.Namespace) -> list[str]:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from dlheir.server.app import check_args, host_port, main
+    from dlheir.server.app import check_args, main, ready_file
 
     if args.foreground:
         return main(server_command(args)[3:])
@@ -98,18 +75,13 @@ def _start(args: argparse.Namespace) -> int:
             raise UserError(f"a server is already running for {data_dir} (pid {pid}); "
                             f"stop it with: dlheir server stop --data-dir {data_dir}")
         pid_file.unlink()
-    if args.port == 0:
-        raise UserError("--port 0 is for --foreground only: give the port the background server should use")
     log_path = data_dir / "server.log"
     with open(log_path, "ab") as log:
         offset = log.tell()
         proc = subprocess.Popen(server_command(args), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)  # detached: survives this command and its terminal
-    local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.host, args.host)
     try:
-        wait_listening(log_path, offset, proc)
-        if not args.tls_cert:
-            wait_healthy(host_port(local, args.port), proc)
+        info = wait_ready(ready_file(args), proc)
     except UserError as exc:
         if proc.poll() is None:
             proc.kill()
@@ -120,7 +92,7 @@ def _start(args: argparse.Namespace) -> int:
     tmp = pid_file.with_suffix(".tmp")
     tmp.write_text(str(proc.pid))
     os.replace(tmp, pid_file)
-    print(f"cloud server (pid {proc.pid}) listening on {host_port(args.host, args.port)}"
+    print(f"cloud server (pid {proc.pid}) listening on {info['address']}"
           f"{' with TLS' if args.tls_cert else ''}; log {log_path}; stop with: dlheir server stop --data-dir {data_dir}")
     token = data_dir / "admin.token"
     if args.admin_token_file:
@@ -164,6 +136,11 @@ def _stop(args: argparse.Namespace) -> int:
         os.kill(pid, signal.SIGKILL)  # still there after 10 s; acked data is safe either way
     except ProcessLookupError:
         pass
+    from dlheir.server.app import READY_FILE, read_ready
+
+    ready = Path(args.data_dir) / READY_FILE  # a clean stop removed it; a killed server could not
+    if (read_ready(ready) or {}).get("pid") == pid:
+        ready.unlink(missing_ok=True)
     pid_file.unlink(missing_ok=True)
     print(f"cloud server (pid {pid}) stopped")
     return 0

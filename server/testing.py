@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from dlheir.server.cli import wait_healthy, wait_listening
+from dlheir.server.app import READY_FILE
+from dlheir.server.cli import wait_ready
 
 
 def free_port() -> int:
@@ -42,15 +43,16 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
 class CloudServerProcess:
     """``python -m dlheir.server`` in the foreground as a child process, on 127.0.0.1.
 
-    ``start()`` returns once the health check answers SERVING (index rebuilt); ``stop()`` sends
-    SIGTERM, ``kill()`` SIGKILL. The admin token is generated into ``data_dir/admin.token``
-    (``DLHEIR_ADMIN_TOKEN`` is removed from the child's environment). ``tls_cert``/``tls_key``
+    ``start()`` returns once the server's ready file (DATA_DIR/server.ready) names this process:
+    port bound, index rebuilt, health SERVING; without ``port`` the server binds port 0 and the
+    ready file says which port it got. ``stop()`` sends SIGTERM, ``kill()`` SIGKILL. The admin
+    token is generated into ``data_dir/admin.token`` (``DLHEIR_ADMIN_TOKEN`` is removed from the child's environment). ``tls_cert``/``tls_key``
     start it with TLS; the certificate must be valid for 127.0.0.1 (it is used as the CA)."""
 
     def __init__(self, data_dir: Path | str, port: int | None = None, extra_args: list[str] | None = None,
                  tls_cert: str | Path | None = None, tls_key: str | Path | None = None) -> None:
         self.data_dir = Path(data_dir)
-        self.port = port or free_port()
+        self.port = port or 0  # 0: the server picks a free port, read back from its ready file
         self.extra_args = list(extra_args or [])
         self.tls_cert = str(tls_cert) if tls_cert else None
         if tls_cert:
@@ -70,13 +72,11 @@ class CloudServerProcess:
         log_path = self.data_dir / "server.log"
         env = {k: v for k, v in os.environ.items() if k != "DLHEIR_ADMIN_TOKEN"}
         with open(log_path, "ab") as log:
-            offset = log.tell()
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dlheir.server", "--data-dir", str(self.data_dir), "--port", str(self.port),
                  *self.extra_args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         try:
-            wait_listening(log_path, offset, self.process)
-            wait_healthy(self.address, self.process, tls_ca=self.tls_cert)
+            self.port = wait_ready(self.data_dir / READY_FILE, self.process)["port"]
         except Exception:
             self.kill()
             raise
