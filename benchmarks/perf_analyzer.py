@@ -125,47 +125,50 @@ def input_data(images: list[bytes], path: Path | str) -> Path:
 
 
 def parse_csv(text: str) -> list[dict]:
-    """Rows of perf_analyzer's ``-f`` CSV report: concurrency, inferences/s, latencies (ms)."""
+    """Rows of perf_analyzer's ``-f`` CSV report: concurrency, inferences/s, latency percentiles (ms)."""
     rows = []
     for rec in csv.DictReader(text.splitlines()):
         def ms(key: str) -> float | None:
             return float(rec[key]) / 1e3 if rec.get(key) not in (None, "") else None  # reported in microseconds
 
         rows.append({"concurrency": int(rec["Concurrency"]), "infer_per_s": float(rec["Inferences/Second"]),
-                     "p50_ms": ms("p50 latency"), "p90_ms": ms("p90 latency"), "p99_ms": ms("p99 latency"),
-                     "avg_ms": ms("Avg latency")})
+                     "p50_ms": ms("p50 latency"), "p90_ms": ms("p90 latency"), "p99_ms": ms("p99 latency")})
     return rows
 
 
 def measure(exe: Path | str, url: str, model: str, images: list[bytes], batch: int, concurrency: list[int],
             measurement_ms: int = 3000, stability_percent: int = 25, timeout: float = 300) -> dict:
-    """Run perf_analyzer (gRPC) on ``model`` with ``images`` as input data; its rows, or the reason it failed.
+    """Run perf_analyzer (gRPC) on ``model`` with ``images`` as input data, once per concurrency level.
 
-    ``infer_per_s`` counts inferences, i.e. images (each request carries ``batch`` of them). The
-    stability threshold is looser than perf_analyzer's 10 % because this project's machines are
-    shared; it is recorded with the figures.
+    Returns its rows (``infer_per_s`` counts inferences, i.e. images: each request carries
+    ``batch`` of them); a level that fails gives ``error`` in its row, and ``error`` at the top
+    when none ran. The stability threshold is looser than perf_analyzer's 10 % because this
+    project's machines are shared; it is recorded with the figures.
     """
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = input_data(images, Path(tmp) / "input.json")
-        report = Path(tmp) / "report.csv"
-        cmd = [str(exe), "-m", model, "-u", url, "-i", "grpc", "-b", str(batch),
-               "--concurrency-range", f"{min(concurrency)}:{max(concurrency)}:1", "--input-data", str(data),
-               "--measurement-interval", str(measurement_ms), "--stability-percentage", str(stability_percent),
-               "-f", str(report)]
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"error": f"perf_analyzer did not finish within {timeout:.0f} s", "command": cmd[0]}
-        if out.returncode != 0 or not report.exists():
-            return {"error": " ".join((out.stderr or out.stdout).split())[-400:] or f"exit code {out.returncode}"}
-        csv_text = report.read_text()
-        rows = [r for r in parse_csv(csv_text) if r["concurrency"] in concurrency]
+        for level in concurrency:
+            report = Path(tmp) / f"report_{level}.csv"
+            cmd = [str(exe), "-m", model, "-u", url, "-i", "grpc", "-b", str(batch),
+                   "--concurrency-range", f"{level}:{level}", "--input-data", str(data),
+                   "--measurement-interval", str(measurement_ms), "--stability-percentage", str(stability_percent),
+                   "-f", str(report)]
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rows.append({"concurrency": level, "error": f"perf_analyzer did not finish within {timeout:.0f} s"})
+                continue
+            parsed = parse_csv(report.read_text()) if out.returncode == 0 and report.exists() else []
+            if not parsed:
+                why = " ".join((out.stderr or out.stdout).split())[-400:] or f"exit code {out.returncode}"
+                rows.append({"concurrency": level, "error": why})
+                continue
+            rows.extend(parsed)
     result = {"model": model, "batch": batch, "measurement_ms": measurement_ms,
-            "stability_percent": stability_percent, "images": len(images), "rows": rows}
-    missing = sorted(set(concurrency) - {r["concurrency"] for r in rows})
-    if missing:  # perf_analyzer stops a sweep early, e.g. when a level never gets stable: say so
-        result["missing_concurrency"] = missing
-        result["log_tail"] = out.stdout.strip().splitlines()[-4:]
+              "stability_percent": stability_percent, "images": len(images), "rows": rows}
+    if rows and all("error" in r for r in rows):
+        result["error"] = rows[0]["error"]
     return result
 
 
