@@ -132,5 +132,11 @@ def test_cli_flow_resumes_and_skips_unreadable(tmp_path, triton_server, cloud_se
         assert (tmp_path / hit["file"]).read_bytes() == originals[hit["name"]]
         assert (tmp_path / hit["file"]).stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "found").stat().st_mode & 0o777 == 0o700
-    assert query.name in [hit["name"] for hit in result["results"]]  # the query itself is in the collection
+    # the query itself is in the collection, at distance 0, under its content id (ties at 0 are ordered by id,
+    # so ask for every item)
+    from dlheir import User
+    from dlheir.ids import content_id
+
+    everything = User(triton=tri).search(query, k=100, write=False)
+    assert content_id(query.read_bytes()) in [h.id for h in everything.results if h.distance == 0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cloud", "found", "home", "images"]  # no key in the cwd
