@@ -128,15 +128,11 @@ def _stop(args: argparse.Namespace) -> int:
         pid_file.unlink()
         print(f"cloud server (pid {pid}) was not running; removed {pid_file}")
         return 0
-    try:
-        os.kill(pid, signal.SIGTERM)  # graceful: in-flight calls finish, the store closes
-        for _ in range(100):
-            time.sleep(0.1)
-            os.kill(pid, 0)
-        os.kill(pid, signal.SIGKILL)  # still there after 10 s; acked data is safe either way
-    except ProcessLookupError:
-        pass
+    from dlheir.procs import stop_pid
     from dlheir.server.app import READY_FILE, read_ready
+
+    # SIGTERM is graceful (in-flight calls finish, the store closes); SIGKILL after 10 s: acked data is safe
+    stop_pid(pid, signal.SIGTERM, timeout=10.0)
 
     ready = Path(args.data_dir) / READY_FILE  # a clean stop removed it; a killed server could not
     if (read_ready(ready) or {}).get("pid") == pid:

@@ -10,16 +10,9 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from dlheir.procs import stop_process
 from dlheir.server.app import READY_FILE
 from dlheir.server.cli import wait_ready
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_status_bytes(pid: int, field: str = "VmRSS") -> int:
@@ -90,17 +83,13 @@ class CloudServerProcess:
 
     def kill(self) -> None:
         """kill -9: no chance to flush or clean up."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
+        if self.process:
+            stop_process(self.process, signal.SIGKILL)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        """SIGTERM (the server's clean stop), SIGKILL if it is still there after 10 s."""
+        if self.process:
+            stop_process(self.process, signal.SIGTERM, timeout=10.0)
 
 
 @contextlib.contextmanager

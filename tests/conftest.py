@@ -80,7 +80,8 @@ def served_model(tmp_path_factory, digits_small):
 @pytest.fixture(scope="session")
 def triton_server(served_model):
     """A real tritonserver on free loopback ports, stopped at the end of the session."""
-    from dlheir.triton.launcher import TritonServer, free_port
+    from dlheir.procs import free_port
+    from dlheir.triton.launcher import TritonServer
 
     server = TritonServer(served_model["repo"], grpc_port=free_port(), http_port=free_port(),
                           metrics_port=free_port(), state_dir=served_model["work"] / "triton")

@@ -24,7 +24,7 @@ from dlheir.contract import PUBLIC_MODEL, model_fingerprint
 from dlheir.errors import UserError
 from dlheir.export.data import list_images
 from dlheir.preprocess import preprocess
-from dlheir.triton.launcher import free_port
+from dlheir.procs import free_port
 from dlheir.triton.repository import check_repository, prepare_repository
 
 

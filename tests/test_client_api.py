@@ -106,7 +106,7 @@ def test_collections_items_and_status_commands(setup, capsys):
 
 
 def test_status_names_what_is_down(setup, capsys):
-    from dlheir.server.testing import free_port
+    from dlheir.procs import free_port
 
     nowhere = f"127.0.0.1:{free_port()}"
     code, out, _ = cli(capsys, "status", "--server", nowhere, "--triton", nowhere)

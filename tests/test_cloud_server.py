@@ -9,7 +9,8 @@ import pytest
 from dlheir.client.cloud import CloudClient, CloudError
 from dlheir.codes import hamming
 from dlheir.contract import rank
-from dlheir.server.testing import CloudServerProcess, free_port, self_signed_certificate
+from dlheir.procs import free_port
+from dlheir.server.testing import CloudServerProcess, self_signed_certificate
 
 
 def _random_codes(rng, n, bits, distinct=None):

@@ -12,7 +12,7 @@ from dlheir.cli import main
 from dlheir.client.cloud import CloudClient, CloudError
 from dlheir.client.triton import TritonHasher
 from dlheir.errors import UserError
-from dlheir.server.testing import free_port
+from dlheir.procs import free_port
 
 
 def cloud_error(address: str) -> CloudError:

@@ -233,7 +233,8 @@ def test_small_requests_are_served_while_a_heavy_one_runs(triton_server, good_fi
 @pytest.fixture(scope="module")
 def low_limit_triton(served_model, tmp_path_factory):
     """A second tritonserver, preprocessing only, with max_pixels lowered in its config.pbtxt."""
-    from dlheir.triton.launcher import TritonServer, free_port
+    from dlheir.procs import free_port
+    from dlheir.triton.launcher import TritonServer
 
     work = tmp_path_factory.mktemp("low_limit")
     repo = shutil.copytree(served_model["repo"], work / "model_repository")

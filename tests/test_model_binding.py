@@ -166,7 +166,8 @@ def test_search_after_another_model_is_installed_is_refused_not_answered(tmp_pat
     from dlheir.client.triton import TritonHasher
     from dlheir.contract import ContractError
     from dlheir.export.onnx_export import export_onnx
-    from dlheir.triton.launcher import TritonServer, free_port
+    from dlheir.procs import free_port
+    from dlheir.triton.launcher import TritonServer
     from dlheir.triton.repository import prepare_repository
 
     monkeypatch.setenv("DLHEIR_HOME", str(tmp_path / "home"))

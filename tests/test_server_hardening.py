@@ -21,7 +21,8 @@ from dlheir.client.cloud import CloudClient, CloudError
 from dlheir.proto import dlheir_cloud_pb2 as pb
 from dlheir.proto import dlheir_cloud_pb2_grpc as pb_grpc
 from dlheir.server.service import MAX_RESULTS
-from dlheir.server.testing import CloudServerProcess, free_port, proc_status_bytes, self_signed_certificate
+from dlheir.procs import free_port
+from dlheir.server.testing import CloudServerProcess, proc_status_bytes, self_signed_certificate
 
 MiB = 1024 * 1024
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -23,6 +22,7 @@ from pathlib import Path
 import dlheir
 from dlheir import paths
 from dlheir.errors import UserError
+from dlheir.procs import free_port  # noqa: F401 - re-exported: launchers name Triton's ports with it
 from dlheir.triton.repository import BACKENDS, check_repository
 
 CONTAINER = "nvcr.io/nvidia/tritonserver:24.10-py3"  # the README's GPU deployment
@@ -75,12 +75,6 @@ def prepare_backends(state_dir: Path | None = None) -> Path:
             link.unlink()
         link.symlink_to(src)
     return backend_dir
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _python_path() -> str:
