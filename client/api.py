@@ -42,6 +42,7 @@ from typing import Any, Iterable, Sequence
 from dlheir import config as _config
 from dlheir import paths
 from dlheir.errors import UserError
+from dlheir.client.owner import UploadRates
 
 __all__ = ["Owner", "User", "status", "CollectionInfo", "UploadSummary", "Hit", "SearchResult", "Readers",
            "ServiceStatus", "Status", "to_json"]
@@ -90,7 +91,7 @@ class Readers:
 
 
 @dataclass
-class UploadSummary:
+class UploadSummary(UploadRates):
     """What ``Owner.upload`` did. ``duplicates``: (file, the file with the same id earlier in this
     upload) -- not uploaded again; ``already_present``: files whose id the server already held (not
     sent; with ``replace`` they are sent and counted in ``replaced``); ``skipped``: (file, reason)."""
@@ -105,14 +106,6 @@ class UploadSummary:
     skipped: list[tuple[str, str]]
     bytes_uploaded: int
     seconds: float
-
-    @property
-    def images_per_s(self) -> float:
-        return self.uploaded / self.seconds if self.seconds else 0.0
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.bytes_uploaded / 1e6 / self.seconds if self.seconds else 0.0
 
 
 @dataclass

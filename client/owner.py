@@ -19,14 +19,12 @@ from dlheir.errors import UserError
 from dlheir.ids import item_id
 
 
-@dataclass
-class UploadReport:
-    uploaded: int = 0
-    already_present: int = 0
-    replaced: int = 0  # with replace: items the server held and this upload overwrote
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
-    bytes_uploaded: int = 0
-    seconds: float = 0.0
+class UploadRates:
+    """images/s and MB/s of an upload, from its ``uploaded``, ``bytes_uploaded`` and ``seconds``."""
+
+    uploaded: int
+    bytes_uploaded: int
+    seconds: float
 
     @property
     def images_per_s(self) -> float:
@@ -35,6 +33,16 @@ class UploadReport:
     @property
     def mb_per_s(self) -> float:
         return self.bytes_uploaded / 1e6 / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class UploadReport(UploadRates):
+    uploaded: int = 0
+    already_present: int = 0
+    replaced: int = 0  # with replace: items the server held and this upload overwrote
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+    bytes_uploaded: int = 0
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
