@@ -236,3 +236,36 @@ def test_global_flags_on_every_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DLHEIR_HOME", str(tmp_path))
     code = main(["collections", "list", "--config", str(tmp_path / "nope.toml")])
     assert code == 2 and "config file not found" in capsys.readouterr().err
+
+
+def test_without_the_admin_token_the_tokens_files_are_listed(setup, capsys):
+    s = setup
+    admin = s["cloud"].data_dir / "admin.token"
+    (s["home"] / "config.toml").write_text(f'server = "{s["cloud"].address}"\ntriton = "{s["triton"].grpc_url}"\n')
+    owner = dlheir.Owner()
+    owner.create_collection("mine", bits=48, admin_token_file=admin)  # a raw-code collection, no Triton asked
+    owner.create_collection("other", bits=48, admin_token_file=admin, tokens_out=s["home"].parent / "other.json")
+    assert [c["name"] for c in cli_json(capsys, "collections", "list")] == ["mine"]  # the tokens file held here
+    assert [c["name"] for c in cli_json(capsys, "collections", "list", "--admin-token-file", admin)] == ["mine",
+                                                                                                       "other"]
+    code, out, _ = cli(capsys, "status")
+    assert code == 0 and "mine" in out and "other" not in out
+    code, _, err = cli(capsys, "collections", "delete", "mine", "--yes")
+    assert code == 2 and "admin token" in err and "--admin-token-file" in err
+
+
+def test_quiet_or_no_terminal_turns_progress_bars_off(monkeypatch):
+    monkeypatch.setattr(config, "_verbosity", 0)
+    monkeypatch.setenv("TQDM_DISABLE", "")  # restored (removed) after the test
+
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stderr", Terminal())
+    assert config.show_progress()
+    config.set_verbosity(-1)  # -q
+    assert not config.show_progress() and __import__("os").environ["TQDM_DISABLE"] == "1"
+    monkeypatch.setattr(config, "_verbosity", 0)
+    monkeypatch.setattr("sys.stderr", type("Pipe", (), {"isatty": lambda self: False})())
+    assert not config.show_progress()
