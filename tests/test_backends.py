@@ -16,7 +16,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from conftest import BITS, SMALL_SIZE, margined_model
+from helpers import BITS, SMALL_SIZE, margined_model
 from dlheir.cli import main
 from dlheir.client.triton import TritonHasher
 from dlheir.codes import to_hex

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_SIZE, margined_model
+from helpers import SMALL_SIZE, margined_model
 from dlheir import check
 
 

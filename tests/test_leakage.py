@@ -137,7 +137,7 @@ def test_cli_bench_leakage_without_checkpoint_is_one_line(tmp_path, capsys):
 
 def test_cli_bench_leakage_on_a_checkpoint_attacks_the_networks_codes(tmp_path, capsys, digits_small):
     """The default path: codes computed in-process from a checkpoint on its data's two splits."""
-    from conftest import SMALL_SIZE, margined_model
+    from helpers import SMALL_SIZE, margined_model
     from dlheir.export.checkpoint import save_checkpoint
     from dlheir.export.data import split_dataset
 

@@ -160,7 +160,7 @@ def test_search_after_another_model_is_installed_is_refused_not_answered(tmp_pat
     Triton deployment, which is restarted on the same ports. `dlheir user search` is refused with
     one line naming both fingerprints (by the server, and for the private collection by the
     client), and so is an upload; before the swap the same commands are answered."""
-    from conftest import SMALL_SIZE, margined_model
+    from helpers import SMALL_SIZE, margined_model
     from dlheir.client.crypto import OwnerKeys, generate_user_keypair, make_grant
     from dlheir.client.owner import create_collection, image_files, model_binding, upload_images
     from dlheir.client.triton import TritonHasher

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import SMALL_SIZE, make_digit_folder, margined_model
+from helpers import SMALL_SIZE, make_digit_folder, margined_model
 from dlheir import codes
 from dlheir.cli import main
 from dlheir.export import metrics

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SMALL_SIZE, make_digit_folder
+from helpers import SMALL_SIZE, make_digit_folder
 from dlheir.cli import main
 from dlheir.demo import pick_settings
 from dlheir.errors import UserError

@@ -6,7 +6,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from conftest import BITS, REPO_ROOT, SMALL_SIZE
+from helpers import BITS, REPO_ROOT, SMALL_SIZE
 from dlheir.client.triton import HashError, TritonHasher
 from dlheir.contract import model_fingerprint
 from dlheir.export.data import list_images
