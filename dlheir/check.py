@@ -47,11 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sizes", default="224,384", help="image sides for throughput (default 224,384)")
     g.add_argument("--batches", default="1,8,32,64", help="batch sizes for throughput (default 1,8,32,64)")
     g.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (default 20)")
-    g.add_argument("--faiss-sizes", default="1000000,10000000", help="database sizes (codes) for FAISS search")
+    g.add_argument("--faiss-sizes", default="1000000,10000000", help="index sizes in codes for FAISS search (default 1000000,10000000)")
     g.add_argument("--triton-url", help="gRPC address of a Triton serving a TensorRT model of this network "
                                         "(measured through it at its image size)")
     g.add_argument("--triton-model", default="dlheir_trt", help="that Triton's TensorRT model (default dlheir_trt)")
-    g.add_argument("--out-dir", default=OUT_DIR)
+    g.add_argument("--out-dir", default=OUT_DIR, help=f"check_gpu.json, check_gpu.png, engines (default {OUT_DIR}/)")
     g.set_defaults(func=run)
 
 
