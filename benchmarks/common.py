@@ -87,7 +87,7 @@ def bar_plot(path: Path | str, title: str, labels: list[str], series: dict[str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.5, len(labels) * 0.9 + len(series) * 0.6), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.5, len(labels) * 0.9 + len(series) * 0.6) + 3, 4.5))
     width = 0.8 / max(1, len(series))
     x = np.arange(len(labels))
     for i, (name, values) in enumerate(series.items()):
@@ -101,7 +101,7 @@ def bar_plot(path: Path | str, title: str, labels: list[str], series: dict[str, 
     ax.set_title(title)
     if log:
         ax.set_yscale("log")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never over them
     return save_figure(fig, path)
 
 
