@@ -144,6 +144,7 @@ class Status:
     server: ServiceStatus
     triton: ServiceStatus
     collections: list[CollectionInfo] | None  # None when no token could list them
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> {"value", "from"} (no secrets)
 
 
 def to_json(obj: Any) -> Any:
@@ -637,4 +638,4 @@ def status(server: str | None = None, triton: str | None = None, model: str | No
             collections = Owner(server=address, tls_ca=ca, config=cfg).collections(admin_token_file)
         except UserError as exc:
             srv.info["collections_error"] = str(exc)
-    return Status(str(cfg.path) if cfg.path else None, srv, tri, collections)
+    return Status(str(cfg.path) if cfg.path else None, srv, tri, collections, cfg.as_dict()["settings"])

@@ -455,7 +455,8 @@ def _collections_describe(args):
           f"encrypted images, codes under key version {c.key_id}")
     if c.mode == "private":
         print(f"sealed code pages: {c.code_pages} ({_size(c.code_page_bytes)})")
-    print(f"model fingerprint: {c.model_fingerprint or '- (not recorded)'}")
+    print(f"model: {c.model_fingerprint} ({c.image_size} px)" if c.model_fingerprint else
+          "model: none recorded (a raw-code collection: codes are not checked against a model)")
     return 0
 
 
@@ -488,6 +489,9 @@ def _status(args):
     if _emit(args, st):
         return code
     print(f"config file: {st.config_file or '- (none; ' + str(_config.default_path()) + ' not found)'}")
+    for key, setting in st.settings.items():
+        if setting["from"] != "default":
+            print(f"  {key} = {setting['value']}  ({setting['from']})")
     for s in (st.server, st.triton):
         print(f"{s.name:<13} {s.address:<22} {'up' if s.up else 'DOWN':<5} {s.detail}")
     if st.collections is None:

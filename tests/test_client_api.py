@@ -81,6 +81,8 @@ def test_collections_items_and_status_commands(setup, capsys):
     assert st["triton"]["up"] and st["triton"]["info"]["bits"] == 48
     assert [c["name"] for c in st["collections"]] == ["photos", "sealed"]
     assert st["config_file"] == str(s["home"] / "config.toml")
+    assert st["settings"]["server"] == {"value": s["cloud"].address, "from": f"file {s['home'] / 'config.toml'}"}
+    assert st["settings"]["model"] == {"value": "dlheir", "from": "default"}
     code, out, _ = cli(capsys, "status")
     assert code == 0 and "cloud server" in out and "up" in out and f"{s['triton'].grpc_url}" in out
 
