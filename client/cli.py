@@ -211,30 +211,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     col = sub.add_parser("collections", help="list, describe and delete the cloud server's collections")
     csub = col.add_subparsers(dest="action", metavar="ACTION")
-    p = csub.add_parser("list", help="every collection (admin token), else those whose tokens files you hold",
-                        description="With the admin token (--admin-token-file, $DLHEIR_ADMIN_TOKEN, or "
-                                    "admin_token_file in the config file): every collection on the server. Without "
-                                    f"it: the collections whose tokens files are in {HOME}.")
-    _server_arg(p)
-    _admin_arg(p)
-    _json_arg(p)
-    p.set_defaults(func=_collections_list)
-    p = csub.add_parser("describe", help="one collection: bits, mode, items, bytes, key version, model")
-    p.add_argument("name", metavar="NAME")
-    _server_arg(p, "the tokens file")
-    _admin_arg(p)
-    _json_arg(p)
-    p.set_defaults(func=_collections_describe)
-    p = csub.add_parser("delete", help="delete a collection and everything it holds (admin token; asks for --yes)",
-                        description="Delete NAME on the server with all its items, blobs, code pages and reader "
-                                    "tokens, in one transaction; its tokens stop working at once and its tokens "
-                                    f"file in {HOME} is removed. This cannot be undone: --yes is required.")
-    p.add_argument("name", metavar="NAME")
+    def admin_command(name: str, func, help: str, description: str | None = None, named: bool = False):
+        p = csub.add_parser(name, help=help, description=description)
+        if named:
+            p.add_argument("name", metavar="NAME")
+        _server_arg(p, "the tokens file" if named else "")
+        _admin_arg(p)
+        _json_arg(p)
+        p.set_defaults(func=func)
+        return p
+
+    admin_command("list", _collections_list, "every collection (admin token), else those whose tokens files you hold",
+                  "With the admin token (--admin-token-file, $DLHEIR_ADMIN_TOKEN, or admin_token_file in the config "
+                  f"file): every collection on the server. Without it: the collections whose tokens files are in {HOME}.")
+    admin_command("describe", _collections_describe, "one collection: bits, mode, items, bytes, key version, model",
+                  named=True)
+    p = admin_command("delete", _collections_delete,
+                      "delete a collection and everything it holds (admin token; asks for --yes)",
+                      "Delete NAME on the server with all its items, blobs, code pages and reader tokens, in one "
+                      "transaction; its tokens stop working at once and its tokens file in "
+                      f"{HOME} is removed. This cannot be undone: --yes is required.", named=True)
     p.add_argument("--yes", action="store_true", help="really delete it")
-    _server_arg(p, "the tokens file")
-    _admin_arg(p)
-    _json_arg(p)
-    p.set_defaults(func=_collections_delete)
 
     it = sub.add_parser("items", help="manage a collection's items (owner token)")
     isub = it.add_subparsers(dest="action", metavar="ACTION")
