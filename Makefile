@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) runs results .dlheir
+	rm -rf $(VENV) runs results
 
 # NVIDIA's perf_analyzer (from the tritonclient 2.34.0 wheel, with libcudart and libb64 beside
 # it) for `dlheir bench hash`; not needed by `make test`, whose perf_analyzer test skips without it.

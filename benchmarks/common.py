@@ -125,7 +125,8 @@ def triton_with_model(model, image_size: int, work_dir: Path | str):
     """A TritonServer (not started) serving ``model`` from a repository generated in ``work_dir``
     (backend onnx-cpu); returns (server, onnx_path)."""
     from dlheir.export.onnx_export import export_onnx
-    from dlheir.triton.launcher import TritonServer, free_port
+    from dlheir.procs import free_port
+    from dlheir.triton.launcher import TritonServer
     from dlheir.triton.repository import prepare_repository
 
     work_dir = Path(work_dir)

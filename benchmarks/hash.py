@@ -106,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
     import onnxruntime as ort
     import torch
 
-    from dlheir.benchmarks.common import (bar_plot, bench_model, latency_stats, sample_images, save_json, table,
+    from dlheir.benchmarks.common import (bench_model, latency_stats, sample_images, save_json, table,
                                           triton_with_model)
-    from dlheir.export.train import to_input
+    from dlheir.export.model import to_input
     from dlheir.preprocess import preprocess
 
     model, size = bench_model(args.checkpoint, args.image_size, args.bits)

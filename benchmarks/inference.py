@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from dlheir.benchmarks.common import bar_plot, latency_stats, save_json, table, time_calls
     from dlheir.export.model import build_model
     from dlheir.export.onnx_export import export_onnx
-    from dlheir.export.train import to_input
+    from dlheir.export.model import to_input
 
     torch.manual_seed(0)
     model = build_model(args.bits, 100).eval()

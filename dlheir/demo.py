@@ -75,7 +75,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from dlheir.export.onnx_export import export_onnx
     from dlheir.export.train import TrainConfig, data_spec, evaluate, train
     from dlheir.server.testing import CloudServerProcess
-    from dlheir.triton.launcher import TritonServer, free_port
+    from dlheir.procs import free_port
+    from dlheir.triton.launcher import TritonServer
     from dlheir.triton.repository import prepare_repository
 
     t_start = time.perf_counter()

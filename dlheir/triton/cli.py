@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 from dlheir.errors import UserError
@@ -130,15 +129,10 @@ def _stop(args: argparse.Namespace) -> int:
     pid_file = _pid_file()
     if not pid_file.exists():
         raise UserError(f"no {pid_file}: no tritonserver started by 'dlheir triton start' is running")
+    from dlheir.procs import stop_pid
+
     pid = json.loads(pid_file.read_text())["pid"]
-    try:
-        os.kill(pid, signal.SIGINT)
-        for _ in range(100):
-            os.kill(pid, 0)
-            time.sleep(0.2)
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    stop_pid(pid, signal.SIGINT, 20.0)
     pid_file.unlink()
     print(f"tritonserver (pid {pid}) stopped")
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 import dlheir
 from dlheir import paths
 from dlheir.errors import UserError
-from dlheir.procs import free_port  # noqa: F401 - re-exported: launchers name Triton's ports with it
+from dlheir.procs import stop_process
 from dlheir.triton.repository import BACKENDS, check_repository
 
 CONTAINER = "nvcr.io/nvidia/tritonserver:24.10-py3"  # the README's GPU deployment
@@ -184,14 +184,8 @@ class TritonServer:
         raise UserError(f"tritonserver not ready after {self.startup_timeout:.0f}s:\n{self._error_lines()}")
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, signal.SIGINT, timeout)  # SIGINT: tritonserver's clean stop
 
     def __enter__(self) -> "TritonServer":
         return self.start()

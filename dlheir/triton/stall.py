@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.triton:
         run(args.triton)
         return 0
-    from dlheir.triton.launcher import TritonServer, free_port
+    from dlheir.procs import free_port
+    from dlheir.triton.launcher import TritonServer
     from dlheir.triton.repository import latest_export, prepare_repository
 
     with tempfile.TemporaryDirectory(prefix="dlheir-stall-") as tmp:
