@@ -15,16 +15,19 @@ clients all import their shared facts from here, so that a fact has one place:
 * the sealed code page header of private-ranking mode.
 
 The bit packing itself is ``dlheir.codes``; the wire protocol (proto and stubs) is
-``dlheir.proto``. Import-light: numpy only.
+``dlheir.proto``. Import-light: the standard library only (numpy inside :func:`rank`), so the
+CLI can import :class:`ContractError` without loading numpy.
 """
 
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 # --- Triton ---------------------------------------------------------------------------
 PUBLIC_MODEL = "dlheir"  # the ensemble every client calls, whatever backend runs the network
@@ -49,7 +52,7 @@ def code_bytes(bits: int) -> int:
 
 def validate_bits(bits: int) -> int:
     """Return ``bits`` if it is a supported code length (a multiple of 4 from 8 to 256)."""
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not MIN_BITS <= bits <= MAX_BITS \
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not MIN_BITS <= bits <= MAX_BITS \
             or bits % 4:
         raise ContractError(f"bits must be a multiple of 4 from {MIN_BITS} to {MAX_BITS}, got {bits}")
     return int(bits)
@@ -113,10 +116,12 @@ def model_mismatch(collection: str, fingerprint: str, image_size: int, bits: int
 
 
 # --- ranking --------------------------------------------------------------------------
-def rank(distances: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def rank(distances: "np.ndarray", ids: "np.ndarray") -> "np.ndarray":
     """Indices that sort candidates by (distance, id) ascending along the last axis (one query's
     row, or [Q, D] row by row): ties go to the smaller id, so offline evaluation, the server's
     index and private mode give one list."""
+    import numpy as np
+
     return np.lexsort((np.asarray(ids), np.asarray(distances)))
 
 
