@@ -45,6 +45,9 @@ FAST_BYTES = (8, 16, 32, 64)  # code sizes IndexBinaryFlat has specialised paths
 PARALLEL_MIN_WORK = 65536  # (codes x queries) below which a thread hand-off costs more than the scan it splits
 MIH_MIN_ITEMS = 200_000  # from here on, multi-index hashing may beat the flat scan (bench search)
 RESEAL_FRACTION = 0.1  # re-seal when the flat delta passes this share of the sealed part
+# ... and at the end of an upload stream already from this share: a delta of 10% is a flat scan
+# of 10% of the collection in every search (at 10M codes several times the hashing's cost)
+UPLOAD_END_RESEAL_FRACTION = 0.01
 STATE_FORMAT = 1  # of ``BinaryIndex.state()``
 MERGE_BUDGET = 4_000_000  # candidates (distance + id: 12 bytes each) held at once by one search
 
@@ -291,15 +294,16 @@ class BinaryIndex:
         self.maybe_seal()
         return n
 
-    def maybe_seal(self) -> bool:
+    def maybe_seal(self, fraction: float = RESEAL_FRACTION) -> bool:
         """(Re)build the multi-index hash over every live item when the collection is large
-        and the flat delta (or the dead part of the sealed one) has grown; returns whether it did."""
+        and the flat delta has passed ``fraction`` of the sealed part (or a quarter of that is
+        dead); returns whether it did. A build from a state that changed meanwhile is dropped."""
         if self.choose == "flat" or self.bits > 64 or gpu_available() or self._n < max(self.mih_min, self._flat_until):
             return False
         delta = sum(s.n for s in self.shards)
         if self.sealed is not None:
             size = len(self.sealed.ids)
-            if delta <= RESEAL_FRACTION * size and size - self.sealed.n_alive <= size // 4:
+            if delta <= fraction * size and size - self.sealed.n_alive <= size // 4:
                 return False
         with self.lock.read():  # snapshot; the build below runs without the lock
             generation = self._generation
@@ -388,7 +392,7 @@ class BinaryIndex:
     def _search_shards(self, q: np.ndarray, kk: int) -> tuple[list["_Shard"], list[tuple[np.ndarray, np.ndarray]]]:
         """The non-empty shards and each one's (distances, ids) for ``q``."""
         shards = [s for s in self.shards if s.n]
-        if len(shards) <= 1 or self._n * len(q) < PARALLEL_MIN_WORK:
+        if len(shards) <= 1 or sum(s.n for s in shards) * len(q) < PARALLEL_MIN_WORK:  # the flat part's size
             return shards, [s.search(q, kk) for s in shards]
         futures = [self.pool.submit(s.search, q, kk) for s in shards[1:]]
         first = shards[0].search(q, kk)  # the calling thread takes one shard itself

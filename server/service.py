@@ -18,7 +18,7 @@ from dlheir.codes import pack_bits, unpack_bits
 from dlheir.contract import ContractError, check_code, code_bytes, model_mismatch, validate_bits
 from dlheir.server.guard import bearer_token, clip
 from dlheir.server import snapshot
-from dlheir.server.index import BinaryIndex, default_shards
+from dlheir.server.index import UPLOAD_END_RESEAL_FRACTION, BinaryIndex, default_shards
 from dlheir.proto import dlheir_cloud_pb2 as pb
 from dlheir.proto import dlheir_cloud_pb2_grpc as pb_grpc
 from dlheir.server.sealed import CodePagesMixin, mode_name
@@ -316,6 +316,13 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             # an empty batch is acknowledged too (nothing to make durable): one ack per batch
             total = self._commit(col, batch, request.replace, context) if batch else self._size(col)
             yield pb.UploadAck(batch=n_batch, ids=[b[0] for b in batch], total_items=total)
+        if col is not None and not col.private:
+            # the stream is over: fold a flat delta of 1% or more into the multi-index hash now,
+            # outside the write lock (a build overtaken by another write is dropped, not applied)
+            seals = col.index.seals
+            col.index.maybe_seal(UPLOAD_END_RESEAL_FRACTION)
+            if col.index.seals != seals:
+                self._snapshot_in_background([col])
 
     # --- search, fetch, delete ----------------------------------------------------------
     def Search(self, request, context):

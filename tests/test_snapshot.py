@@ -145,3 +145,20 @@ def test_state_round_trip_is_exact(sealed):
     broken = dict(arrays, index_meta=arrays["index_meta"] + np.array([0, 0, 1, 0]))
     with pytest.raises(ValueError):
         BinaryIndex.from_state(broken, BITS)
+
+
+def test_end_of_an_upload_folds_a_small_delta_into_the_hash(grown):
+    """An upload stream that leaves a flat delta of 1-10% of the sealed part re-seals when it
+    ends (not only past 10%), and the answers stay exact."""
+    server, token, stored, queries, rng = grown
+    builds = _log(server).count("codes: multi-index hash")
+    with CloudClient(server.address, token) as owner:
+        small = {30_000 + i: c.tobytes() for i, c in enumerate(_codes(rng, 20))}  # under 1%: stays flat
+        list(owner.upload("c", ((i, c, b"b", {}) for i, c in small.items())))
+        assert _log(server).count("codes: multi-index hash") == builds
+        more = {40_000 + i: c.tobytes() for i, c in enumerate(_codes(rng, 150))}  # 2-3%: folded in
+        list(owner.upload("c", ((i, c, b"b", {}) for i, c in more.items())))
+        assert _log(server).count("codes: multi-index hash") == builds + 1
+        stored.update(small)
+        stored.update(more)
+        _check(owner, stored, queries)
