@@ -19,7 +19,7 @@ from google.protobuf import text_format
 from PIL import Image
 from tritonclient.grpc import model_config_pb2
 
-from helpers import BITS, REPO_ROOT, SMALL_SIZE
+from helpers import REPO_ROOT, SMALL_SIZE
 from dlheir.codes import to_hex
 from dlheir.export.data import list_images
 from dlheir.preprocess import (DEFAULT_MAX_PIXELS, CorruptImageError, ImageDecodeError, ImageTooLargeError,

@@ -15,7 +15,7 @@ from dlheir import paths
 from dlheir.cli import main
 from dlheir.client import crypto
 from dlheir.client.crypto import (
-    GrantError, OwnerKeys, generate_user_keypair, make_grant, open_grant, write_private,
+    GrantError, OwnerKeys, generate_user_keypair, make_grant, open_grant,
 )
 from dlheir.client.user import Hit, write_results
 from dlheir.errors import UserError

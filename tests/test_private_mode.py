@@ -18,7 +18,6 @@ from dlheir.client.private import (
 from dlheir.codes import hamming
 from dlheir.contract import rank
 from dlheir.proto import dlheir_cloud_pb2 as pb
-from dlheir.server.testing import CloudServerProcess
 
 
 def _codes(rng, n, bits, distinct=None):

@@ -74,7 +74,7 @@ def _silent_upload(channel: grpc.Channel, token: str | None, release: threading.
     def requests():
         release.wait()
         return
-        yield  # noqa: unreachable - makes this a generator
+        yield  # unreachable: makes this a generator
 
     md = [("authorization", f"Bearer {token}")] if token else None
     return pb_grpc.CloudStoreStub(channel).Upload(requests(), metadata=md)
