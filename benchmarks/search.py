@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                     nxt = _cycle(n_base)
                     with faiss_threads(1):
                         flat_t = time_calls(lambda: flat.search(single[nxt()][None, :], args.k), n_base, warmup=3)
-                    del flat
+                    flat = None  # frees its codes before the next index is built
                     ours = BinaryIndex(args.bits, shards, mih_min=mih_min, choose=args.index)
                     ours.add(np.arange(size), codes[:size], seal=False)
                     t0 = time.perf_counter()
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
                     nxt = _cycle(len(single))
                     ours_t = time_calls(lambda: ours.search(single[nxt()][None, :], args.k), args.queries, warmup=10)
                     index_kind = ours.kind
-                    del ours
+                    ours = None
                     bare_p50 = min(latency_stats(bare)["p50_ms"], latency_stats(bare2)["p50_ms"])
                     row = {"codes": kind, "size": size, "server_index": started["index"], "index": index_kind,
                            "bare_grpc_p50_ms": bare_p50,
