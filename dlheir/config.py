@@ -168,6 +168,11 @@ def set_verbosity(level: int) -> None:
         os.environ["TQDM_DISABLE"] = "1"  # tqdm reads TQDM_* defaults: bars made elsewhere stay off too
 
 
+def quiet() -> bool:
+    """True under ``-q``: errors only."""
+    return _verbosity < 0
+
+
 def show_progress() -> bool:
     """Progress bars only on a terminal, and not with ``-q``."""
     return _verbosity >= 0 and sys.stderr.isatty()

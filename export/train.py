@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dlheir.codes import probs_to_codes
+from dlheir.config import quiet
 from dlheir.errors import UserError
 from dlheir.export import metrics
 from dlheir.export.checkpoint import load_checkpoint, load_weights, read_checkpoint, save_checkpoint
@@ -126,6 +127,9 @@ def train(cfg: TrainConfig) -> Path:
             bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{tot_acc / seen:.3f}")
         scheduler.step()
         history.append({"epoch": epoch + 1, "loss": tot_loss / seen, "acc": tot_acc / seen, "seconds": time.time() - t0})
+        if bar.disable and not quiet():  # no bar (not a terminal): one line per epoch instead of silence
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {tot_loss / seen:.3f}, accuracy {tot_acc / seen:.3f}, "
+                  f"{history[-1]['seconds']:.0f} s", flush=True)
         meta = {
             "image_size": cfg.image_size,
             "class_names": class_names,

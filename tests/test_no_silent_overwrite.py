@@ -44,10 +44,13 @@ def test_second_train_without_flags_refuses_and_keeps_the_checkpoint(trained, ca
 
 
 @pytest.mark.slow
-def test_force_replaces_the_checkpoint(trained):
+def test_force_replaces_the_checkpoint(trained, capsys):
     data, out, ckpt = trained
     before = ckpt.read_bytes()
+    capsys.readouterr()
     assert main(_train_args(data, out, "--force", "--seed", "1")) == 0
+    # stderr is not a terminal here: no progress bar, one line per epoch instead of silence
+    assert [l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch ")][0].startswith("epoch 1/1: loss ")
     after = ckpt.read_bytes()
     assert after != before
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["config"]["seed"] == 1
