@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dlheir.codes import probs_to_codes
-from dlheir.config import quiet
+from dlheir.config import quiet, show_progress
 from dlheir.errors import UserError
 from dlheir.export import metrics
 from dlheir.export.checkpoint import load_checkpoint, load_weights, read_checkpoint, save_checkpoint
@@ -40,7 +40,7 @@ def _path_of(item: Record | str | Path) -> Path:
 def load_pixels(records: Sequence[Record | str | Path], image_size: int, desc: str | None = None) -> np.ndarray:
     """Preprocess files (records or paths) to uint8 [N, S, S, 3]; an unreadable file is a UserError naming it."""
     out = np.empty((len(records), image_size, image_size, 3), dtype=np.uint8)
-    for i, rec in enumerate(tqdm(records, desc=desc, leave=False, disable=desc is None)):
+    for i, rec in enumerate(tqdm(records, desc=desc, leave=False, disable=desc is None or not show_progress())):
         path = _path_of(rec)
         try:
             out[i] = preprocess(path, image_size)
@@ -159,7 +159,7 @@ def compute_codes(model: DLHEIR, images: np.ndarray | Sequence[Record | str | Pa
         raise ValueError("compute_codes: image_size is required when images are paths")
     probs = []
     starts = range(0, len(images), batch_size)
-    for i in tqdm(starts, desc=desc, leave=False, disable=desc is None, unit="batch"):
+    for i in tqdm(starts, desc=desc, leave=False, disable=desc is None or not show_progress(), unit="batch"):
         chunk = images[i : i + batch_size]
         pixels = chunk if is_pixels else load_pixels(chunk, image_size)
         probs.append(model(to_input(pixels))[0].numpy())
