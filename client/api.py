@@ -289,12 +289,8 @@ class Owner:
     def collections(self, admin_token_file: str | os.PathLike | None = None) -> list[CollectionInfo]:
         """Every collection on the server with the admin token (when one is configured), else the
         collections whose tokens files are in the key folder."""
-        try:
-            admin = self.config.admin_token(admin_token_file)
-        except UserError:
-            if admin_token_file is not None:
-                raise
-            admin = None
+        # a token given anywhere must work (an unreadable one is an error, not "no collections")
+        admin = self.config.admin_token(admin_token_file) if self.config.has_admin_token(admin_token_file) else None
         if admin is not None:
             with _cloud(self.server_for(), None, self.tls_ca) as cloud:
                 return sorted((CollectionInfo.from_pb(c) for c in cloud.list_collections(admin)), key=lambda c: c.name)

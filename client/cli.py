@@ -436,10 +436,19 @@ def _user_search(args):
 
 # --- collections, items, status ---------------------------------------------------------------
 def _collections_list(args):
-    cols = _owner(args).collections(args.admin_token_file)
+    owner = _owner(args)
+    cols = owner.collections(args.admin_token_file)
     if _emit(args, cols):
         return 0
-    print("\n".join(_collection_lines(cols)) if cols else "no collections")
+    if cols:
+        print("\n".join(_collection_lines(cols)))
+    elif owner.config.has_admin_token(args.admin_token_file):
+        print("no collections")
+    else:  # say where we looked: without the admin token only the tokens files held here count
+        from dlheir import paths
+
+        print(f"no collections: no admin token given, and no tokens files in {paths.dlheir_home()} (give "
+              "--admin-token-file, or admin_token_file in the config file, to list the server's)")
     return 0
 
 

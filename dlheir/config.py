@@ -83,6 +83,11 @@ class Config:
         """Whether ``key`` was set anywhere (flag, env, file), not left at its built-in default."""
         return flag is not None or self.sources[key] != "default"
 
+    def has_admin_token(self, flag_file: str | os.PathLike | None = None) -> bool:
+        """Whether an admin token is given anywhere (flag, env, file); it may still be unreadable."""
+        return bool(flag_file is not None or self.env.get(ADMIN_TOKEN_ENV, "").strip()
+                    or self.values.get("admin_token_file"))
+
     def admin_token(self, flag_file: str | os.PathLike | None = None) -> str:
         """The server's admin token: ``--admin-token-file`` > ``$DLHEIR_ADMIN_TOKEN`` >
         ``admin_token_file`` (env, then file). UserError naming the ways to give it if none."""

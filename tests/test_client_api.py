@@ -271,3 +271,20 @@ def test_quiet_or_no_terminal_turns_progress_bars_off(monkeypatch):
     monkeypatch.setattr(config, "_verbosity", 0)
     monkeypatch.setattr("sys.stderr", type("Pipe", (), {"isatty": lambda self: False})())
     assert not config.show_progress()
+
+
+def test_collections_list_says_where_it_looked_and_never_swallows_a_bad_admin_token(tmp_path, monkeypatch, capsys):
+    """Without an admin token only the tokens files held here count, and the empty answer says so;
+    an admin token that is given but unusable is an error, not an empty list."""
+    for var in [*ENV_VARS, config.ADMIN_TOKEN_ENV]:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DLHEIR_HOME", str(tmp_path / "home"))
+    assert main(["collections", "list"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no collections: no admin token given") and str(tmp_path / "home") in out
+    token = tmp_path / "admin.token"
+    token.write_text("secret")
+    token.chmod(0o644)
+    assert main(["collections", "list", "--admin-token-file", str(token)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "chmod 600" in err[0]
