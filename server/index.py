@@ -32,6 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Iterable
 
 import faiss
 import numpy as np
@@ -294,10 +295,32 @@ class BinaryIndex:
         self.maybe_seal()
         return n
 
-    def maybe_seal(self, fraction: float = RESEAL_FRACTION) -> bool:
+    def load(self, chunks: Iterable[tuple[np.ndarray, bytes]]) -> None:
+        """Fill an empty index from (ids, packed codes) chunks, e.g. ``Store.codes()``, then seal
+        it when large: the hash is built from the arrays just read (ids already ascending: no
+        sort by id), not from a copy read back out of the flat shards."""
+        if len(self):
+            raise ValueError("load() fills an empty index")
+        ids_parts, code_parts = [], []
+        for ids, codes in chunks:
+            ids_parts.append(np.asarray(ids, dtype=np.int64))
+            code_parts.append(codes)
+        if not ids_parts:
+            return
+        ids = np.concatenate(ids_parts)
+        codes = np.frombuffer(b"".join(code_parts), np.uint8)
+        if len(codes) != len(ids) * self.code_len:
+            raise ValueError(f"{len(ids)} ids but {len(codes)} bytes of codes ({self.code_len} bytes each expected)")
+        codes = codes.reshape(-1, self.code_len)
+        del ids_parts, code_parts
+        self.add(ids, codes, seal=False)
+        self.maybe_seal(_items=(ids, codes))
+
+    def maybe_seal(self, fraction: float = RESEAL_FRACTION, _items: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
         """(Re)build the multi-index hash over every live item when the collection is large
         and the flat delta has passed ``fraction`` of the sealed part (or a quarter of that is
-        dead); returns whether it did. A build from a state that changed meanwhile is dropped."""
+        dead); returns whether it did. A build from a state that changed meanwhile is dropped.
+        ``_items`` (``load()`` only): (ids, codes) equal to the flat shards' whole content."""
         if self.choose == "flat" or self.bits > 64 or gpu_available() or self._n < max(self.mih_min, self._flat_until):
             return False
         delta = sum(s.n for s in self.shards)
@@ -308,10 +331,13 @@ class BinaryIndex:
         with self.lock.read():  # snapshot; the build below runs without the lock
             generation = self._generation
             ids, codes = [], []
-            if self.sealed is not None:
+            loaded = _items is not None and self.sealed is None and len(_items[0]) == self._n
+            if loaded:
+                ids, codes = [_items[0]], [_items[1]]
+            elif self.sealed is not None:
                 ids.append(self.sealed.live_ids())
                 codes.append(self.sealed.codes_bytes(self.sealed.alive, self.code_len))
-            for shard in self.shards:
+            for shard in ([] if loaded else self.shards):
                 if shard.n:
                     ids.append(shard.ids.copy())
                     codes.append(shard.codes()[:, : self.code_len])

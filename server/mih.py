@@ -69,14 +69,19 @@ def _flips(length: int, radius: int) -> np.ndarray:
     return _FLIPS[key]
 
 
+def _substring(codes64: np.ndarray, shift: int, length: int) -> np.ndarray:
+    """Bits [shift, shift + length) of each uint64 code, as int32 (lengths are <= 24 bits)."""
+    return ((codes64 >> np.uint64(shift)) & np.uint64((1 << length) - 1)).astype(np.int32)
+
+
 def _radix_argsort(keys: np.ndarray, bits: int) -> np.ndarray:
     """Stable argsort (int32 rows) of non-negative keys below 2^bits, as LSD radix passes of 16
     and 8 bits (numpy's stable sort is a radix sort for 16-bit and smaller types only)."""
-    order = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
+    order = np.argsort(keys.astype(np.uint16), kind="stable").astype(np.int32)  # the low 16 bits (astype wraps)
     if bits > 16:
         high = (keys >> 16).astype(np.uint16 if bits > 24 else np.uint8)
         order = order[np.argsort(high[order], kind="stable")]
-    return order.astype(np.int32)
+    return order
 
 
 class _Directory:
@@ -92,14 +97,19 @@ class _Directory:
 
     @classmethod
     def build(cls, sub: np.ndarray, length: int) -> "_Directory":
-        starts = np.zeros((1 << length) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(sub, minlength=1 << length), out=starts[1:])
+        n = len(sub)
+        dtype = np.int32 if n < 2**31 else np.int64
+        starts = np.zeros((1 << length) + 1, dtype=dtype)
+        np.cumsum(np.bincount(sub, minlength=1 << length).astype(dtype), out=starts[1:])  # no cast inside cumsum: 4x faster
         if length > 16:
-            coarse = starts[:: 1 << cls.BLOCK]  # 2^(length-8) + 1 entries, the last one n
-            fine = starts - np.repeat(coarse, 1 << cls.BLOCK)[: len(starts)]
+            block = 1 << cls.BLOCK
+            coarse = starts[::block]  # 2^(length-8) + 1 entries, the last one n
+            # bucket start minus its block's start, block by block (the last entry, n - n, is 0)
+            fine = np.zeros(len(starts), dtype=starts.dtype)
+            fine[:-1].reshape(-1, block)[:] = starts[:-1].reshape(-1, block) - coarse[:-1, None]
             if fine.max() < 1 << 16:
                 return cls(coarse.astype(np.int64), fine.astype(np.uint16))
-        return cls(np.zeros(0, np.int64), starts.astype(np.int32 if starts[-1] < 2**31 else np.int64))
+        return cls(np.zeros(0, np.int64), starts.astype(np.int32 if n < 2**31 else np.int64))
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         if not len(self.coarse):
@@ -125,14 +135,19 @@ class MultiIndexHash:
         ids = np.asarray(ids, dtype=np.int64)
         codes64 = to_uint64(np.asarray(codes, dtype=np.uint8))
         lengths = substring_lengths(bits, len(ids))
-        by_id = np.argsort(ids, kind="stable")
-        shift0 = 64 - lengths[0]
+        if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():  # a rebuild from the store reads them in order
+            by_id = np.argsort(ids, kind="stable")
+            ids, codes64 = ids[by_id], codes64[by_id]
         # rows sorted by (first substring, id): table 0 is then the row order itself
-        order = by_id[_radix_argsort((codes64[by_id] >> np.uint64(shift0)).astype(np.int64), lengths[0])]
-        ids, codes64 = ids[order], codes64[order]
-        self._setup(ids.astype(_id_dtype(ids)), codes64, np.ones(len(ids), dtype=bool), bits, lengths, None)
+        sub0 = _substring(codes64, 64 - lengths[0], lengths[0])
+        order = _radix_argsort(sub0, lengths[0])
+        ids, codes64 = ids.astype(_id_dtype(ids))[order], codes64[order]
+        del order
+        # table 0's bucket sizes do not depend on the row order: counted from sub0 as it is
+        self._setup(ids, codes64, np.ones(len(ids), dtype=bool), bits, lengths, None, sub0)
 
-    def _setup(self, ids, codes, alive, bits, lengths, tables) -> None:
+    def _setup(self, ids, codes, alive, bits, lengths, tables, sub0: np.ndarray | None = None) -> None:
+        """``sub0``: every row's first substring, in any order (only its bucket sizes are used)."""
         self.ids, self.codes, self.alive = ids, codes, alive
         self.n_alive = int(alive.sum())
         self.bits, self.lengths = bits, list(lengths)
@@ -141,7 +156,7 @@ class MultiIndexHash:
         if tables is None:  # table 0: bucket starts only (rows are in its order); tables 1..: row list too
             tables = []
             for j, (shift, length) in enumerate(zip(self.shifts, self.lengths)):
-                sub = ((codes >> np.uint64(shift)) & np.uint64((1 << length) - 1)).astype(np.int64)
+                sub = sub0 if j == 0 and sub0 is not None else _substring(codes, shift, length)
                 tables.append((None if j == 0 else _radix_argsort(sub, length), _Directory.build(sub, length)))
         self.tables = tables
         # per table, the bits of the code it covers (to tell a row's substring distances)

@@ -85,9 +85,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
                 index = snapshot.load(snapshot.snapshot_path(self.data_dir, name), generation, bits,
                                       **self._index_kwargs())
                 if index is None:
-                    for ids, codes in store.codes(name):
-                        col.index.add(np.array(ids, dtype=np.int64), np.frombuffer(codes, np.uint8), seal=False)
-                    col.index.maybe_seal()  # large collections: one multi-index hash build, after loading
+                    col.index.load(store.codes(name))  # large collections: one multi-index hash build, after loading
                     rebuilt.append(col)
                 else:
                     col.index = index

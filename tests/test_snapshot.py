@@ -162,3 +162,56 @@ def test_end_of_an_upload_folds_a_small_delta_into_the_hash(grown):
         stored.update(small)
         stored.update(more)
         _check(owner, stored, queries)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1_000_000])
+def test_rebuild_from_the_store_holds_exactly_its_items(tmp_path, chunk):
+    """The crash path's rebuild (Store.codes() -> BinaryIndex.load()) holds exactly the store's
+    items, id with its own code, after deletes and replaces: ids at both ends of int64 and
+    scattered, chunks of 1, 7 and all items, another collection and a private-ranking one
+    (empty codes: not indexed) beside it; sealed, it answers as brute force does."""
+    from dlheir.server.store import open_store
+
+    rng = np.random.default_rng(11)
+    (tmp_path / "data").mkdir()
+    store = open_store(tmp_path / "data")
+    for name in ("c", "other"):
+        store.create_collection(name, BITS, "o" * 64, "r" * 64)
+    store.create_collection("private", BITS, "o" * 64, "r" * 64, private=True)
+    ids = np.unique(np.concatenate([rng.integers(-2**63, 2**63 - 1, 400, dtype=np.int64),
+                                    np.arange(-50, 600), [-2**63, 2**63 - 1]]))
+    codes = _codes(rng, len(ids))
+    stored = {int(i): c.tobytes() for i, c in zip(ids, codes)}
+    items = [(i, c, b"blob", {}) for i, c in stored.items()]
+    for start in range(0, len(items), 300):
+        store.write_batch("c", items[start:start + 300], replace=False)
+    store.write_batch("other", [(i, bytes(6), b"x", {}) for i in range(-5, 5)], replace=False)
+    store.write_batch("private", [(i, b"", b"x", {}) for i in range(-5, 5)], replace=False)
+    gone = [int(i) for i in ids[::5]]
+    assert store.delete("c", gone) == len(gone)
+    for i in gone:
+        del stored[i]
+    replaced = {int(i): c.tobytes() for i, c in zip(ids[1::9], _codes(rng, len(ids[1::9])))}
+    store.write_batch("c", [(i, c, b"new", {}) for i, c in replaced.items()], replace=True)
+    stored.update(replaced)
+
+    chunks = list(store.codes("c", chunk=chunk))
+    assert all(len(c) == len(i) * BITS // 8 for i, c in chunks)
+    got_ids = np.concatenate([i for i, _ in chunks])
+    assert got_ids.tolist() == sorted(stored)  # ascending, every item once
+    got = dict(zip(got_ids.tolist(), (c for _, cs in chunks for c in np.frombuffer(cs, np.uint8).reshape(-1, 6))))
+    assert {i: c.tobytes() for i, c in got.items()} == stored
+    assert list(store.codes("private", chunk=chunk)) == []
+
+    index = BinaryIndex(BITS, 2, mih_min=100, choose="mih")
+    index.load(store.codes("c", chunk=chunk))
+    assert index.kind == "mih+flat" and len(index) == len(stored)
+    sealed = index.sealed
+    assert sorted(sealed.live_ids().tolist()) == sorted(stored)
+    held = sealed.codes_bytes(sealed.alive, BITS // 8)
+    assert {i: c.tobytes() for i, c in zip(sealed.live_ids().tolist(), held)} == stored
+    queries = np.concatenate([codes[:4], _codes(rng, 4)])
+    for k in (1, 20, 300):
+        for (got_ids, d), q in zip(index.search(queries, k), queries):
+            assert (got_ids.tolist(), d.tolist()) == _expected(stored, q, k)
+    store.close()
