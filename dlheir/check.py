@@ -293,33 +293,35 @@ def report(results: dict) -> str:
         elif key == "model":
             lines.append(f"model: {part.get('checkpoint')} ({part.get('bits')} bits, {part.get('image_size')} px)")
     tp = results.get("throughput") or {}
-    if tp.get("status", "ok") != "ok":
-        lines.append(f"throughput: {tp['status']} ({tp['reason']})")
-    rows = tp.get("rows", [])
-    ok = [r for r in rows if r.get("status") == "ok"]
-    if ok:
-        lines.append(table(ok, [("backend", "backend", ""), ("size", "size", "d"), ("batch", "batch", "d"),
-                                ("images_per_s", "images/s", ".1f"), ("p50_ms", "p50 ms", ".2f"),
-                                ("p99_ms", "p99 ms", ".2f")]))
-    for r in rows:
-        if r.get("status") != "ok":
-            where = f"{r['size']} px" + (f" batch {r['batch']}" if "batch" in r else "")
-            lines.append(f"{r['backend']} {where}: {r['status']} ({r['reason']})")
+    _rows_part(lines, "throughput", tp, None,
+               [("backend", "backend", ""), ("size", "size", "d"), ("batch", "batch", "d"),
+                ("images_per_s", "images/s", ".1f"), ("p50_ms", "p50 ms", ".2f"), ("p99_ms", "p99 ms", ".2f")],
+               lambda r: f"{r['backend']} {r['size']} px" + (f" batch {r['batch']}" if "batch" in r else ""))
     for size, how in sorted((tp.get("tensorrt_via") or {}).items()):
         lines.append(f"tensorrt at {size} px measured via {how}")
     fs = results.get("faiss") or {}
-    if fs.get("status", "ok") != "ok":
-        lines.append(f"faiss: {fs['status']} ({fs['reason']})")
-    frows = fs.get("rows", [])
-    fok = [r for r in frows if r.get("status") == "ok"]
-    if fok:
-        lines.append(f"FAISS binary flat search, {fs.get('queries')} queries, top {fs.get('k')}:")
-        lines.append(table(fok, [("device", "device", ""), ("codes", "codes", "d"),
-                                 ("batch_ms", "ms/batch", ".1f"), ("queries_per_s", "queries/s", ".0f")]))
-    for r in frows:
-        if r.get("status") != "ok":
-            lines.append(f"faiss {r['device']} {r['codes']} codes: {r['status']} ({r['reason']})")
+    _rows_part(lines, "faiss", fs, f"FAISS binary flat search, {fs.get('queries')} queries, top {fs.get('k')}:",
+               [("device", "device", ""), ("codes", "codes", "d"),
+                ("batch_ms", "ms/batch", ".1f"), ("queries_per_s", "queries/s", ".0f")],
+               lambda r: f"faiss {r['device']} {r['codes']} codes")
     return "\n".join(lines)
+
+
+def _rows_part(lines: list[str], name: str, part: dict, title: str | None, columns: list, label) -> None:
+    """One measured part of ``report``: why it did not run, a table of its ok rows, one line per other row."""
+    from dlheir.benchmarks.common import table
+
+    if part.get("status", "ok") != "ok":
+        lines.append(f"{name}: {part['status']} ({part['reason']})")
+    rows = part.get("rows", [])
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if ok:
+        if title:
+            lines.append(title)
+        lines.append(table(ok, columns))
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"{label(r)}: {r['status']} ({r['reason']})")
 
 
 def plot(results: dict, path: Path | str) -> Path:
