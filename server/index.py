@@ -334,13 +334,13 @@ class BinaryIndex:
             loaded = _items is not None and self.sealed is None and len(_items[0]) == self._n
             if loaded:
                 ids, codes = [_items[0]], [_items[1]]
-            elif self.sealed is not None:
-                ids.append(self.sealed.live_ids())
-                codes.append(self.sealed.codes_bytes(self.sealed.alive, self.code_len))
-            for shard in ([] if loaded else self.shards):
-                if shard.n:
-                    ids.append(shard.ids.copy())
-                    codes.append(shard.codes()[:, : self.code_len])
+            else:
+                if self.sealed is not None:
+                    ids.append(self.sealed.live_ids())
+                    codes.append(self.sealed.codes_bytes(self.sealed.alive, self.code_len))
+                flat_ids, flat_codes = self._flat_parts()
+                ids += flat_ids
+                codes += flat_codes
         started = time.perf_counter()
         sealed = MultiIndexHash(np.concatenate(ids), np.concatenate(codes), self.bits)
         built_s = time.perf_counter() - started
@@ -360,6 +360,11 @@ class BinaryIndex:
             self.seals += 1
         return True
 
+    def _flat_parts(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Copies of the non-empty flat shards' ids and unpadded codes (callers hold the lock)."""
+        shards = [s for s in self.shards if s.n]
+        return [s.ids.copy() for s in shards], [s.codes()[:, : self.code_len] for s in shards]
+
     # --- snapshot (dlheir.server.snapshot) ------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
         """Everything this index holds, as named arrays: the sealed multi-index hash's own arrays
@@ -368,8 +373,7 @@ class BinaryIndex:
             out = {"index_meta": np.array([STATE_FORMAT, self.bits, self._n, self._flat_until], dtype=np.int64)}
             if self.sealed is not None:
                 out.update({f"mih_{k}": v for k, v in self.sealed.arrays().items()})
-            ids = [s.ids.copy() for s in self.shards if s.n]
-            codes = [s.codes()[:, : self.code_len] for s in self.shards if s.n]
+            ids, codes = self._flat_parts()
         out["flat_ids"] = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         out["flat_codes"] = np.concatenate(codes) if codes else np.zeros((0, self.code_len), np.uint8)
         return out
