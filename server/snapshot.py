@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dlheir.server.index import BinaryIndex
+from dlheir.server.store import fsync_path
 
 log = logging.getLogger("dlheir.server.snapshot")
 
@@ -47,11 +48,7 @@ def save(path: Path, generation: int, arrays: dict[str, np.ndarray]) -> float:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself is durable
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)  # the rename itself is durable
     return time.perf_counter() - started
 
 
