@@ -47,7 +47,16 @@ def _admin_arg(p) -> None:
                         "$DLHEIR_ADMIN_TOKEN_FILE or admin_token_file in the config file)")
 
 
-def _collection_arg(p, positional: bool = False) -> None:
+def _key_arg(p, note: str = "") -> None:
+    p.add_argument("--key", help=f"owner key file ({note + '; ' if note else ''}default: owner_key setting, else "
+                                 f"{HOME}/{paths.OWNER_KEY})")
+
+
+def _tokens_arg(p) -> None:
+    p.add_argument("--tokens", help=f"tokens file from create-collection (default {HOME}/COLLECTION{paths.TOKENS_SUFFIX})")
+
+
+def _collection_arg(p) -> None:
     p.add_argument("--collection", default=None,
                    help="collection name (flag > env DLHEIR_COLLECTION > config file > the one recorded in the "
                         "owner key file)")
@@ -97,9 +106,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "relative to IMAGES_DIR. Ids the server already holds are not sent again unless --replace; "
                     "files repeating an id (the same content twice) are reported as duplicates, not uploaded.")
     p.add_argument("images_dir", metavar="IMAGES_DIR")
-    p.add_argument("--key", help=f"owner key file (default: owner_key setting, else {HOME}/{paths.OWNER_KEY})")
+    _key_arg(p)
     _collection_arg(p)
-    p.add_argument("--tokens", help=f"tokens file from create-collection (default {HOME}/COLLECTION{paths.TOKENS_SUFFIX})")
+    _tokens_arg(p)
     _server_arg(p, "the tokens file")
     _triton_args(p)
     p.add_argument("--batch-size", type=int, default=32)
@@ -119,7 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     f"{HOME}/{paths.READERS_DIR}/COLLECTION/ so that 'owner rotate' can re-grant the user. "
                     "Granting a user again issues a new token (the old grant stops working). With --reader-token "
                     "no server is contacted and the grant carries that token (e.g. the shared one).")
-    p.add_argument("--key", help=f"owner key file (default: owner_key setting, else {HOME}/{paths.OWNER_KEY})")
+    _key_arg(p)
     p.add_argument("--user-pub", required=True, help="the user's public key (user.pub.pem from 'dlheir user keygen'); "
                                                      "a private key is refused")
     _collection_arg(p)
@@ -129,7 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="hand an active label to this public key (its previous token stops working)")
     p.add_argument("--reader-token", help="seal this reader token instead of asking the server for the user's own "
                                           "(offline; e.g. the collection's shared token, which rotation revokes)")
-    p.add_argument("--tokens", help=f"tokens file from create-collection (default {HOME}/COLLECTION{paths.TOKENS_SUFFIX})")
+    _tokens_arg(p)
     _server_arg(p, "the tokens file")
     p.add_argument("--bits", type=int, default=None, help="code length recorded in the grant (checked at search)")
     p.add_argument("--out", help=f"grant file to create (default: grant setting, else {HOME}/{paths.GRANT}; "
@@ -137,11 +146,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _json_arg(p)
     p.set_defaults(func=_owner_grant)
 
-    def access_args(p):
+    def access_args(p, note: str = ""):
         _collection_arg(p)
-        p.add_argument("--key", help=f"owner key file (default: owner_key setting, else {HOME}/{paths.OWNER_KEY})")
-        p.add_argument("--tokens", help=f"tokens file from create-collection (default {HOME}/COLLECTION"
-                                        f"{paths.TOKENS_SUFFIX})")
+        _key_arg(p, note)
+        _tokens_arg(p)
         _server_arg(p, "the tokens file")
         _json_arg(p)
 
@@ -244,11 +252,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--file", action="append", default=[], metavar="IMAGE", help="an uploaded image (repeatable)")
     p.add_argument("--id-from", choices=("content", "path"), default="content")
     p.add_argument("--root", help="with --id-from path: the folder the files were uploaded from")
-    _collection_arg(p)
-    p.add_argument("--key", help=f"owner key file (private collections; default {HOME}/{paths.OWNER_KEY})")
-    p.add_argument("--tokens", help=f"tokens file (default {HOME}/COLLECTION{paths.TOKENS_SUFFIX})")
-    _server_arg(p, "the tokens file")
-    _json_arg(p)
+    access_args(p, "private collections")
     p.set_defaults(func=_items_delete)
 
     p = sub.add_parser("status", help="which services answer, where, with which model, and the collections",
@@ -445,8 +449,6 @@ def _collections_list(args):
     elif owner.config.has_admin_token(args.admin_token_file):
         print("no collections")
     else:  # say where we looked: without the admin token only the tokens files held here count
-        from dlheir import paths
-
         print(f"no collections: no admin token given, and no tokens files in {paths.dlheir_home()} (give "
               "--admin-token-file, or admin_token_file in the config file, to list the server's)")
     return 0
