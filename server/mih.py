@@ -109,7 +109,7 @@ class _Directory:
             fine[:-1].reshape(-1, block)[:] = starts[:-1].reshape(-1, block) - coarse[:-1, None]
             if fine.max() < 1 << 16:
                 return cls(coarse.astype(np.int64), fine.astype(np.uint16))
-        return cls(np.zeros(0, np.int64), starts.astype(np.int32 if n < 2**31 else np.int64))
+        return cls(np.zeros(0, np.int64), starts)  # already of that dtype: no copy
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         if not len(self.coarse):
