@@ -46,10 +46,10 @@ def pick_settings(data: str, given: dict, cuda: bool) -> tuple[dict, str | None]
     384 px, 200 epochs and ImageNet download do not finish on a CPU), with a warning that names
     the flags that ask for the paper's settings.
     """
-    if data == "digits":
-        return {k: given.get(k) if given.get(k) is not None else v for k, v in DIGITS_DEFAULTS.items()}, None
-    base = PAPER_DEFAULTS if cuda else DIGITS_DEFAULTS
+    base = PAPER_DEFAULTS if cuda and data != "digits" else DIGITS_DEFAULTS
     cfg = {k: given.get(k) if given.get(k) is not None else v for k, v in base.items()}
+    if data == "digits":
+        return cfg, None
     swapped = [k for k in PAPER_DEFAULTS if given.get(k) is None and cfg[k] != PAPER_DEFAULTS[k]]
     if not swapped:
         return cfg, None
