@@ -42,24 +42,24 @@ GRANTS_DIR = "grants"
 _COLLECTION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # the cloud server's own rule
 
 
-def dlheir_home() -> Path:
-    """The per-user folder for keys, tokens and grants (not created here)."""
-    env = os.environ.get(HOME_ENV)
+def _user_dir(own_env: str, xdg_env: str, fallback: str) -> Path:
+    """``$own_env`` if set, else ``$xdg_env/dlheir``, else ``~/fallback/dlheir``."""
+    env = os.environ.get(own_env)
     if env:
         return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CONFIG_HOME")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".config"  # XDG: relative values are ignored
+    xdg = os.environ.get(xdg_env)
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / fallback  # XDG: relative values are ignored
     return base / "dlheir"
+
+
+def dlheir_home() -> Path:
+    """The per-user folder for keys, tokens and grants (not created here)."""
+    return _user_dir(HOME_ENV, "XDG_CONFIG_HOME", ".config")
 
 
 def state_dir() -> Path:
     """The per-user folder for the Triton launcher's state and the exports (not created here)."""
-    env = os.environ.get(STATE_ENV)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_STATE_HOME")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
-    return base / "dlheir"
+    return _user_dir(STATE_ENV, "XDG_STATE_HOME", ".local/state")
 
 
 def ensure_home() -> Path:
