@@ -486,10 +486,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             self._refresh_user_hashes()
             self._drop_shared_reader(col)
             index = BinaryIndex(bits, **self._index_kwargs())
-            for ids, codes in self.store.codes(col.name):
-                if codes:  # items stored without a code (private-ranking mode) have nothing to index
-                    index.add(np.array(ids, dtype=np.int64), np.frombuffer(codes, np.uint8), seal=False)
-            index.maybe_seal()
+            index.load(self.store.codes(col.name))  # as at start (items without a code are not read)
             with col.index.lock.write():  # searches already running finish on the old index
                 col.index = index
         log.info("collection %r: %d codes re-keyed from key %d to %d, %d reader(s) revoked, by %s", col.name, n,
