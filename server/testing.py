@@ -40,14 +40,13 @@ class CloudServerProcess:
     port bound, index rebuilt, health SERVING; without ``port`` the server binds port 0 and the
     ready file says which port it got. ``stop()`` sends SIGTERM, ``kill()`` SIGKILL. The admin
     token is generated into ``data_dir/admin.token`` (``DLHEIR_ADMIN_TOKEN`` is removed from the child's environment). ``tls_cert``/``tls_key``
-    start it with TLS; the certificate must be valid for 127.0.0.1 (it is used as the CA)."""
+    start it with TLS; the certificate must be valid for 127.0.0.1 (clients use it as their CA)."""
 
     def __init__(self, data_dir: Path | str, port: int | None = None, extra_args: list[str] | None = None,
                  tls_cert: str | Path | None = None, tls_key: str | Path | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or 0  # 0: the server picks a free port, read back from its ready file
         self.extra_args = list(extra_args or [])
-        self.tls_cert = str(tls_cert) if tls_cert else None
         if tls_cert:
             self.extra_args += ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
         self.process: subprocess.Popen | None = None
