@@ -45,16 +45,6 @@ def default_label(public_key_path: Path | str) -> str:
     return name
 
 
-def _write_private_dir(folder: Path) -> None:
-    """Create ``folder`` and any missing parent with mode 0700 (existing ones keep theirs)."""
-    missing = [f for f in (folder, *folder.parents) if not f.exists()]
-    try:
-        for f in reversed(missing):
-            f.mkdir(mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {folder}: {exc.strerror or exc}") from None
-
-
 def issue_grant(keys: OwnerKeys, public_pem: bytes, collection: str, user: str, cloud: CloudClient,
                 server: str | None = None, bits: int | None = None, replace: bool = False) -> bytes:
     """A version-2 grant for ``user``: a new per-user reader token from the server (owner token
@@ -73,7 +63,7 @@ def issue_grant(keys: OwnerKeys, public_pem: bytes, collection: str, user: str, 
     version = keys.at(info.key_id or 1)
     token = cloud.add_reader(collection, user, replace=replace)
     grant = make_grant(version, public_pem, collection, token, server=server, bits=bits or info.bits, user=user)
-    _write_private_dir(kept.parent)
+    paths.make_private_dirs(kept.parent)
     replace_private(kept, bytes(public_pem))
     return grant
 
@@ -129,6 +119,6 @@ def rotate(key_path: Path | str, collection: str, cloud: CloudClient, server: st
         pem = read_public_key_file(kept)
         grant = issue_grant(new, pem, collection, user, cloud, server=server, bits=info.bits, replace=True)
         out = paths.rotated_grant(collection, user, out_dir)
-        _write_private_dir(out.parent)
+        paths.make_private_dirs(out.parent)
         report.granted[user] = replace_private(out, grant)
     return report

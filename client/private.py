@@ -306,12 +306,7 @@ class PageCache:
 
     def _open(self) -> int:
         if not self.path.parent.is_dir():
-            if self.path.parent.parent == paths.dlheir_home():
-                paths.ensure_home()  # $DLHEIR_HOME itself, 0700
-            try:
-                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            except OSError as exc:
-                raise UserError(f"cannot create the page cache folder {self.path.parent}: {exc.strerror or exc}") from None
+            paths.make_private_dirs(self.path.parent, "the page cache folder")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
         os.fchmod(fd, 0o600)
         return fd

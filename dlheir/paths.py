@@ -74,6 +74,18 @@ def ensure_home() -> Path:
     return home
 
 
+def make_private_dirs(folder: Path, what: str = "") -> Path:
+    """Create ``folder`` and every missing parent with mode 0700 (existing ones keep theirs);
+    UserError naming ``what`` (e.g. "the page cache folder") if that fails."""
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]
+    try:
+        for f in reversed(missing):
+            f.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {what + ' ' if what else ''}{folder}: {exc.strerror or exc}") from None
+    return folder
+
+
 def default_path(name: str, create: bool = False) -> Path:
     """``name`` inside the per-user folder; ``create`` makes the folder (0700) first, for writers."""
     return (ensure_home() if create else dlheir_home()) / name
