@@ -350,7 +350,11 @@ class Owner:
             elif id_from == "path":
                 if root is None:
                     raise UserError("ids from paths need the folder they were uploaded from (--root)")
-                out.append(item_id(f.resolve().relative_to(Path(root).resolve())))
+                try:
+                    out.append(item_id(f.resolve().relative_to(Path(root).resolve())))
+                except ValueError:
+                    raise UserError(f"{f} is not inside --root {root}: path ids are relative to the uploaded "
+                                    "folder") from None
             else:
                 raise UserError(f"unknown id rule {id_from!r} (content or path)")
         return out

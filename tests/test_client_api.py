@@ -288,3 +288,13 @@ def test_collections_list_says_where_it_looked_and_never_swallows_a_bad_admin_to
     assert main(["collections", "list", "--admin-token-file", str(token)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "chmod 600" in err[0]
+
+
+def test_items_delete_by_path_outside_root_is_one_line(tmp_path, monkeypatch, capsys):
+    """--id-from path with a file outside --root: a one-line error, no traceback (no server needed)."""
+    monkeypatch.setenv("DLHEIR_HOME", str(tmp_path / "home"))
+    (tmp_path / "root").mkdir()
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(b"x")
+    with pytest.raises(UserError, match="is not inside --root"):
+        dlheir.Owner().item_ids([outside], id_from="path", root=tmp_path / "root")
