@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dlheir.contract import PUBLIC_MODEL
+from dlheir.contract import CODE, IMAGE, IMAGE_BYTES, PUBLIC_MODEL
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,10 +34,10 @@ def _triton_run(client_url: str, images: list[bytes], batch: int, concurrency: i
 
     def one(i: int) -> float:
         client = clients[i % concurrency]
-        inp = g.InferInput("IMAGE_BYTES", [len(chunks[i]), 1], "BYTES")
+        inp = g.InferInput(IMAGE_BYTES, [len(chunks[i]), 1], "BYTES")
         inp.set_data_from_numpy(np.array([[b] for b in chunks[i]], dtype=object))
         t0 = time.perf_counter()
-        client.infer(model, [inp], outputs=[g.InferRequestedOutput("CODE")])
+        client.infer(model, [inp], outputs=[g.InferRequestedOutput(CODE)])
         return time.perf_counter() - t0
 
     for i in range(min(concurrency, len(chunks))):  # warm up
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
                     t1 = time.perf_counter()
                     px = np.stack([preprocess(b, size) for b in chunk])
                     if name.startswith("onnx"):
-                        session.run(None, {"IMAGE": px})
+                        session.run(None, {IMAGE: px})
                     else:
                         with torch.no_grad():
                             model(to_input(px))

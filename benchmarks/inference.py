@@ -6,6 +6,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from dlheir.contract import IMAGE
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inference", help="PyTorch eager vs ONNX Runtime images/s at several sizes and batches")
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
                 pixels = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
                 with torch.no_grad():
                     eager = time_calls(lambda: model(to_input(pixels)), args.repeats, warmup=1)
-                onnx = time_calls(lambda: session.run(None, {"IMAGE": pixels}), args.repeats, warmup=1)
+                onnx = time_calls(lambda: session.run(None, {IMAGE: pixels}), args.repeats, warmup=1)
                 for name, secs in (("pytorch-eager", eager), ("onnxruntime", onnx)):
                     st = latency_stats(secs)
                     rows.append({"runtime": name, "size": size, "batch": batch,

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from dlheir.contract import CODE, IMAGE
 from dlheir.errors import UserError
 
 OUT_DIR = "results/check_gpu"
@@ -218,7 +219,7 @@ def onnxruntime_runner(onnx_for_size: Callable[[int], Path], provider: str) -> R
         session = ort.InferenceSession(str(onnx_for_size(size)), providers=[provider])
         if session.get_providers()[0] != provider:
             raise Unavailable(f"onnxruntime could not start {provider} (it fell back to {session.get_providers()[0]})")
-        return lambda pixels: session.run(None, {"IMAGE": pixels})
+        return lambda pixels: session.run(None, {IMAGE: pixels})
 
     return make
 
@@ -250,16 +251,16 @@ def triton_runner(url: str, model: str, fallback: RunnerFactory) -> tuple[Runner
             via[size] = f"engine directly (Triton at {url} has no model {model}: {_one_line(exc)})"
             return fallback(size)
         backend = cfg.get("backend") or cfg.get("platform", "")
-        served = {i["name"]: [int(d) for d in i["shape"]] for i in meta["inputs"]}.get("IMAGE", [])
+        served = {i["name"]: [int(d) for d in i["shape"]] for i in meta["inputs"]}.get(IMAGE, [])
         if "tensorrt" not in backend or size not in served:
             via[size] = f"engine directly (Triton's {model} is backend {backend!r}, IMAGE {served})"
             return fallback(size)
         via[size] = f"Triton {url} model {model}"
 
         def run(pixels):
-            inp = g.InferInput("IMAGE", list(pixels.shape), "UINT8")
+            inp = g.InferInput(IMAGE, list(pixels.shape), "UINT8")
             inp.set_data_from_numpy(np.ascontiguousarray(pixels))
-            return client.infer(model, [inp], outputs=[g.InferRequestedOutput("CODE")]).as_numpy("CODE")
+            return client.infer(model, [inp], outputs=[g.InferRequestedOutput(CODE)]).as_numpy(CODE)
 
         return run
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from dlheir.errors import UserError
-from dlheir.export.onnx_export import INPUT_NAME, onnx_signature
+from dlheir.export.onnx_export import INPUT_NAME, OUTPUT_CODE, OUTPUT_PROBS, onnx_signature
 
 
 def _require_tensorrt():
@@ -136,7 +136,7 @@ class EngineRunner:
             self.stream.synchronize()
             for name in self.outputs:
                 results[name].append(bufs[name].cpu().numpy())
-        return np.concatenate(results["PROBS"]).astype(np.float32), np.concatenate(results["CODE"]).astype(np.uint8)
+        return np.concatenate(results[OUTPUT_PROBS]).astype(np.float32), np.concatenate(results[OUTPUT_CODE]).astype(np.uint8)
 
 
 def run_engine(plan_path: Path | str, pixels, batch_size: int = 64):
@@ -181,8 +181,6 @@ def compare_fp16_fp32(plan_path: Path | str, onnx_path: Path | str, data: str = 
     (``compare_codes`` on ``data``'s splits)."""
     import numpy as np
     import onnxruntime as ort
-
-    from dlheir.export.onnx_export import OUTPUT_CODE
 
     size, bits = onnx_signature(onnx_path)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dlheir.contract import CODE, IMAGE_BYTES, PUBLIC_MODEL
+
 
 def small_jpeg(width: int = 640, height: int = 480, seed: int = 1) -> bytes:
     """A photo-like JPEG: smooth random gradients plus noise."""
@@ -106,11 +108,11 @@ def measure(url: str, seconds: float, small_clients: int, heavy_clients: int, he
           f"{heavy_side}x{heavy_side} ({len(heavy) // 1024} KiB each)", flush=True)
 
     def send(client, data: bytes, count: int) -> float:
-        inp = grpcclient.InferInput("IMAGE_BYTES", [count, 1], "BYTES")
+        inp = grpcclient.InferInput(IMAGE_BYTES, [count, 1], "BYTES")
         inp.set_data_from_numpy(np.array([[data]] * count, dtype=object))
         start = time.perf_counter()
         try:
-            client.infer("dlheir", [inp], outputs=[grpcclient.InferRequestedOutput("CODE")])
+            client.infer(PUBLIC_MODEL, [inp], outputs=[grpcclient.InferRequestedOutput(CODE)])
         except grpcclient.InferenceServerException as exc:
             print(f"request failed: {exc.message()}", flush=True)
         return time.perf_counter() - start
