@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import numbers
 import os
+import re
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 if TYPE_CHECKING:
@@ -35,6 +36,11 @@ IMAGE_BYTES = "IMAGE_BYTES"  # ensemble input: encoded image bytes (TYPE_STRING 
 IMAGE = "IMAGE"  # network input: uint8 [B, S, S, 3], RGB, warped to S x S
 PROBS = "PROBS"  # network output: float32 [B, N], the hash layer's values
 CODE = "CODE"  # network output: uint8 [B, ceil(N/8)], packed codes (dlheir.codes)
+
+# --- names ----------------------------------------------------------------------------
+# Collection names and user labels: the server's rule, which clients check before sending (and use
+# as file names: no paths). Always used with fullmatch, so a trailing "\n" is refused.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 # --- codes ----------------------------------------------------------------------------
 MIN_BITS = 8
@@ -86,6 +92,7 @@ def signature_from_shapes(shapes: Mapping[str, Sequence[int]]) -> tuple[int, int
 FINGERPRINT_PARAM = "fingerprint"  # Triton config parameter naming the network's fingerprint
 IMAGE_SIZE_PARAM = "image_size"  # Triton config parameter: S, on models whose inputs do not show it
 BITS_PARAM = "bits"  # Triton config parameter: N
+MAX_PIXELS_PARAM = "max_pixels"  # dlheir_preprocess config parameter: its pixel limit (0: Pillow's only)
 
 
 def model_fingerprint(onnx_file: str | os.PathLike) -> str:

@@ -25,9 +25,9 @@ folder, :func:`state_dir`: ``$DLHEIR_STATE`` if set, else ``$XDG_STATE_HOME/dlhe
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
+from dlheir.contract import NAME_RE
 from dlheir.errors import UserError
 
 HOME_ENV = "DLHEIR_HOME"
@@ -39,7 +39,6 @@ TOKENS_SUFFIX = ".tokens.json"
 READERS_DIR = "readers"
 GRANTS_DIR = "grants"
 
-_COLLECTION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # the cloud server's own rule
 
 
 def _user_dir(own_env: str, xdg_env: str, fallback: str) -> Path:
@@ -93,7 +92,7 @@ def default_path(name: str, create: bool = False) -> Path:
 
 def tokens_name(collection: str) -> str:
     """File name of a collection's tokens file: ``COLLECTION.tokens.json`` (names checked: no paths)."""
-    if not isinstance(collection, str) or not _COLLECTION_RE.fullmatch(collection):
+    if not isinstance(collection, str) or not NAME_RE.fullmatch(collection):
         raise UserError(f"invalid collection name {collection!r}: letters, digits, '_', '.', '-', "
                         "starting with a letter or digit, at most 128 characters")
     return collection + TOKENS_SUFFIX
@@ -106,7 +105,7 @@ def resolve(given: str | os.PathLike | None, name: str, create: bool = False) ->
 
 def check_label(user: str) -> str:
     """A user label (the server's rule for names: no paths), else UserError."""
-    if not isinstance(user, str) or not _COLLECTION_RE.fullmatch(user):
+    if not isinstance(user, str) or not NAME_RE.fullmatch(user):
         raise UserError(f"invalid user label {user!r}: letters, digits, '_', '.', '-', starting with a letter "
                         "or digit, at most 128 characters")
     return user

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 from dlheir.codes import pack_bits, unpack_bits
-from dlheir.contract import ContractError, check_code, code_bytes, model_mismatch, validate_bits
+from dlheir.contract import NAME_RE, ContractError, check_code, code_bytes, model_mismatch, validate_bits
 from dlheir.server.guard import bearer_token, clip
 from dlheir.server import snapshot
 from dlheir.server.index import UPLOAD_END_RESEAL_FRACTION, BinaryIndex, default_shards
@@ -34,7 +34,6 @@ MAX_METADATA_BYTES = 64 * 1024  # per item, keys + values
 # One Search answers at most this many (query, result) pairs: bounds the reply (about 12 bytes
 # each, far below MAX_MESSAGE_BYTES) and the work, checked before any scanning.
 MAX_RESULTS = 1_000_000
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # used with fullmatch: no trailing "\n"
 FINGERPRINT_RE = re.compile(r"[0-9a-f]{8,64}")  # dlheir.contract.model_fingerprint: lowercase hex
 MAX_IMAGE_SIZE = 65535
 
