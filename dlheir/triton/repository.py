@@ -31,12 +31,12 @@ from pathlib import Path
 
 from dlheir import paths
 from dlheir.contract import (
-    BITS_PARAM, CODE, FINGERPRINT_PARAM, IMAGE, IMAGE_SIZE_PARAM, PROBS, PUBLIC_MODEL, code_bytes, model_fingerprint,
+    BITS_PARAM, CODE, FINGERPRINT_PARAM, IMAGE, IMAGE_SIZE_PARAM, MAX_PIXELS_PARAM, PROBS, PUBLIC_MODEL, code_bytes,
+    model_fingerprint,
 )
 from dlheir.errors import UserError
 
 PREPROCESS = "dlheir_preprocess"
-MAX_PIXELS_PARAM = "max_pixels"
 
 
 @dataclass(frozen=True)

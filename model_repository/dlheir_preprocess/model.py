@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from dlheir.contract import IMAGE, IMAGE_BYTES, IMAGE_SIZE_PARAM
+from dlheir.contract import IMAGE, IMAGE_BYTES, IMAGE_SIZE_PARAM, MAX_PIXELS_PARAM
 from dlheir.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, preprocess
 
 log = logging.getLogger("dlheir_preprocess")
@@ -33,7 +33,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.size = int(_parameter(config, IMAGE_SIZE_PARAM, "0"))
-        self.max_pixels = int(_parameter(config, "max_pixels", str(DEFAULT_MAX_PIXELS))) or None
+        self.max_pixels = int(_parameter(config, MAX_PIXELS_PARAM, str(DEFAULT_MAX_PIXELS))) or None
 
     def _pixels(self, request) -> np.ndarray:
         data = pb_utils.get_input_tensor_by_name(request, IMAGE_BYTES).as_numpy().reshape(-1)
