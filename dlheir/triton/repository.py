@@ -299,8 +299,7 @@ def check_repository(repo: Path | str) -> Repository:
             raise UserError(f"{repo / network / 'config.pbtxt'} does not describe {model_file}: generate the "
                             "repository again ('dlheir export onnx' or 'dlheir triton start')")
     wanted = _wanted_dims(size, bits)
-    for model in (PREPROCESS, network, PUBLIC_MODEL):
-        cfg = load_config(repo, model)
+    for model, cfg in ((PREPROCESS, load_config(repo, PREPROCESS)), (network, config), (PUBLIC_MODEL, ensemble)):
         for tensor in [*cfg.input, *cfg.output]:
             if tensor.name in wanted and list(tensor.dims) != wanted[tensor.name]:
                 raise UserError(f"{repo / model / 'config.pbtxt'}: {tensor.name} dims {list(tensor.dims)} do not "
