@@ -13,6 +13,12 @@ import numpy as np
 RESULTS_DIR = Path("results")
 
 
+def cycle_index(n: int) -> Callable[[], int]:
+    """0, 1, ..., n-1, 0, 1, ...: one index per call (which query a timed call uses next)."""
+    it = iter(range(10**12))
+    return lambda: next(it) % n
+
+
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 2) -> np.ndarray:
     """Seconds per call of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):

@@ -49,11 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _cycle(n: int):
-    it = iter(range(10**12))
-    return lambda: next(it) % n
-
-
 def _plot(path: Path, rows: list[dict], bits: int, k: int) -> Path:
     import matplotlib
 
@@ -89,7 +84,7 @@ def _plot(path: Path, rows: list[dict], bits: int, k: int) -> Path:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from dlheir.benchmarks.common import latency_stats, parse_sizes, save_json, table, time_calls
+    from dlheir.benchmarks.common import cycle_index, latency_stats, parse_sizes, save_json, table, time_calls
     from dlheir.client.cloud import CloudClient
     from dlheir.client.private import LocalIndex, PageWriter
     from dlheir.contract import code_bytes, validate_bits
@@ -166,9 +161,9 @@ def run(args: argparse.Namespace) -> int:
             checks.append({"size": size, "queries": len(cq), "identical": bool(same)})
 
             single = queries[: args.queries]
-            nxt = _cycle(args.queries)
+            nxt = cycle_index(args.queries)
             srv_search = time_calls(lambda: ranked.search("ranked", single[nxt()][None, :], args.k), args.queries, 10)
-            nxt = _cycle(args.queries)
+            nxt = cycle_index(args.queries)
             loc_search = time_calls(lambda: local.search(single[nxt()][None, :], args.k), args.queries, 10)
             noop_sync = time_calls(local.sync, args.queries, 10)
             # what `dlheir user search` asks first to learn the mode (both modes): CollectionStats

@@ -78,17 +78,12 @@ def make_codes(kind: str, n: int, bits: int, seed: int = 0):
     return codes
 
 
-def _cycle(n: int):
-    it = iter(range(10**12))
-    return lambda: next(it) % n
-
-
 def run(args: argparse.Namespace) -> int:
     import faiss
     import numpy as np
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from dlheir.benchmarks.common import latency_stats, parse_sizes, save_json, table, time_calls
+    from dlheir.benchmarks.common import cycle_index, latency_stats, parse_sizes, save_json, table, time_calls
     from dlheir.client.cloud import CloudClient
     from dlheir.contract import code_bytes, validate_bits
     from dlheir.errors import UserError
@@ -147,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                     client = CloudClient(server.address, owner_token)
                     health = health_pb2_grpc.HealthStub(client.channel)
                     single = queries[: args.queries]
-                    nxt = _cycle(len(single))
+                    nxt = cycle_index(len(single))
                     bare = time_calls(lambda: health.Check(health_pb2.HealthCheckRequest()), args.queries, warmup=20)
                     srv = time_calls(lambda: client.search("bench", single[nxt()][None, :], args.k), args.queries,
                                      warmup=20)
@@ -166,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
                     n_base = args.queries if size <= 2_000_000 else min(args.queries, 30)
                     flat = faiss.IndexBinaryFlat(code_len * 8)
                     flat.add(codes[:size])
-                    nxt = _cycle(n_base)
+                    nxt = cycle_index(n_base)
                     with faiss_threads(1):
                         flat_t = time_calls(lambda: flat.search(single[nxt()][None, :], args.k), n_base, warmup=3)
                     flat = None  # frees its codes before the next index is built
@@ -175,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
                     t0 = time.perf_counter()
                     ours.maybe_seal()
                     build_s = time.perf_counter() - t0
-                    nxt = _cycle(len(single))
+                    nxt = cycle_index(len(single))
                     ours_t = time_calls(lambda: ours.search(single[nxt()][None, :], args.k), args.queries, warmup=10)
                     index_kind = ours.kind
                     ours = None
