@@ -411,6 +411,7 @@ class BinaryIndex:
             for q in queries:
                 self._search_flat(self._pad(q[None]), k, kk, None)
             flat_s = time.perf_counter() - t0
+        sealed.search_one(queries[0], k)  # untimed: the first call may compile the search (numba)
         t0 = time.perf_counter()
         for q in queries:
             sealed.search_one(q, k)
@@ -444,12 +445,20 @@ class BinaryIndex:
         return results
 
     def _search_chunk(self, q: np.ndarray, k: int, kk: int, max_distance: int | None):
-        flat = self._search_flat(q, k, kk, max_distance)
         if self.sealed is None:
-            return flat
-        sealed = self._search_sealed(q, k)
+            return self._search_flat(q, k, kk, max_distance)
+        sealed_ids, sealed_d = self._search_sealed(q, k)
+        if not any(s.n for s in self.shards):  # nothing beside the sealed part: its top k is the answer
+            results = []
+            for ids, d in zip(sealed_ids, sealed_d.astype(np.uint32)):
+                if max_distance is not None:
+                    keep = d <= max_distance
+                    ids, d = ids[keep], d[keep]
+                results.append((ids, d))
+            return results
+        flat = self._search_flat(q, k, kk, max_distance)
         results = []
-        for (fi, fd), (si, sd) in zip(flat, sealed):
+        for (fi, fd), si, sd in zip(flat, sealed_ids, sealed_d):
             ids, d = np.concatenate([fi, si]), np.concatenate([fd.astype(np.int64), sd])
             top = rank(d, ids)[:k]
             ids, d = ids[top], d[top]
@@ -459,15 +468,16 @@ class BinaryIndex:
             results.append((ids, d.astype(np.uint32)))
         return results
 
-    def _search_sealed(self, q: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per query, the sealed part's exact top k; a batch is spread over the pool's threads."""
-        search = self.sealed.search_one
+    def _search_sealed(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The sealed part's exact top k of each query: (ids [Q, k'], distances [Q, k']). The
+        compiled search runs without the GIL: a batch is split over the pool's threads."""
+        search = self.sealed.search
         if len(q) < 2 * len(self.shards):
-            return [search(row, k) for row in q]
+            return search(q, k)
         groups = np.array_split(np.arange(len(q)), len(self.shards))
-        futures = [self.pool.submit(lambda g: [search(q[i], k) for i in g], g) for g in groups[1:]]
-        first = [search(q[i], k) for i in groups[0]]
-        return first + [r for f in futures for r in f.result()]
+        futures = [self.pool.submit(search, q[g], k) for g in groups[1:]]
+        parts = [search(q[groups[0]], k), *(f.result() for f in futures)]
+        return np.concatenate([i for i, _ in parts]), np.concatenate([d for _, d in parts])
 
     def _search_flat(self, q: np.ndarray, k: int, kk: int, max_distance: int | None):
         nq = len(q)
