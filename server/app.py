@@ -192,6 +192,35 @@ def _release_free_heap() -> None:
         pass
 
 
+class HeldLogs(logging.Handler):
+    """Within ``with HeldLogs() as held:`` the root logger's records are held instead of written,
+    and written in order at the end, unless ``held.drop()`` was called (or the block raised
+    after it): the start of a server that then refuses to serve leaves its one-line error only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] | None = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.records is not None:
+            self.records.append(record)
+
+    def drop(self) -> None:
+        self.records = None
+
+    def __enter__(self) -> "HeldLogs":
+        root = logging.getLogger()
+        self.targets, root.handlers = root.handlers, [self]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().handlers = self.targets
+        for record in self.records or ():
+            for handler in self.targets:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+
+
 def lock_data_dir(data_dir: Path) -> int:
     """Hold an exclusive OS lock (flock) on DATA_DIR/server.lock for the life of this process,
     so that two servers never share one store, whatever started them. Returns the lock's fd."""
@@ -233,15 +262,27 @@ def build_server(args: argparse.Namespace):
     args.ready = ReadyFile(ready_file(args))  # only now: the ready file of a server refused the lock is not ours
     token, token_source = admin_token(data_dir, args.admin_token_file)
     max_bytes = args.max_store_mb * 1024 * 1024 if args.max_store_mb else None
-    try:
-        store = open_store(data_dir, integrity_check=not args.skip_integrity_check, max_bytes=max_bytes)
-        started = time.monotonic()
-        service = CloudStoreService(store, token, args.shards, args.mih_min_items, args.index)
-    except StoreError as exc:
-        raise UserError(str(exc)) from None
-    log.info("index ready in %.1f s: %s", time.monotonic() - started,
-             ", ".join(f"{c.name!r} {len(c.index)} items ({c.index.kind})" for c in service.collections.values())
-             or "no collections")
+    with HeldLogs() as held:  # a refused start prints one line, not the records of the load it cut short
+        try:
+            # SQLite's quick_check runs in a thread while the index is loaded or rebuilt; nothing
+            # is served before it passed
+            store = open_store(data_dir, integrity_check=not args.skip_integrity_check, max_bytes=max_bytes,
+                               check_in_background=True)
+            started = time.monotonic()
+            try:
+                service = CloudStoreService(store, token, args.shards, args.mih_min_items, args.index)
+            except BaseException:
+                store.verify()  # a store that fails the check explains a failed load: refuse as such
+                raise
+            index_s = time.monotonic() - started
+            store.verify()
+        except StoreError as exc:
+            held.drop()
+            raise UserError(str(exc)) from None
+        log.info("index ready in %.1f s: %s", index_s,
+                 ", ".join(f"{c.name!r} {len(c.index)} items ({c.index.kind})" for c in service.collections.values())
+                 or "no collections")
+    service.snapshot_rebuilt()  # only now: a snapshot is never taken of a store that failed the check
     _release_free_heap()
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -18,7 +18,7 @@ from dlheir.codes import pack_bits, unpack_bits
 from dlheir.contract import NAME_RE, ContractError, check_code, code_bytes, model_mismatch, validate_bits
 from dlheir.server.guard import bearer_token, clip
 from dlheir.server import snapshot
-from dlheir.server.index import UPLOAD_END_RESEAL_FRACTION, BinaryIndex, default_shards
+from dlheir.server.index import RESEAL_FRACTION, UPLOAD_END_RESEAL_FRACTION, BinaryIndex, default_shards
 from dlheir.proto import dlheir_cloud_pb2 as pb
 from dlheir.proto import dlheir_cloud_pb2_grpc as pb_grpc
 from dlheir.server.sealed import CodePagesMixin, mode_name
@@ -56,6 +56,9 @@ class Collection:
     private: bool = False  # private-ranking mode: no codes on the server, sealed code pages (sealed.py)
     fingerprint: str = ""  # the model whose codes it holds ('': raw codes or made before fingerprints, unchecked)
     image_size: int = 0  # that model's S (reported, not checked: the fingerprint covers it)
+    writes: int = 0  # uploads and deletes applied to its index (under the service's write lock)
+    # held while its index is re-sealed outside the write lock: one build per collection at a time
+    seal_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
@@ -88,8 +91,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
                     rebuilt.append(col)
                 else:
                     col.index = index
-        if rebuilt:  # a crash now need not rebuild again: snapshot what was just built
-            self._snapshot_in_background(rebuilt)
+        self._rebuilt = rebuilt  # snapshot_rebuilt() writes their snapshots
         self._user_hashes: frozenset[str] = frozenset()  # active per-user reader tokens, all collections
         self._load_access()
 
@@ -121,6 +123,37 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
                     self._snapshot(col)
                 except OSError as exc:  # no snapshot only costs a rebuild at the next start
                     log.warning("collection %r: index snapshot not written: %s", col.name, exc)
+
+    def snapshot_rebuilt(self) -> None:
+        """Snapshot, in the background, the indexes rebuilt from the store at start (a crash now
+        need not rebuild again). Called once the store passed its integrity check: a snapshot is
+        never taken of a store that then turns out damaged."""
+        rebuilt, self._rebuilt = self._rebuilt, []
+        if rebuilt:
+            self._snapshot_in_background(rebuilt)
+
+    def _reseal(self, col: Collection, fraction: float = RESEAL_FRACTION, wait: bool = False) -> None:
+        """Fold the flat delta into the multi-index hash when it has passed ``fraction`` of the
+        sealed part (``BinaryIndex.maybe_seal``), then snapshot it in the background. Called
+        outside the write lock: the build (seconds at 10M codes) blocks no other writer; one that
+        a concurrent write overtook is dropped by the index, and then built once more holding
+        the write lock, so that writers that keep coming cannot starve the re-seal. Without
+        ``wait``, nothing is done while another build of the collection runs (it sees this
+        write, or retries holding the lock)."""
+        if col.private or not col.seal_lock.acquire(blocking=wait):
+            return
+        try:
+            index, writes = col.index, col.writes
+            seals = index.seals
+            index.maybe_seal(fraction)
+            if index.seals == seals and col.writes != writes:  # overtaken (or there was nothing to do)
+                with self.write_lock:
+                    if self.collections.get(col.name) is col and col.index is index:
+                        index.maybe_seal(fraction)
+            if index.seals != seals:
+                self._snapshot_in_background([col])
+        finally:
+            col.seal_lock.release()
 
     def _snapshot_in_background(self, cols: list[Collection]) -> None:
         def run():
@@ -222,7 +255,8 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         if hmac.compare_digest(given, self.admin_hash):
             cols = list(self.collections.values())
         else:
-            cols = [c for c in self.collections.values() if given in (c.owner_hash, c.reader_hash) or given in c.readers]
+            cols = [c for c in self.collections.values() if hmac.compare_digest(given, c.owner_hash)
+                    or hmac.compare_digest(given, c.reader_hash) or given in c.readers]
             if not cols:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "token not valid for any collection")
         return pb.ListCollectionsResponse(collections=[self._info(c) for c in cols])
@@ -287,11 +321,12 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             self.store.write_batch(col.name, batch, replace)  # durable from here
             if not col.private:  # private mode: nothing to index
                 codes = np.frombuffer(b"".join(b[1] for b in batch), np.uint8)
-                seals = col.index.seals
-                col.index.add(np.array(ids, dtype=np.int64), codes, replace_ids=sorted(existing) if existing else None)
-                if col.index.seals != seals:  # just re-sealed: snapshot it (used if no write follows a crash)
-                    self._snapshot_in_background([col])
-            return self._size(col)
+                col.index.add(np.array(ids, dtype=np.int64), codes, replace_ids=sorted(existing) if existing else None,
+                              seal=False)
+                col.writes += 1
+            total = self._size(col)
+        self._reseal(col)  # past 10% of a delta: re-sealed outside the write lock, and snapshotted
+        return total
 
     def Upload(self, request_iterator, context):
         col = None
@@ -313,13 +348,8 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             # an empty batch is acknowledged too (nothing to make durable): one ack per batch
             total = self._commit(col, batch, request.replace, context) if batch else self._size(col)
             yield pb.UploadAck(batch=n_batch, ids=[b[0] for b in batch], total_items=total)
-        if col is not None and not col.private:
-            # the stream is over: fold a flat delta of 1% or more into the multi-index hash now,
-            # outside the write lock (a build overtaken by another write is dropped, not applied)
-            seals = col.index.seals
-            col.index.maybe_seal(UPLOAD_END_RESEAL_FRACTION)
-            if col.index.seals != seals:
-                self._snapshot_in_background([col])
+        if col is not None:  # the stream is over: fold a flat delta of 1% or more already
+            self._reseal(col, UPLOAD_END_RESEAL_FRACTION, wait=True)
 
     # --- search, fetch, delete ----------------------------------------------------------
     def Search(self, request, context):
@@ -364,7 +394,11 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         ids = list(request.ids)
         with self.write_lock:
             n = self.store.delete(col.name, ids)  # durable first, then the index
-            col.index.remove(ids)
+            seals = col.index.seals
+            col.index.remove(ids)  # re-seals (under the write lock) once a quarter of the sealed part is dead
+            col.writes += 1
+            if col.index.seals != seals:  # snapshot it, as after an upload (taken once this lock is free)
+                self._snapshot_in_background([col])
         log.info("collection %r: %d of %d id(s) deleted by %s", col.name, n, len(ids), context.peer())
         return pb.DeleteResponse(deleted=n)
 

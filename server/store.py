@@ -126,38 +126,82 @@ ADDED_COLUMNS = (
 PAGE_SIZE = 16384
 
 
-def open_store(data_dir: Path | str, integrity_check: bool = True, max_bytes: int | None = None) -> "Store":
+def open_store(data_dir: Path | str, integrity_check: bool = True, max_bytes: int | None = None,
+               check_in_background: bool = False) -> "Store":
     """Open the store of ``data_dir``, creating it when the data dir is new.
 
     Refuses (StoreUnusableError, one line naming the file and what to do) a data dir that was
     in use and whose store is now missing or empty, and a store that fails SQLite's
-    ``quick_check``: never serve a damaged or silently emptied store."""
+    ``quick_check``: never serve a damaged or silently emptied store. With
+    ``check_in_background`` the check runs in a thread on a connection of its own (SQLite
+    releases the GIL) while the caller builds its index, and the caller must call
+    ``store.verify()`` (which waits for it and raises the same refusal) before serving."""
     data_dir = Path(data_dir)
     path, marker = data_dir / STORE_FILE, data_dir / MARKER
     size = path.stat().st_size if path.exists() else None
-    aside = f"restore it from a backup, or move {data_dir} aside to start a new, empty store"
     if marker.exists() and not size:
         raise StoreUnusableError(f"{path} is {'missing' if size is None else 'empty (0 bytes)'} but {data_dir} "
-                                 f"holds a store created {marker.read_text().strip()}: {aside}")
+                                 f"holds a store created {marker.read_text().strip()}: {_aside(data_dir)}")
     if size == 0:
-        raise StoreUnusableError(f"{path} is empty (0 bytes), not a store: {aside}")
+        raise StoreUnusableError(f"{path} is empty (0 bytes), not a store: {_aside(data_dir)}")
     if size is None:
         _create(path)
     try:
         store = Store(path, max_bytes=max_bytes)
     except StoreError as exc:
-        raise StoreUnusableError(f"cannot open {path}: {exc}; {aside}") from None
+        raise StoreUnusableError(f"cannot open {path}: {exc}; {_aside(data_dir)}") from None
     if integrity_check:
-        started = time.monotonic()
-        problems = store.quick_check()
-        if problems:
-            store.close()
-            raise StoreUnusableError(f"{path} failed SQLite's integrity check ({problems[0]}"
-                                     f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}): {aside}")
-        log.info("quick_check of %s passed in %.2f s", path, time.monotonic() - started)
-    if not marker.exists():
-        _write_durably(marker, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
+        store._check = IntegrityCheck(path)
+    if not check_in_background:
+        store.verify()
     return store
+
+
+def _aside(data_dir: Path) -> str:
+    return f"restore it from a backup, or move {data_dir} aside to start a new, empty store"
+
+
+class IntegrityCheck:
+    """SQLite's ``quick_check`` of a store file, run in a thread on its own connection: SQLite
+    releases the GIL while it checks, so the check runs beside the index build at start (at 10M
+    items each takes seconds) instead of before it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.problems: list[str] = []
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="quick_check", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        try:
+            conn = sqlite3.connect(self.path, check_same_thread=False)
+        except sqlite3.Error as exc:
+            self.problems = [str(exc)]
+        else:
+            try:
+                self.problems = quick_check(conn)
+            finally:
+                conn.close()
+        self.seconds = time.monotonic() - started
+
+    def wait(self) -> list[str]:
+        """The problems found ([]: the file is sound), once the check is done."""
+        self._thread.join()
+        return self.problems
+
+
+def quick_check(conn: sqlite3.Connection) -> list[str]:
+    """SQLite's ``PRAGMA quick_check`` on ``conn``: [] when the file is sound, else what is wrong (a
+    check that cannot even run because a page is malformed is one such answer, not a logged error)."""
+    try:
+        rows = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+    except sqlite3.DatabaseError as exc:
+        return [str(exc)]
+    if rows == ["ok"]:
+        return []
+    return [line for row in rows for line in str(row).splitlines() if line.strip() and not line.startswith("***")]
 
 
 def _write_durably(path: Path, text: str) -> None:
@@ -216,6 +260,7 @@ class Store:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self._check: IntegrityCheck | None = None  # open_store's, until verify()
 
     def _add_columns(self) -> None:
         """Migrate a store made before ADDED_COLUMNS in place (each ALTER is one statement: atomic)."""
@@ -275,16 +320,26 @@ class Store:
             return int(self._conn.execute("SELECT value FROM generation").fetchone()[0])
 
     def quick_check(self) -> list[str]:
-        """SQLite's ``PRAGMA quick_check``: [] when the file is sound, else what is wrong (a check
-        that cannot even run because a page is malformed is one such answer, not a logged error)."""
-        try:
-            with self._lock:
-                rows = [r[0] for r in self._conn.execute("PRAGMA quick_check").fetchall()]
-        except sqlite3.DatabaseError as exc:
-            return [str(exc)]
-        if rows == ["ok"]:
-            return []
-        return [line for row in rows for line in str(row).splitlines() if line.strip() and not line.startswith("***")]
+        """SQLite's ``quick_check`` on the writer connection (see ``quick_check()``)."""
+        with self._lock:
+            return quick_check(self._conn)
+
+    def verify(self) -> None:
+        """Wait for the integrity check ``open_store`` started (if any) and refuse a store that
+        failed it (StoreUnusableError, one line; the store is closed); marks the data dir as
+        holding a store once it passed."""
+        check, self._check = self._check, None
+        if check is not None:
+            problems = check.wait()
+            if problems:
+                self.close()
+                raise StoreUnusableError(f"{self.path} failed SQLite's integrity check ({problems[0]}"
+                                         f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}): "
+                                         f"{_aside(self.path.parent)}")
+            log.info("quick_check of %s passed in %.2f s", self.path, check.seconds)
+        marker = self.path.parent / MARKER
+        if not marker.exists():
+            _write_durably(marker, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
 
     def create_collection(self, name: str, bits: int, owner_hash: str, reader_hash: str,
                           private: bool = False, fingerprint: str = "", image_size: int = 0) -> bool:
