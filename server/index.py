@@ -44,7 +44,7 @@ log = logging.getLogger("dlheir.server.index")
 
 FAST_BYTES = (8, 16, 32, 64)  # code sizes IndexBinaryFlat has specialised paths for
 PARALLEL_MIN_WORK = 65536  # (codes x queries) below which a thread hand-off costs more than the scan it splits
-MIH_MIN_ITEMS = 200_000  # from here on, multi-index hashing may beat the flat scan (bench search)
+MIH_MIN_ITEMS = 100_000  # from here on, multi-index hashing may beat the flat scan (bench search)
 RESEAL_FRACTION = 0.1  # re-seal when the flat delta passes this share of the sealed part
 # ... and at the end of an upload stream already from this share: a delta of 10% is a flat scan
 # of 10% of the collection in every search (at 10M codes several times the hashing's cost)
