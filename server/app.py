@@ -263,6 +263,7 @@ def build_server(args: argparse.Namespace):
     token, token_source = admin_token(data_dir, args.admin_token_file)
     max_bytes = args.max_store_mb * 1024 * 1024 if args.max_store_mb else None
     with HeldLogs() as held:  # a refused start prints one line, not the records of the load it cut short
+        log.info("dlheir cloud server (pid %d) starting on %s", os.getpid(), data_dir)
         try:
             # SQLite's quick_check runs in a thread while the index is loaded or rebuilt; nothing
             # is served before it passed
@@ -276,12 +277,13 @@ def build_server(args: argparse.Namespace):
                 raise
             index_s = time.monotonic() - started
             store.verify()
+            waited_s = time.monotonic() - started - index_s
         except StoreError as exc:
             held.drop()
             raise UserError(str(exc)) from None
-        log.info("index ready in %.1f s: %s", index_s,
+        log.info("index ready in %.1f s: %s; then waited %.1f s for the store's integrity check", index_s,
                  ", ".join(f"{c.name!r} {len(c.index)} items ({c.index.kind})" for c in service.collections.values())
-                 or "no collections")
+                 or "no collections", waited_s)
     service.snapshot_rebuilt()  # only now: a snapshot is never taken of a store that failed the check
     _release_free_heap()
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
