@@ -76,12 +76,18 @@ def search_results(reply: pb.SearchResponse) -> list[tuple[np.ndarray, np.ndarra
         return [(np.array(x.ids, dtype=np.int64), np.array(x.distances, dtype=np.int32)) for x in reply.results]
     ids = np.frombuffer(reply.ids, "<i8").astype(np.int64)
     dist = np.frombuffer(reply.distances, "<u2").astype(np.int32)
-    counts = np.array(reply.counts, dtype=np.int64)
-    if len(ids) != counts.sum() or len(dist) != len(ids):
-        raise CloudError(grpc.StatusCode.DATA_LOSS, f"malformed search reply: {counts.sum()} results counted, "
+    counts = reply.counts
+    total = counts[0] if len(counts) == 1 else sum(counts)
+    if len(ids) != total or len(dist) != len(ids):
+        raise CloudError(grpc.StatusCode.DATA_LOSS, f"malformed search reply: {total} results counted, "
                                                      f"{len(ids)} ids and {len(dist)} distances sent")
-    cuts = np.cumsum(counts)[:-1]
-    return list(zip(np.split(ids, cuts), np.split(dist, cuts)))
+    if len(counts) == 1:  # one query (the common case): no splitting
+        return [(ids, dist)]
+    out, start = [], 0
+    for n in counts:  # slices of the two arrays (views: they share one buffer each)
+        out.append((ids[start:start + n], dist[start:start + n]))
+        start += n
+    return out
 
 
 class CloudClient:
@@ -96,9 +102,9 @@ class CloudClient:
         self.stub = pb_grpc.CloudStoreStub(self.channel)
         self.address, self.token = address, token
 
-    def _md(self, token: str | None = None):
+    def _md(self, token: str | None = None) -> tuple:
         token = token or self.token
-        return [("authorization", f"Bearer {token}")] if token else []
+        return (("authorization", f"Bearer {token}"),) if token else ()
 
     def _call(self, method, request, token=None):
         try:
@@ -157,8 +163,8 @@ class CloudClient:
         """Per query code: (ids, distances) of the top k. ``model_fingerprint``: the model that made
         the query codes (a collection made with one needs it)."""
         codes = np.atleast_2d(np.asarray(codes, dtype=np.uint8))
-        req = pb.SearchRequest(collection=name, codes=[c.tobytes() for c in codes], k=k,
-                               model_fingerprint=model_fingerprint, packed=True)
+        req = pb.SearchRequest(collection=name, codes=[codes.tobytes()] if len(codes) == 1 else
+                               [c.tobytes() for c in codes], k=k, model_fingerprint=model_fingerprint, packed=True)
         if max_distance is not None:
             req.max_distance = max_distance
         return search_results(self._call(self.stub.Search, req))

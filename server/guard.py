@@ -53,6 +53,9 @@ class Guard(grpc.ServerInterceptor):
     def __init__(self, known_token: Callable[[str], bool], idle_timeout: float) -> None:
         self.known_token = known_token
         self.idle_timeout = idle_timeout
+        # method -> (its handler, the wrapped handler): the wrapping depends on nothing else, so
+        # it is built once per method, not once per call (part of every call's latency)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -66,7 +69,10 @@ class Guard(grpc.ServerInterceptor):
                                 "missing 'authorization: Bearer <token>' metadata")
             if not self.known_token(token):
                 return _refusal(handler, method, grpc.StatusCode.UNAUTHENTICATED, "token not valid")
-        return _wrapped(handler, method, self.idle_timeout)
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:  # only registered methods get here: bounded
+            cached = self._wrapped[method] = (handler, _wrapped(handler, method, self.idle_timeout))
+        return cached[1]
 
 
 def _log_failure(context, method: str) -> None:

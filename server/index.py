@@ -198,7 +198,7 @@ class _Shard:
         pos = np.empty((len(queries), k), dtype=np.int64)
         with faiss_threads(1):  # FAISS's own wrapper, minus its per-call checks (hot path)
             self.index.search_c(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(dist), faiss.swig_ptr(pos))
-        return dist, self.ids[pos]
+        return dist, self._ids[pos]  # every pos < n (k <= n): no -1 for a missing result
 
     def within(self, query: np.ndarray, max_dist: int) -> tuple[np.ndarray, np.ndarray]:
         """All items at distance <= max_dist from one query: (distances, ids)."""
@@ -439,6 +439,8 @@ class BinaryIndex:
         kk = _shard_k(k)
         chunk = max(1, MERGE_BUDGET // (kk * len(self.shards)))
         with self.lock.read():  # one snapshot for the whole request
+            if len(q) <= chunk:
+                return self._search_chunk(q, k, kk, max_distance)
             results = []
             for start in range(0, len(q), chunk):
                 results += self._search_chunk(q[start:start + chunk], k, kk, max_distance)
@@ -484,39 +486,64 @@ class BinaryIndex:
         shards, parts = self._search_shards(q, kk)
         if not parts:
             return [(np.zeros(0, np.int64), np.zeros(0, np.uint32)) for _ in range(nq)]
-        dist = np.concatenate([d for d, _ in parts], axis=1)
-        ids = np.concatenate([i for _, i in parts], axis=1)
-        order = rank(dist, ids)
-        rows = np.arange(nq)[:, None]
-        dist, ids = dist[rows, order], ids[rows, order]
-        if dist.shape[1] <= k:  # every shard returned everything it holds
-            kth = None
+        if len(parts) == 1:  # one shard (every small collection): nothing to merge
+            dist, ids = parts[0]
         else:
-            kth = dist[:, k - 1].astype(np.int64)  # the k-th distance of each query
+            dist = np.concatenate([d for d, _ in parts], axis=1)
+            ids = np.concatenate([i for _, i in parts], axis=1)
+        if nq == 1:  # one query (the latency path): 1-D arrays, half the numpy calls of the batch path
+            d, i = dist[0], ids[0]
+            order = rank(d, i)[:k]
+            top_d = d[order]
+            top = (i[order], top_d.astype(np.uint32))
+            if len(d) > k:
+                b = int(top_d[k - 1]) if max_distance is None else min(int(top_d[k - 1]), max_distance)
+                if any(kk < s.n and sd[0, -1] <= b for s, (sd, _) in zip(shards, parts)):
+                    top = self._boundary(q[0], 0, b, k, kk, shards, parts)
+            if max_distance is not None and len(top[1]) and top[1][-1] > max_distance:
+                keep = top[1] <= max_distance
+                top = (top[0][keep], top[1][keep])
+            return [top]
+        rows = np.arange(nq)[:, None]
+        order = rank(dist, ids)[:, :k]
+        top_d, top_i = dist[rows, order], ids[rows, order]
+        # the answer for each query, row by row: views of two [Q, k] arrays made for it
+        results = list(zip(top_i, top_d.astype(np.uint32)))
+        if dist.shape[1] > k:  # else every shard returned everything it holds
+            kth = top_d[:, k - 1]  # the k-th distance of each query
             if max_distance is not None:
                 kth = np.minimum(kth, max_distance)
-        results = []
-        for qi in range(nq):
-            d, i = dist[qi, :k], ids[qi, :k]
-            if kth is not None:
-                # shards that returned all they were asked for, and whose last distance is
-                # still <= the boundary, may hold more items at the boundary distance
-                open_shards = [s for s, (sd, _) in zip(shards, parts)
-                               if kk < s.n and sd[qi, -1] <= kth[qi]]
-                if open_shards:
-                    b = int(kth[qi])
-                    cand_d = [sd[qi][sd[qi] <= b] for s, (sd, _) in zip(shards, parts) if s not in open_shards]
-                    cand_i = [si[qi][sd[qi] <= b] for s, (sd, si) in zip(shards, parts) if s not in open_shards]
-                    for s in open_shards:
-                        rd, ri = s.within(q[qi], b)
-                        cand_d.append(rd)
-                        cand_i.append(ri)
-                    cd, ci = np.concatenate(cand_d), np.concatenate(cand_i)
-                    o = rank(cd, ci)[:k]
-                    d, i = cd[o], ci[o]
-            if max_distance is not None:
-                keep = d <= max_distance
-                d, i = d[keep], i[keep]
-            results.append((i.copy(), d.astype(np.uint32)))  # copies: no view keeps the chunk's arrays alive
+            # shards that returned all they were asked for, and whose last distance is still
+            # <= the boundary, may hold more items at the boundary distance
+            reopen = None
+            for s, (sd, _) in zip(shards, parts):
+                if kk < s.n:
+                    at_boundary = sd[:, -1] <= kth
+                    reopen = at_boundary if reopen is None else reopen | at_boundary
+            if reopen is not None and reopen.any():
+                for qi in np.flatnonzero(reopen):
+                    results[qi] = self._boundary(q[qi], qi, int(kth[qi]), k, kk, shards, parts)
+        if max_distance is not None:
+            results = [(i, d) if not len(d) or d[-1] <= max_distance else (i[d <= max_distance], d[d <= max_distance])
+                       for i, d in results]
         return results
+
+    @staticmethod
+    def _boundary(query: np.ndarray, qi: int, b: int, k: int, kk: int, shards: list["_Shard"],
+                  parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Query ``qi``'s exact top k when some shard may hold more items at the boundary
+        distance ``b`` than it returned: every item at distance <= b from those shards (a range
+        search), with the other shards' returned ones, sorted by (distance, id)."""
+        cand_d, cand_i = [], []
+        for s, (sd, si) in zip(shards, parts):
+            if kk < s.n and sd[qi, -1] <= b:
+                rd, ri = s.within(query, b)
+            else:
+                keep = sd[qi] <= b
+                rd, ri = sd[qi][keep], si[qi][keep]
+            cand_d.append(rd)
+            cand_i.append(ri)
+        cd, ci = np.concatenate(cand_d), np.concatenate(cand_i)
+        o = rank(cd, ci)[:k]
+        return ci[o], cd[o].astype(np.uint32)
 

@@ -354,31 +354,46 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
     # --- search, fetch, delete ----------------------------------------------------------
     def Search(self, request, context):
         col = self._collection(request.collection, context, write=False)
-        self._refuse_if_private(col, context, "answer Search")
+        if col.private:
+            self._refuse_if_private(col, context, "answer Search")
         if col.fingerprint and request.model_fingerprint != col.fingerprint:
             self._check_model(col, request.model_fingerprint, context)
-        if not 1 <= request.k <= MAX_K:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k must be from 1 to {MAX_K}, got {request.k}")
-        if not 1 <= len(request.codes) <= MAX_QUERIES:
+        k, codes = request.k, request.codes
+        if not 1 <= k <= MAX_K:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k must be from 1 to {MAX_K}, got {k}")
+        n_queries = len(codes)
+        if not 1 <= n_queries <= MAX_QUERIES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"give 1 to {MAX_QUERIES} query codes per request, got {len(request.codes)}")
-        n_results = len(request.codes) * min(request.k, len(col.index))
+                          f"give 1 to {MAX_QUERIES} query codes per request, got {n_queries}")
+        n_results = n_queries * min(k, len(col.index))
         if n_results > MAX_RESULTS:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"this search asks for {len(request.codes)} queries x k={min(request.k, len(col.index))} = "
+                          f"this search asks for {n_queries} queries x k={min(k, len(col.index))} = "
                           f"{n_results} results; the limit is {MAX_RESULTS} results per request "
                           f"(send fewer queries per request or a smaller k)")
-        want = code_bytes(col.bits)
-        for i, code in enumerate(request.codes):
-            self._check_code(col, code, f"query {i}", context)
-        queries = np.frombuffer(b"".join(request.codes), np.uint8).reshape(-1, want)
+        queries = self._query_codes(col, codes, context)
         max_d = request.max_distance if request.HasField("max_distance") else None
-        results = col.index.search(queries, request.k, max_d)
-        if request.packed:  # whole arrays, no per-result objects: cheaper to build and to read
-            return pb.SearchResponse(counts=[len(i) for i, _ in results],
-                                     ids=np.concatenate([i for i, _ in results]).astype("<i8").tobytes(),
-                                     distances=np.concatenate([d for _, d in results]).astype("<u2").tobytes())
-        return pb.SearchResponse(results=[pb.SearchResult(ids=i.tolist(), distances=d.tolist()) for i, d in results])
+        results = col.index.search(queries, k, max_d)
+        if not request.packed:
+            return pb.SearchResponse(results=[pb.SearchResult(ids=i.tolist(), distances=d.tolist()) for i, d in results])
+        # packed: whole arrays, no per-result objects: cheaper to build and to read
+        if len(results) == 1:
+            ids, dist = results[0]
+        else:
+            ids, dist = np.concatenate([i for i, _ in results]), np.concatenate([d for _, d in results])
+        return pb.SearchResponse(counts=[len(i) for i, _ in results], ids=np.asarray(ids, "<i8").tobytes(),
+                                 distances=dist.astype("<u2").tobytes())
+
+    def _query_codes(self, col: Collection, codes, context) -> np.ndarray:
+        """A request's query codes as one [Q, code bytes] array, each checked as a code of the
+        collection (``_check_code`` refuses the first bad one, naming it). Whole-byte codes need
+        only their lengths checked: that is done without a call per query."""
+        want = code_bytes(col.bits)
+        joined = codes[0] if len(codes) == 1 else b"".join(codes)
+        if col.bits % 8 or len(joined) != len(codes) * want or (len(codes) > 1 and any(len(c) != want for c in codes)):
+            for i, code in enumerate(codes):
+                self._check_code(col, code, f"query {i}", context)
+        return np.frombuffer(joined, np.uint8).reshape(-1, want)
 
     def Fetch(self, request, context):
         col = self._collection(request.collection, context, write=False)
