@@ -546,4 +546,3 @@ class BinaryIndex:
         cd, ci = np.concatenate(cand_d), np.concatenate(cand_i)
         o = rank(cd, ci)[:k]
         return ci[o], cd[o].astype(np.uint32)
-

@@ -36,6 +36,7 @@ MAX_METADATA_BYTES = 64 * 1024  # per item, keys + values
 MAX_RESULTS = 1_000_000
 FINGERPRINT_RE = re.compile(r"[0-9a-f]{8,64}")  # dlheir.contract.model_fingerprint: lowercase hex
 MAX_IMAGE_SIZE = 65535
+PACKED_IDS, PACKED_DISTANCES = np.dtype("<i8"), np.dtype("<u2")  # SearchResponse's packed arrays (the proto)
 
 log = logging.getLogger("dlheir.server")
 
@@ -379,10 +380,12 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         # packed: whole arrays, no per-result objects: cheaper to build and to read
         if len(results) == 1:
             ids, dist = results[0]
+            counts = [len(ids)]
         else:
+            counts = [len(i) for i, _ in results]
             ids, dist = np.concatenate([i for i, _ in results]), np.concatenate([d for _, d in results])
-        return pb.SearchResponse(counts=[len(i) for i, _ in results], ids=np.asarray(ids, "<i8").tobytes(),
-                                 distances=dist.astype("<u2").tobytes())
+        return pb.SearchResponse(counts=counts, ids=ids.astype(PACKED_IDS, copy=False).tobytes(),
+                                 distances=dist.astype(PACKED_DISTANCES).tobytes())
 
     def _query_codes(self, col: Collection, codes, context) -> np.ndarray:
         """A request's query codes as one [Q, code bytes] array, each checked as a code of the
