@@ -193,20 +193,37 @@ def _release_free_heap() -> None:
 
 
 class HeldLogs(logging.Handler):
-    """Within ``with HeldLogs() as held:`` the root logger's records are held instead of written,
-    and written in order at the end, unless ``held.drop()`` was called (or the block raised
-    after it): the start of a server that then refuses to serve leaves its one-line error only."""
+    """Within ``with HeldLogs() as held:`` the root logger's records are held back until
+    ``held.let_through()`` (written then, in order, and later ones at once) or the end of the block;
+    ``held.drop()`` discards them: the start of a server that then refuses to serve a damaged
+    store leaves its one-line error only."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.records: list[logging.LogRecord] | None = []
+        self.records: list[logging.LogRecord] | None = []  # None: dropped
+        self.released = False
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.records is not None:
+    def emit(self, record: logging.LogRecord) -> None:  # called under self.lock
+        if self.released:
+            self._write(record)
+        elif self.records is not None:
             self.records.append(record)
 
+    def _write(self, record: logging.LogRecord) -> None:
+        for handler in self.targets:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+    def let_through(self) -> None:  # (not release(): logging.Handler's own lock uses that name)
+        with self.lock:  # emit() holds it too: no record overtakes the held ones
+            if self.records is not None and not self.released:
+                for record in self.records:
+                    self._write(record)
+                self.records, self.released = [], True
+
     def drop(self) -> None:
-        self.records = None
+        with self.lock:
+            self.records = None
 
     def __enter__(self) -> "HeldLogs":
         root = logging.getLogger()
@@ -214,11 +231,8 @@ class HeldLogs(logging.Handler):
         return self
 
     def __exit__(self, *exc) -> None:
+        self.let_through()
         logging.getLogger().handlers = self.targets
-        for record in self.records or ():
-            for handler in self.targets:
-                if record.levelno >= handler.level:
-                    handler.handle(record)
 
 
 def lock_data_dir(data_dir: Path) -> int:
@@ -269,6 +283,9 @@ def build_server(args: argparse.Namespace):
             # is served before it passed
             store = open_store(data_dir, integrity_check=not args.skip_integrity_check, max_bytes=max_bytes,
                                check_in_background=True)
+            check = store.integrity_check
+            # the log flows again as soon as the check passed (usually long before a large index is ready)
+            threading.Thread(target=lambda: check is None or check.wait() or held.let_through(), daemon=True).start()
             started = time.monotonic()
             try:
                 service = CloudStoreService(store, token, args.shards, args.mih_min_items, args.index)

@@ -329,6 +329,11 @@ class Store:
         with self._lock:
             return quick_check(self._conn)
 
+    @property
+    def integrity_check(self) -> "IntegrityCheck | None":
+        """The check ``open_store`` left running in the background, until ``verify()``."""
+        return self._check
+
     def verify(self) -> None:
         """Wait for the integrity check ``open_store`` started (if any) and refuse a store that
         failed it (StoreUnusableError, one line; the store is closed); marks the data dir as
