@@ -3,6 +3,7 @@ SearchRequest.packed; what CloudClient uses) carries exactly what the per-query 
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 
@@ -44,3 +45,23 @@ def test_malformed_packed_reply_is_refused():
                               distances=np.zeros(2, "<u2").tobytes())
     with pytest.raises(CloudError, match="malformed search reply"):
         search_results(reply)
+
+
+def test_each_query_code_is_checked_in_a_batch(cloud_server):
+    """Search checks a batch's codes without a call per query when all are whole-byte codes of
+    the right length; any bad one is still refused, named by its position (lengths that add up
+    to the right total, padding bits set in a later query)."""
+    with CloudClient(cloud_server.address) as admin:
+        owner_48, _ = admin.create_collection("q48", 48, cloud_server.admin_token)
+        owner_12, _ = admin.create_collection("q12", 12, cloud_server.admin_token)
+    for name, token, codes, expected in (
+            ("q48", owner_48, [bytes(6), bytes(5), bytes(7)], "query 1: code is 5 bytes"),
+            ("q12", owner_12, [bytes(2), b"\x00\x00", b"\x00\x01"], "query 2: the 4 padding bits")):
+        with CloudClient(cloud_server.address, token) as owner:
+            req = pb.SearchRequest(collection=name, codes=codes, k=1, packed=True)
+            with pytest.raises(grpc.RpcError) as err:
+                owner.stub.Search(req, metadata=owner._md())
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in err.value.details()
+            req.codes[:] = codes[:1]  # the good one alone is answered (an empty collection: no results)
+            answered = search_results(owner.stub.Search(req, metadata=owner._md()))
+            assert [(i.tolist(), d.tolist()) for i, d in answered] == [([], [])]
