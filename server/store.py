@@ -172,7 +172,7 @@ class IntegrityCheck:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.problems: list[str] = []
+        self.problems = ["the check did not finish"]  # until it has: a check that died is a failed one
         self.seconds = 0.0
         self._thread = threading.Thread(target=self._run, name="quick_check", daemon=True)
         self._thread.start()
@@ -181,14 +181,15 @@ class IntegrityCheck:
         started = time.monotonic()
         try:
             conn = sqlite3.connect(self.path, check_same_thread=False)
-            conn.execute(f"PRAGMA mmap_size={SCAN_MMAP_BYTES}")
-        except sqlite3.Error as exc:
-            self.problems = [str(exc)]
-        else:
             try:
+                conn.execute(f"PRAGMA mmap_size={SCAN_MMAP_BYTES}")
                 self.problems = quick_check(conn)
             finally:
                 conn.close()
+        except sqlite3.Error as exc:  # cannot even open it to check: a failed check, naming why
+            self.problems = [str(exc)]
+        except Exception as exc:  # noqa: BLE001 - likewise
+            self.problems = [f"{type(exc).__name__}: {exc}"]
         self.seconds = time.monotonic() - started
 
     def wait(self) -> list[str]:
@@ -323,11 +324,6 @@ class Store:
         """The write counter: changes with every committed write transaction."""
         with self._sqlite_errors(), self._lock:
             return int(self._conn.execute("SELECT value FROM generation").fetchone()[0])
-
-    def quick_check(self) -> list[str]:
-        """SQLite's ``quick_check`` on the writer connection (see ``quick_check()``)."""
-        with self._lock:
-            return quick_check(self._conn)
 
     @property
     def integrity_check(self) -> "IntegrityCheck | None":
