@@ -321,7 +321,8 @@ def _server_start(server) -> dict:
     import re
 
     text = (server.data_dir / "server.log").read_text()
-    text = text[text.rindex("quick_check of"):] if "quick_check of" in text else text
+    # the last start's lines (the check runs beside the index load: its line comes after the load's)
+    text = text[text.rindex(") starting on "):] if ") starting on " in text else text
     check = re.search(r"quick_check of .* passed in ([0-9.]+) s", text)
     ready = re.search(r"index ready in [0-9.]+ s: 'bench' \d+ items \(([a-z+]+)\)", text)
     return {"index": ready.group(1) if ready else "?", "from": "snapshot" if "loaded in" in text else "store",
