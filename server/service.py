@@ -133,24 +133,32 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         if rebuilt:
             self._snapshot_in_background(rebuilt)
 
-    def _reseal(self, col: Collection, fraction: float = RESEAL_FRACTION, wait: bool = False) -> None:
+    # a re-seal overtaken by a concurrent write is dropped by the index; after this many such
+    # builds in a row the next one holds the write lock, so writers that keep coming cannot
+    # starve it (each try costs a whole build: seconds at 10M codes)
+    RESEAL_TRIES_UNLOCKED = 2
+
+    def _reseal(self, col: Collection, fraction: float = RESEAL_FRACTION) -> None:
         """Fold the flat delta into the multi-index hash when it has passed ``fraction`` of the
         sealed part (``BinaryIndex.maybe_seal``), then snapshot it in the background. Called
-        outside the write lock: the build (seconds at 10M codes) blocks no other writer; one that
-        a concurrent write overtook is dropped by the index, and then built once more holding
-        the write lock, so that writers that keep coming cannot starve the re-seal. Without
-        ``wait``, nothing is done while another build of the collection runs (it sees this
-        write, or retries holding the lock)."""
-        if col.private or not col.seal_lock.acquire(blocking=wait):
+        outside the write lock: the build blocks no other writer, unless concurrent writes
+        overtook RESEAL_TRIES_UNLOCKED builds in a row. While another build of the collection
+        runs, nothing is done here (that one sees this write, or is tried again)."""
+        if col.private or not col.seal_lock.acquire(blocking=False):
             return
         try:
-            index, writes = col.index, col.writes
+            index = col.index
             seals = index.seals
-            index.maybe_seal(fraction)
-            if index.seals == seals and col.writes != writes:  # overtaken (or there was nothing to do)
-                with self.write_lock:
-                    if self.collections.get(col.name) is col and col.index is index:
-                        index.maybe_seal(fraction)
+            for attempt in range(self.RESEAL_TRIES_UNLOCKED + 1):
+                writes = col.writes
+                if attempt < self.RESEAL_TRIES_UNLOCKED:
+                    index.maybe_seal(fraction)
+                else:
+                    with self.write_lock:
+                        if self.collections.get(col.name) is col and col.index is index:
+                            index.maybe_seal(fraction)
+                if index.seals != seals or col.writes == writes:  # sealed, or not needed (not overtaken)
+                    break
             if index.seals != seals:
                 self._snapshot_in_background([col])
         finally:
@@ -350,7 +358,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             total = self._commit(col, batch, request.replace, context) if batch else self._size(col)
             yield pb.UploadAck(batch=n_batch, ids=[b[0] for b in batch], total_items=total)
         if col is not None:  # the stream is over: fold a flat delta of 1% or more already
-            self._reseal(col, UPLOAD_END_RESEAL_FRACTION, wait=True)
+            self._reseal(col, UPLOAD_END_RESEAL_FRACTION)
 
     # --- search, fetch, delete ----------------------------------------------------------
     def Search(self, request, context):
