@@ -135,8 +135,9 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
 
     # a re-seal overtaken by a concurrent write is dropped by the index; after this many such
     # builds in a row the next one holds the write lock, so writers that keep coming cannot
-    # starve it (each try costs a whole build: seconds at 10M codes)
-    RESEAL_TRIES_UNLOCKED = 2
+    # starve it (each try costs a whole build: seconds at 10M codes). Deletes do not overtake a
+    # build: they wait for it (Delete)
+    RESEAL_TRIES_UNLOCKED = 1
 
     def _reseal(self, col: Collection, fraction: float = RESEAL_FRACTION) -> None:
         """Fold the flat delta into the multi-index hash when it has passed ``fraction`` of the
@@ -418,10 +419,13 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         if len(request.ids) > MAX_IDS:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"delete at most {MAX_IDS} ids per call, got {len(request.ids)}")
         ids = list(request.ids)
-        with self.write_lock:
+        # remove() may re-seal (under the write lock: a quarter of the sealed part dead, or the
+        # delta past 10%): it waits for a build running outside that lock instead of overtaking it
+        # and building a second one beside it
+        with col.seal_lock, self.write_lock:
             n = self.store.delete(col.name, ids)  # durable first, then the index
             seals = col.index.seals
-            col.index.remove(ids)  # re-seals (under the write lock) once a quarter of the sealed part is dead
+            col.index.remove(ids)
             col.writes += 1
             if col.index.seals != seals:  # snapshot it, as after an upload (taken once this lock is free)
                 self._snapshot_in_background([col])
