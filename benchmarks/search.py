@@ -348,10 +348,10 @@ def _goals(rows: list[dict], code_len: int) -> list[str]:
         goal(f"server p50 at {size:,} <= {limit:g} ms", None if v is None else f"{v:.2f} ms", v is not None and v <= limit)
     v = at(100_000_000, "index_p50_ms")
     if v is not None and at(100_000_000, "server_p50_ms") is None:
-        over = max((r["server_overhead_ms"] + r["bare_grpc_p50_ms"] for r in rows if "server_overhead_ms" in r),
-                   default=None)
-        goal("server p50 at 100,000,000 <= 50 ms (in-process index p50 plus the largest gRPC cost measured "
-             "through the server in this run; not measured through the server)",
+        # what a request through the server cost above the index's own search, at the largest such cost
+        over = max((r["server_p50_ms"] - r["index_p50_ms"] for r in rows if "server_p50_ms" in r), default=None)
+        goal("server p50 at 100,000,000 <= 50 ms (in-process index p50 plus the largest cost of going through "
+             "the server measured in this run: server p50 minus in-process index p50; not measured through the server)",
              f"{v:.2f} ms" + ("" if over is None else f" + {over:.2f} ms"), v + (over or 0) <= 50)
     v = at(1_000_000, "server_batch_qps", min)
     goal("batched >= 4,000 queries/s at 1M", None if v is None else f"{v:.0f} q/s", v is not None and v >= 4000)
