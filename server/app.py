@@ -278,6 +278,10 @@ def build_server(args: argparse.Namespace):
     max_bytes = args.max_store_mb * 1024 * 1024 if args.max_store_mb else None
     with HeldLogs() as held:  # a refused start prints one line, not the records of the load it cut short
         log.info("dlheir cloud server (pid %d) starting on %s", os.getpid(), data_dir)
+        from dlheir.server.mih import warm_up
+
+        warming = threading.Thread(target=warm_up, name="warm-up", daemon=True)  # beside the store and index
+        warming.start()
         try:
             # SQLite's quick_check runs in a thread while the index is loaded or rebuilt; nothing
             # is served before it passed
@@ -301,6 +305,7 @@ def build_server(args: argparse.Namespace):
         log.info("index ready in %.1f s: %s; then waited %.1f s for the store's integrity check", index_s,
                  ", ".join(f"{c.name!r} {len(c.index)} items ({c.index.kind})" for c in service.collections.values())
                  or "no collections", waited_s)
+    warming.join()  # the compiled search is loaded before the first request
     service.snapshot_rebuilt()  # only now: a snapshot is never taken of a store that failed the check
     _release_free_heap()
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -68,20 +68,76 @@ def _popcount(x):
 
 
 @njit(nogil=True, cache=True)
-def _counting_sort(keys, n_buckets):
-    """(stable order of the rows by key as int32, bucket starts int64 [n_buckets + 1])."""
-    starts = np.zeros(n_buckets + 1, np.int64)
+def _sort_rows(keys, length):
+    """(rows in stable order of their key as int32, bucket starts int64 [2^length + 1]) for keys
+    below 2^length: one counting pass for keys of up to 16 bits, else two LSD radix passes
+    (low 12 bits, then the rest) that carry the keys along, so every pass reads sequentially
+    and writes into at most 4,096 runs (cache-friendly where one pass over 2^24 buckets is not)."""
+    n = len(keys)
+    starts = np.zeros((1 << length) + 1, np.int64)
+    order = np.empty(n, np.int32)
+    if length <= 16:
+        for key in keys:
+            starts[key + 1] += 1
+        for b in range(1 << length):
+            starts[b + 1] += starts[b]
+        fill = starts[:-1].copy()
+        for row in range(n):
+            key = keys[row]
+            order[fill[key]] = row
+            fill[key] += 1
+        return order, starts
+    low_bits = 12
+    low_mask = (1 << low_bits) - 1
+    high_n = 1 << (length - low_bits)
+    count = np.zeros((1 << low_bits) + 1, np.int64)
     for key in keys:
-        starts[key + 1] += 1
-    for b in range(n_buckets):
-        starts[b + 1] += starts[b]
-    fill = starts[:-1].copy()
-    order = np.empty(len(keys), np.int32)
-    for row in range(len(keys)):
+        count[(key & low_mask) + 1] += 1
+    for b in range(1 << low_bits):
+        count[b + 1] += count[b]
+    tmp_rows = np.empty(n, np.int32)
+    tmp_keys = np.empty(n, np.int32)
+    for row in range(n):
         key = keys[row]
-        order[fill[key]] = row
-        fill[key] += 1
+        at = count[key & low_mask]
+        tmp_rows[at] = row
+        tmp_keys[at] = key
+        count[key & low_mask] = at + 1
+    high = np.zeros(high_n + 1, np.int64)
+    for key in tmp_keys:
+        high[(key >> low_bits) + 1] += 1
+    for b in range(high_n):
+        high[b + 1] += high[b]
+    sorted_keys = np.empty(n, np.int32)
+    for at in range(n):
+        key = tmp_keys[at]
+        h = key >> low_bits
+        order[high[h]] = tmp_rows[at]
+        sorted_keys[high[h]] = key
+        high[h] += 1
+    for key in sorted_keys:  # bucket sizes, in key order: sequential in the starts array
+        starts[key + 1] += 1
+    for b in range(1 << length):
+        starts[b + 1] += starts[b]
     return order, starts
+
+
+@njit(nogil=True, cache=True)
+def _directory_arrays(starts, length, b):
+    """(coarse int64 [2^(length-b) + 1], fine uint16 [2^length + 1], the largest offset: the
+    directory fits when that is below 65,536, else fine has wrapped and is not used)."""
+    n_coarse = ((1 << length) >> b) + 1
+    coarse = np.empty(n_coarse, np.int64)
+    for i in range(n_coarse):
+        coarse[i] = starts[i << b]
+    fine = np.empty(len(starts), np.uint16)
+    worst = 0
+    for key in range(len(starts)):
+        off = starts[key] - coarse[key >> b]
+        if off > worst:
+            worst = off
+        fine[key] = off
+    return coarse, fine, worst
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -201,10 +257,9 @@ def _directory(starts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray,
     """(coarse int64, fine uint16, b) with start(key) = coarse[key >> b] + fine[key]: the largest
     b <= BLOCK_BITS for which every block of 2^b buckets holds fewer than 65,536 rows."""
     for b in range(min(BLOCK_BITS, length), -1, -1):
-        coarse = starts[:: 1 << b]  # 2^(length - b) + 1 entries, the last one n
-        fine = starts - np.repeat(coarse, 1 << b)[: len(starts)]
-        if fine.max() < 1 << 16:
-            return np.ascontiguousarray(coarse), fine.astype(np.uint16), b
+        coarse, fine, worst = _directory_arrays(starts, length, b)
+        if worst < 1 << 16:
+            return coarse, fine, b
     raise AssertionError("b = 0 always fits")  # pragma: no cover
 
 
@@ -224,13 +279,13 @@ class MultiIndexHash:
             ids, codes64 = ids[by_id], codes64[by_id]
         shifts = [int(s) for s in 64 - np.cumsum(lengths)]
         # rows sorted by (first substring, id): table 0 is then the row order itself
-        order, starts = _counting_sort(_substring(codes64, shifts[0], lengths[0]), 1 << lengths[0])
+        order, starts = _sort_rows(_substring(codes64, shifts[0], lengths[0]), lengths[0])
         ids, codes64 = ids.astype(_id_dtype(ids))[order], codes64[order]
         del order
         rows = np.empty((len(lengths) - 1, len(ids)), dtype=np.int32)
         directories = [_directory(starts, lengths[0])]
         for j in range(1, len(lengths)):
-            order, starts = _counting_sort(_substring(codes64, shifts[j], lengths[j]), 1 << lengths[j])
+            order, starts = _sort_rows(_substring(codes64, shifts[j], lengths[j]), lengths[j])
             rows[j - 1] = order
             directories.append(_directory(starts, lengths[j]))
             del order, starts
@@ -319,3 +374,12 @@ class MultiIndexHash:
         """(ids int64, distances int32) of the exact top k live codes by (distance, id)."""
         ids, d = self.search(np.asarray(query, dtype=np.uint8).reshape(1, -1), k)
         return ids[0], d[0]
+
+
+def warm_up() -> None:
+    """Load the compiled kernels now (numba compiles them on a first run and caches them beside
+    this module): a server calls this while it starts, so no request pays for it, and their
+    memory (about 40 MB, once per process) is part of an empty server's."""
+    codes = np.random.default_rng(0).integers(0, 256, (300, 8), dtype=np.uint8)
+    for ids in (np.arange(300), np.arange(300) + 2**40):  # ids held as uint32, and as int64
+        MultiIndexHash(ids, codes, 64).search(codes[:2], 5)
