@@ -450,25 +450,17 @@ class BinaryIndex:
         if self.sealed is None:
             return self._search_flat(q, k, kk, max_distance)
         sealed_ids, sealed_d = self._search_sealed(q, k)
-        if not any(s.n for s in self.shards):  # nothing beside the sealed part: its top k is the answer
+        if any(s.n for s in self.shards):  # a flat delta beside the sealed part: merge each query's two top k
             results = []
-            for ids, d in zip(sealed_ids, sealed_d.astype(np.uint32)):
-                if max_distance is not None:
-                    keep = d <= max_distance
-                    ids, d = ids[keep], d[keep]
-                results.append((ids, d))
+            for (fi, fd), si, sd in zip(self._search_flat(q, k, kk, max_distance), sealed_ids, sealed_d):
+                ids, d = np.concatenate([fi, si]), np.concatenate([fd.astype(np.int64), sd])
+                top = rank(d, ids)[:k]
+                results.append((ids[top], d[top].astype(np.uint32)))
+        else:  # the sealed part's top k is the answer
+            results = list(zip(sealed_ids, sealed_d.astype(np.uint32)))
+        if max_distance is None:
             return results
-        flat = self._search_flat(q, k, kk, max_distance)
-        results = []
-        for (fi, fd), si, sd in zip(flat, sealed_ids, sealed_d):
-            ids, d = np.concatenate([fi, si]), np.concatenate([fd.astype(np.int64), sd])
-            top = rank(d, ids)[:k]
-            ids, d = ids[top], d[top]
-            if max_distance is not None:
-                keep = d <= max_distance
-                ids, d = ids[keep], d[keep]
-            results.append((ids, d.astype(np.uint32)))
-        return results
+        return [(ids[d <= max_distance], d[d <= max_distance]) for ids, d in results]
 
     def _search_sealed(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The sealed part's exact top k of each query: (ids [Q, k'], distances [Q, k']). The
