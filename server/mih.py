@@ -146,6 +146,18 @@ def _bucket_start(coarse, coarse_at, fine, fine_at, block, j, key):
 
 
 @njit(nogil=True, cache=True)
+def _starts_in_order(coarse, coarse_at, fine, fine_at, block, j, length, n):
+    """Whether table j's bucket starts run from 0 to n without going back."""
+    last = 0
+    for key in range((1 << length) + 1):
+        start = _bucket_start(coarse, coarse_at, fine, fine_at, block, j, key)
+        if start < last or start > n:
+            return False
+        last = start
+    return _bucket_start(coarse, coarse_at, fine, fine_at, block, j, 0) == 0 and last == n
+
+
+@njit(nogil=True, cache=True)
 def _search(queries, k, codes, alive, ids, rows, coarse, coarse_at, fine, fine_at, block, lengths, shifts,
             out_ids, out_d):
     """Exact top k (k <= live rows) of each query into out_ids/out_d [Q, k], by (distance, id)."""
@@ -328,13 +340,16 @@ class MultiIndexHash:
                 or len(block) != len(lengths) or not all(0 <= b <= min(BLOCK_BITS, L) for b, L in zip(block, lengths))):
             raise ValueError("multi-index hash arrays do not fit together")
         self._setup(ids, codes, alive, bits, lengths, rows, coarse, fine, block)
-        if len(coarse) != self._coarse_at[-1] or len(fine) != self._fine_at[-1] or any(
-                self._bucket_start(j, 1 << L) != n for j, L in enumerate(lengths)):
+        if len(coarse) != self._coarse_at[-1] or len(fine) != self._fine_at[-1]:
             raise ValueError("multi-index hash arrays do not fit together")
+        # the compiled search does not check bounds: every bucket range and row number it will
+        # read must lie inside the arrays (a snapshot's checksum catches damage, not a wrong file)
+        for j, length in enumerate(lengths):
+            if not _starts_in_order(coarse, self._coarse_at, fine, self._fine_at, block, j, length, n):
+                raise ValueError(f"multi-index hash table {j}: bucket starts out of order or range")
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise ValueError("multi-index hash row numbers out of range")
         return self
-
-    def _bucket_start(self, j: int, key: int) -> int:
-        return int(self.coarse[self._coarse_at[j] + (key >> int(self.block[j]))]) + int(self.fine[self._fine_at[j] + key])
 
     @property
     def nbytes(self) -> int:

@@ -178,3 +178,20 @@ def test_flat_shards_equal_brute_force_with_ties(monkeypatch, min_work):
     for k in (1, 25, 400):
         for (got_ids, got_d), q in zip(index.search(queries, k), queries):
             assert (list(got_ids), list(got_d)) == _brute_force(all_ids, all_codes, q, k)
+
+
+def test_snapshot_arrays_that_would_read_out_of_bounds_are_refused():
+    """The compiled search does not check bounds: ``from_arrays`` refuses row numbers outside the
+    items and bucket starts that go back or past the end, instead of searching with them."""
+    rng = np.random.default_rng(5)
+    codes = _codes(rng, 5_000, 48, "random")
+    arrays = MultiIndexHash(np.arange(5_000), codes, 48).arrays()
+    assert len(MultiIndexHash.from_arrays(arrays)) == 5_000
+    bad_rows = dict(arrays, rows=arrays["rows"].copy())
+    bad_rows["rows"][-1, 7] = 5_000
+    with pytest.raises(ValueError, match="row numbers out of range"):
+        MultiIndexHash.from_arrays(bad_rows)
+    bad_starts = dict(arrays, fine=arrays["fine"].copy())
+    bad_starts["fine"][3] = 60_000
+    with pytest.raises(ValueError, match="bucket starts out of order or range"):
+        MultiIndexHash.from_arrays(bad_starts)
