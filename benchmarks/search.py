@@ -101,12 +101,13 @@ def run(args: argparse.Namespace) -> int:
 
     validate_bits(args.bits)
     sizes = parse_sizes(args.sizes) if args.sizes.strip() else []
-    index_only = parse_sizes(args.index_only_sizes) if args.index_only_sizes.strip() else []
+    index_only = parse_sizes(args.index_only_sizes, "--index-only-sizes") if args.index_only_sizes.strip() else []
     kinds = [k.strip() for k in args.codes.split(",") if k.strip()]
     if not kinds or set(kinds) - {"random", "structured"}:
         raise UserError(f"--codes: random, structured or both, got {args.codes!r}")
     if not (sizes or index_only) or min(sizes + index_only) < 1 or args.k < 1 or args.queries < 1 or args.batch_queries < 1 or args.blob_bytes < 0:
-        raise UserError("--sizes, -k, --queries and --batch-queries must be positive, --blob-bytes >= 0")
+        raise UserError("--sizes (or --index-only-sizes), -k, --queries and --batch-queries must be positive, "
+                        "--blob-bytes >= 0")
     shards = args.shards or default_shards()
     mih_min = args.mih_min_items or MIH_MIN_ITEMS
     code_len = code_bytes(args.bits)
