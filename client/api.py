@@ -474,15 +474,18 @@ class Owner:
             return cloud.revoke_reader(collection, user, shared_token=shared_token)
 
     def rotate(self, collection: str | None = None, drop: Sequence[str] = (), out_dir: str | os.PathLike | None = None,
-               tokens: str | os.PathLike | None = None):
-        """Key rotation (see :func:`dlheir.client.access.rotate`); returns its RotationReport."""
+               tokens: str | os.PathLike | None = None, resume: bool = False):
+        """Key rotation (see :func:`dlheir.client.access.rotate`); returns its RotationReport. An
+        interrupted rotation of the collection (a pending record in $DLHEIR_HOME/rotations/) is
+        finished instead of starting a new one (``report.resumed``); ``resume`` only finishes one
+        (UserError if none is pending)."""
         from dlheir.client.access import rotate
 
         collection = self._collection(collection)
         doc = self.tokens(collection, tokens)
         server = self.server_for(doc)
         with _cloud(server, doc["owner_token"], self.tls_ca) as cloud:
-            return rotate(self.key_path, collection, cloud, server=server, drop=drop, out_dir=out_dir)
+            return rotate(self.key_path, collection, cloud, server=server, drop=drop, out_dir=out_dir, resume=resume)
 
 
 # --- the query user ---------------------------------------------------------------------------
@@ -585,10 +588,9 @@ def _server_status(address: str, tls_ca: str | None) -> ServiceStatus:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from dlheir.client.cloud import unreachable_reason
+    from dlheir.client.cloud import tls_credentials, unreachable_reason
 
-    channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
-               if tls_ca else grpc.insecure_channel(address))
+    channel = grpc.secure_channel(address, tls_credentials(tls_ca)) if tls_ca else grpc.insecure_channel(address)
     with channel:
         try:
             answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)

@@ -178,10 +178,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "T_new o T_old^-1, a bit permutation + XOR mask) and revoke every reader token of the collection; "
                     "then issue new grants to the users who were active (less --drop) from their kept public keys. "
                     "Old grants stop working; stored images are not re-encrypted and keep decrypting with the older "
-                    "image keys, which new grants carry; new uploads use the new key.")
+                    "image keys, which new grants carry; new uploads use the new key. The rotation is recorded in "
+                    f"{HOME}/{paths.ROTATIONS_DIR}/COLLECTION.json until every grant is written: if it was "
+                    "interrupted, running 'owner rotate' again finishes it (re-keying to the version already in the "
+                    "key file if the server had not, then re-granting the users not yet done) instead of starting a "
+                    "new one.")
     access_args(p)
     p.add_argument("--drop", action="append", default=[], metavar="USER",
                    help="do not re-grant this user (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="only finish an interrupted rotation of the collection (an error if none is pending)")
     p.add_argument("--out-dir", help=f"folder for the new grants, USER.grant (default {HOME}/{paths.GRANTS_DIR}/"
                                      "COLLECTION/)")
     p.set_defaults(func=_owner_rotate)
@@ -374,6 +380,9 @@ def _owner_grants(args):
     print(f"{'user':<24} {'issued':<19}  {'revoked':<19}")
     for x in r.readers:
         print(f"{x.user:<24} {_when(x.created):<19}  {_when(x.revoked):<19}")
+    if paths.rotation_record(r.collection).is_file():
+        print(f"a rotation of {r.collection!r} was interrupted ({paths.rotation_record(r.collection)}): finish it "
+              "with 'dlheir owner rotate --resume'")
     return 0
 
 
@@ -389,18 +398,33 @@ def _owner_revoke(args):
 
 def _owner_rotate(args):
     owner = _owner(args)
-    report = owner.rotate(args.collection, drop=args.drop, out_dir=args.out_dir, tokens=args.tokens)
+    report = owner.rotate(args.collection, drop=args.drop, out_dir=args.out_dir, tokens=args.tokens,
+                          resume=args.resume)
     if _emit(args, report):
         return 0
-    print(f"collection {report.collection!r}: key version {report.from_key} -> {report.to_key} (added to "
-          f"{owner.key_path}); {report.items} stored codes re-keyed on the server; {len(report.revoked)} reader "
-          "token(s) revoked")
+    if report.resumed:
+        state = (f"the server had not re-keyed: {report.items} stored codes re-keyed now, {len(report.revoked)} "
+                 "reader token(s) revoked" if report.rekeyed_now else
+                 "the server had re-keyed its codes and revoked every reader token")
+        print(f"resumed the interrupted rotation of collection {report.collection!r} from key version "
+              f"{report.from_key} to {report.to_key} (in {owner.key_path}): re-granted "
+              f"{', '.join(map(repr, sorted(report.granted))) or 'nobody'}; {state}")
+    else:
+        print(f"collection {report.collection!r}: key version {report.from_key} -> {report.to_key} (added to "
+              f"{owner.key_path}); {report.items} stored codes re-keyed on the server; {len(report.revoked)} reader "
+              "token(s) revoked")
+    for user, path in sorted(report.granted_before.items()):
+        print(f"new grant for {user!r}: {path} (written before the interruption)")
     for user, path in sorted(report.granted.items()):
         print(f"new grant for {user!r}: {path}")
     for user in report.dropped:
         print(f"not re-granted (--drop): {user!r}")
     for user in report.no_public_key:
         print(f"not re-granted, no kept public key: {user!r} (grant again with 'dlheir owner grant --user {user}')")
+    regranted = sorted({**report.granted_before, **report.granted})
+    if regranted:
+        print(f"send each of these users their new grant file (their old grant no longer works): "
+              f"{', '.join(map(repr, regranted))}")
     return 0
 
 

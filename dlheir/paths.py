@@ -12,6 +12,9 @@ folder is created with mode 0700 when a command first writes into it. Inside it:
 - ``readers/COLLECTION/USER.pub.pem``: the public key of each user ``owner grant`` made a grant
   for, kept so that ``owner rotate`` can issue that user a new grant;
 - ``grants/COLLECTION/USER.grant``: the grants ``owner rotate`` issues (mode 0600).
+- ``rotations/COLLECTION.json``: the record of a rotation in progress (mode 0600), written by
+  ``owner rotate`` before the server re-keys and removed when every grant is written; a
+  rotation interrupted in between is finished by the next ``owner rotate``.
 
 Every command's path flag (``--out``, ``--key``, ``--tokens``, ``--grant``, ``--user-key``)
 overrides its default.
@@ -38,6 +41,7 @@ GRANT = "grant.bin"
 TOKENS_SUFFIX = ".tokens.json"
 READERS_DIR = "readers"
 GRANTS_DIR = "grants"
+ROTATIONS_DIR = "rotations"
 
 
 
@@ -122,3 +126,9 @@ def rotated_grant(collection: str, user: str, folder: str | os.PathLike | None =
     tokens_name(collection)
     base = Path(folder) if folder is not None else dlheir_home() / GRANTS_DIR / collection
     return base / f"{check_label(user)}.grant"
+
+
+def rotation_record(collection: str) -> Path:
+    """Where ``owner rotate`` records ``collection``'s rotation in progress (folder not created)."""
+    tokens_name(collection)  # checks the name
+    return dlheir_home() / ROTATIONS_DIR / f"{collection}.json"
