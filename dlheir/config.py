@@ -16,7 +16,10 @@ optional; an unknown key or a value of the wrong type is a one-line error naming
     tls_ca = "ca.pem"                 # the server's CA (TLS)      env DLHEIR_TLS_CA
 
 Relative paths in the file are relative to the file's folder; in the environment and in flags,
-to the working directory. The admin token itself is read only from ``$DLHEIR_ADMIN_TOKEN`` (the
+to the working directory. When the settings are read, before any connection, a file that is not
+UTF-8, a value that is not UTF-8 text or holds a control character (a NUL above all) or is a
+path too long for the file system, and a ``tls_ca`` that is missing, unreadable or not a PEM
+certificate are each a one-line error naming the setting, where it was given and the fix. The admin token itself is read only from ``$DLHEIR_ADMIN_TOKEN`` (the
 variable the server reads too) or from a token file: a config file is not a place for secrets.
 Where a setting is given nowhere, the server address recorded in a tokens file or grant comes
 next, then the built-in default.
@@ -111,6 +114,62 @@ class Config:
                              for k, v in self.values.items()}}
 
 
+TLS_CA_FIX = ("give the PEM certificate of the CA that signed the server's certificate (for a self-signed server, "
+              "its --tls-cert file)")
+
+
+def check_value(key: str, value: str, where: str) -> None:
+    """UserError naming the setting, where it was given (``config file PATH`` or ``$VAR``) and the
+    fix, for a value that no address, name or path can hold: text that is not UTF-8 (an environment
+    variable of other bytes), a control character (NUL above all: no file name can hold it), a
+    path too long for the file system."""
+    fix = f"fix {key} there" if where.startswith("config file") else f"fix or unset {where}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            shown: Any = value.encode("utf-8", "surrogateescape")  # the bytes the environment held
+        except UnicodeEncodeError:
+            shown = value
+        raise UserError(f"{where}: {key} is not UTF-8 text ({shown!r}): {fix}") from None
+    bad = next((c for c in value if ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        what = "a NUL character" if bad == "\0" else f"the control character {bad!r}"
+        raise UserError(f"{where}: {key} {value!r} holds {what}: {fix}")
+    if key in PATH_KEYS:
+        import errno
+
+        try:
+            os.stat(value)
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise UserError(f"{where}: {key} is too long to be a path ({len(value)} characters): {fix}") from None
+
+
+def read_tls_ca(path: str | os.PathLike, where: str = "tls_ca") -> bytes:
+    """The TLS CA file's bytes, once checked to hold a PEM certificate: else UserError naming
+    ``where`` (the setting and where it was given), the file and the fix, before gRPC is given it
+    (gRPC would log C-core errors and report the server unreachable)."""
+    import ssl
+
+    try:
+        data = Path(path).read_bytes()
+    except (OSError, ValueError) as exc:
+        reason = "no such file" if isinstance(exc, FileNotFoundError) else getattr(exc, "strerror", None) or exc
+        raise UserError(f"{where}: cannot read the TLS CA file {path} ({reason}): {TLS_CA_FIX}") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=data.decode("ascii"))
+    except UnicodeDecodeError:
+        reason = "binary, not PEM text"
+    except ValueError:
+        reason = "empty"
+    except ssl.SSLError as exc:
+        reason = "no PEM certificate in it" if "no start line" in str(exc) else (exc.reason or str(exc))
+    else:
+        return data
+    raise UserError(f"{where}: the TLS CA file {path} is not a PEM certificate ({reason}): {TLS_CA_FIX}")
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     import tomllib
 
@@ -119,6 +178,9 @@ def _read_file(path: Path) -> dict[str, Any]:
             doc = tomllib.load(f)
     except OSError as exc:
         raise UserError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                        f"{exc.start}): save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"config file {path}: not valid TOML ({exc})") from None
     for key, value in doc.items():
@@ -126,7 +188,23 @@ def _read_file(path: Path) -> dict[str, Any]:
             raise UserError(f"config file {path}: unknown key {key!r} (known: {', '.join(sorted(DEFAULTS))})")
         if not isinstance(value, str) or not value:
             raise UserError(f"config file {path}: {key} must be a non-empty string, got {value!r}")
-    return {k: (str((path.parent / Path(v).expanduser()).resolve()) if k in PATH_KEYS else v) for k, v in doc.items()}
+        check_value(key, value, f"config file {path}")
+    out = {}
+    for key, value in doc.items():
+        if key in PATH_KEYS:
+            try:
+                value = str((path.parent / Path(value).expanduser()).resolve())
+            except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before 3.13), no home folder
+                raise UserError(f"config file {path}: {key} {value!r}: {exc}") from None
+        out[key] = value
+    return out
+
+
+def _is_file(path: Path, named_by: str) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"config file {path} ({named_by}): {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def load(config_path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -136,21 +214,25 @@ def load(config_path: str | os.PathLike | None = None, env: Mapping[str, str] | 
     values, sources = dict(DEFAULTS), {k: "default" for k in DEFAULTS}
     if config_path is not None:
         path: Path | None = Path(config_path).expanduser()
-        if not path.is_file():
+        if not _is_file(path, "given with --config"):
             raise UserError(f"config file not found: {path} (given with --config)")
     elif env.get(CONFIG_ENV):
         path = Path(env[CONFIG_ENV]).expanduser()
-        if not path.is_file():
+        if not _is_file(path, f"named by ${CONFIG_ENV}"):
             raise UserError(f"config file not found: {path} (named by ${CONFIG_ENV})")
     else:
         path = default_path()
-        path = path if path.is_file() else None
+        path = path if _is_file(path, f"the default one: set ${paths.HOME_ENV} to a usable folder") else None
     if path is not None:
         for key, value in _read_file(path).items():
             values[key], sources[key] = value, f"file {path}"
     for key, var in ENV.items():
         if env.get(var):
+            check_value(key, env[var], f"${var}")
             values[key], sources[key] = env[var], f"env {var}"
+    if values["tls_ca"] is not None:  # checked here, where it is known where it came from, before any connection
+        where = f"${ENV['tls_ca']}" if sources["tls_ca"].startswith("env") else f"config file {path}"
+        read_tls_ca(values["tls_ca"], f"{where}: tls_ca")
     return Config(values, sources, path, env)
 
 

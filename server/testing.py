@@ -23,12 +23,14 @@ def proc_status_bytes(pid: int, field: str = "VmRSS") -> int:
     raise KeyError(f"{field} not in /proc/{pid}/status")
 
 
-def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
-    """(cert.pem, key.pem) in ``folder``: a 1-day self-signed certificate for 127.0.0.1 and
-    localhost, made with the openssl CLI."""
+def self_signed_certificate(folder: Path, days: int = 90) -> tuple[Path, Path]:
+    """(cert.pem, key.pem) in ``folder``: a self-signed certificate for 127.0.0.1 and localhost,
+    valid for ``days`` days from now (the default, past the server's 30-day expiry warning, starts
+    it without one), made with the openssl CLI."""
     cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", str(days),
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     return cert, key
 
