@@ -39,6 +39,15 @@ def unreachable_reason(details: str) -> str | None:
     return None
 
 
+def tls_credentials(tls_ca: str | Path) -> grpc.ChannelCredentials:
+    """gRPC channel credentials trusting the CA certificate in the file ``tls_ca``, checked first
+    (a missing file or one that is not a PEM certificate is a one-line UserError, not gRPC C-core
+    log lines and a server reported unreachable)."""
+    from dlheir.config import read_tls_ca
+
+    return grpc.ssl_channel_credentials(read_tls_ca(tls_ca, "tls_ca"))
+
+
 class CloudError(UserError):
     """A failed call: ``code`` and ``details`` are gRPC's; with ``address``, a connection that could
     not be made (UNAVAILABLE) or a gRPC server that is not this one (UNIMPLEMENTED) reads as such."""
@@ -95,8 +104,7 @@ class CloudClient:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         if tls_ca:
-            creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
-            self.channel = grpc.secure_channel(address, creds, options)
+            self.channel = grpc.secure_channel(address, tls_credentials(tls_ca), options)
         else:
             self.channel = grpc.insecure_channel(address, options)
         self.stub = pb_grpc.CloudStoreStub(self.channel)
@@ -135,9 +143,11 @@ class CloudClient:
         return self._call(self.stub.DeleteCollection, pb.CollectionRequest(collection=name), admin_token).info
 
     def upload(self, name: str, items: Iterable[tuple[int, bytes, bytes, dict]], batch_size: int = 64,
-               replace: bool = False, model_fingerprint: str = "") -> Iterator[pb.UploadAck]:
+               replace: bool = False, model_fingerprint: str = "", key_id: int = 0) -> Iterator[pb.UploadAck]:
         """Stream (id, code, blob, metadata) items; yields one ack per durable batch.
-        ``model_fingerprint``: the model that made the codes (a collection made with one needs it)."""
+        ``model_fingerprint``: the model that made the codes (a collection made with one needs it);
+        ``key_id``: the owner's key version they were made with (0 = 1): the server refuses every
+        batch once the collection is under another version (a rotation ran during the upload)."""
 
         def requests():
             items_, size = [], 0
@@ -148,10 +158,11 @@ class CloudClient:
                 # a batch ends at batch_size items or before it nears the message limit
                 if len(items_) >= batch_size or size > MAX_MESSAGE_BYTES // 2:
                     yield pb.UploadBatch(collection=name, items=items_, replace=replace,
-                                         model_fingerprint=model_fingerprint)
+                                         model_fingerprint=model_fingerprint, key_id=key_id)
                     items_, size = [], 0
             if items_:
-                yield pb.UploadBatch(collection=name, items=items_, replace=replace, model_fingerprint=model_fingerprint)
+                yield pb.UploadBatch(collection=name, items=items_, replace=replace, model_fingerprint=model_fingerprint,
+                                     key_id=key_id)
 
         try:
             yield from self.stub.Upload(requests(), metadata=self._md())

@@ -158,7 +158,10 @@ def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys, collection
                 yield i, code.tobytes(), blob, {}
 
     fingerprint = hasher.fingerprint or ""  # the model that made the codes: the server checks it
-    for ack in cloud.upload(collection, items(), model_fingerprint=fingerprint, batch_size=batch_size, replace=replace):
+    # the key version goes with every batch: a rotation during this upload ends it (FAILED_PRECONDITION,
+    # one line) instead of storing old-key codes beside the converted ones; re-running it resumes
+    for ack in cloud.upload(collection, items(), model_fingerprint=fingerprint, batch_size=batch_size, replace=replace,
+                            key_id=keys.key_id):
         report.uploaded += len(ack.ids)
         bar.update(len(ack.ids))
         elapsed = time.perf_counter() - t0

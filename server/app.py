@@ -48,6 +48,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="calls in progress at once; more are refused with RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--stream-idle-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="cancel a client stream (upload) that sends nothing for this long (default 30)")
+    p.add_argument("--stream-write-timeout", type=float, default=15.0, metavar="SECONDS",
+                   help="cancel a stream (fetch, sync, upload acks) whose client takes no reply message for this "
+                        "long: a client that stops reading cannot hold a worker (default 15)")
+    p.add_argument("--max-streams", type=int, default=None, metavar="N",
+                   help="streams (fetch, upload, sync) served at once, each holding a worker; more are refused "
+                        "with RESOURCE_EXHAUSTED, so the other workers stay free for searches and health checks "
+                        "(default: --workers minus a quarter of them, at least 1 kept free)")
     p.add_argument("--max-store-mb", type=int, default=None, metavar="MB",
                    help="quota for the store file: uploads past it get RESOURCE_EXHAUSTED as on a full disk "
                         "(default: no quota, the disk's size)")
@@ -164,7 +171,8 @@ def check_args(args: argparse.Namespace) -> bool:
 
 def check_tls_pair(cert: str, key: str) -> None:
     """Refuse, naming what is wrong, a certificate or key that is not PEM or a key that does not
-    belong to the certificate (gRPC itself would only fail to bind, which reads like a busy port)."""
+    belong to the certificate (gRPC itself would only fail to bind, which reads like a busy port),
+    and a certificate outside its validity dates (:func:`check_certificate_dates`)."""
     import ssl
 
     try:
@@ -177,6 +185,40 @@ def check_tls_pair(cert: str, key: str) -> None:
             raise UserError(f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate and private key "
                             f"({reason})") from None
         raise UserError(f"--tls-cert {cert} / --tls-key {key}: {reason}") from None
+    check_certificate_dates(cert)
+
+
+CERT_WARN_DAYS = 30  # a certificate expiring sooner than this is logged as a WARNING at start
+
+
+def check_certificate_dates(cert: str, now=None) -> None:
+    """Refuse (UserError naming the file and the date) a certificate, or one of its chain, that has
+    expired or is not valid yet: gRPC serves it without a word and every client then fails with
+    "TLS handshake failed", which reads like the network. A WARNING when one expires within
+    CERT_WARN_DAYS days. ``now``: an aware datetime (default: the clock)."""
+    from datetime import datetime, timedelta, timezone
+
+    from cryptography import x509
+
+    now = now or datetime.now(timezone.utc)
+    try:
+        chain = x509.load_pem_x509_certificates(Path(cert).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--tls-cert {cert}: cannot read its certificates ({exc})") from None
+    for i, c in enumerate(chain):
+        which = f"--tls-cert {cert}" + (f" (certificate {i + 1} of its chain: {c.subject.rfc4514_string()})"
+                                        if i else "")
+        after, before = c.not_valid_after_utc, c.not_valid_before_utc
+        if after <= now:
+            raise UserError(f"{which} expired on {after:%Y-%m-%d %H:%M} UTC: renew it (or make a new one) and "
+                            f"start the server with that; clients would fail with 'TLS handshake failed'")
+        if before > now:
+            raise UserError(f"{which} is not valid before {before:%Y-%m-%d %H:%M} UTC (now {now:%Y-%m-%d %H:%M} "
+                            f"UTC): check this machine's clock, or use a certificate valid now")
+        if after - now < timedelta(days=CERT_WARN_DAYS):
+            log.warning("%s expires on %s UTC, in %.1f day(s): renew it before then, or every client will fail "
+                        "with 'TLS handshake failed'", which, f"{after:%Y-%m-%d %H:%M}",
+                        (after - now) / timedelta(days=1))
 
 
 def _release_free_heap() -> None:
@@ -258,7 +300,7 @@ def build_server(args: argparse.Namespace):
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    from dlheir.server.guard import Guard
+    from dlheir.server.guard import Guard, StreamLimits
     from dlheir.proto import dlheir_cloud_pb2 as pb
     from dlheir.proto import dlheir_cloud_pb2_grpc as pb_grpc
     from dlheir.server.service import MAX_MESSAGE_BYTES, CloudStoreService
@@ -268,8 +310,13 @@ def build_server(args: argparse.Namespace):
     for flag in ("workers", "max_concurrent_rpcs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.stream_idle_timeout <= 0:
-        raise UserError("--stream-idle-timeout must be positive")
+    for flag in ("stream_idle_timeout", "stream_write_timeout"):
+        if not getattr(args, flag) > 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive")
+    if args.max_streams is None:
+        args.max_streams = max(1, args.workers - max(1, args.workers // 4))
+    if not 1 <= args.max_streams:
+        raise UserError("--max-streams must be at least 1")
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     args.lock_fd = lock_data_dir(data_dir)
@@ -312,7 +359,8 @@ def build_server(args: argparse.Namespace):
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.so_reuseport", 0)]
     server = grpc.server(futures.ThreadPoolExecutor(args.workers), options=options,
-                         interceptors=[Guard(service.known_token, args.stream_idle_timeout)],
+                         interceptors=[Guard(service.known_token, args.stream_idle_timeout,
+                                               StreamLimits(args.max_streams, args.stream_write_timeout))],
                          maximum_concurrent_rpcs=args.max_concurrent_rpcs)
     pb_grpc.add_CloudStoreServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
@@ -354,10 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     scheme = "TLS" if args.tls_cert else "plaintext"
     log.info("dlheir cloud server (pid %d) listening on %s (%s; admin token: %s; %d collection(s), %d item(s) "
-             "indexed; %d workers, at most %d calls at once, idle streams cancelled after %.0f s)",
+             "indexed; %d workers, at most %d calls and %d streams at once, idle streams cancelled after %.0f s, "
+             "unread ones after %.0f s)",
              os.getpid(), host_port(args.host, port), scheme, token_source, len(service.collections),
              sum(len(c.index) for c in service.collections.values()), args.workers, args.max_concurrent_rpcs,
-             args.stream_idle_timeout)
+             args.max_streams, args.stream_idle_timeout, args.stream_write_timeout)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

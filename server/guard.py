@@ -8,6 +8,14 @@
 * **Idle streams end.** A client stream (Upload, reflection) that sends nothing for
   ``idle_timeout`` seconds is cancelled, so even an authenticated client cannot hold a worker
   by keeping a stream open and silent.
+* **Unread streams end, and streams never take every worker.** gRPC's sync server sends a
+  streamed reply message from the worker thread and waits there until the client's flow
+  control takes it: a client that stops reading (Fetch, SyncCodePages, Upload's acks) would
+  hold that worker for as long as it keeps the stream open. A reply message not taken within
+  ``write_timeout`` seconds cancels its stream (one watchdog thread checks every stream), and
+  streams hold at most ``stream_slots`` workers at once (more are refused with
+  RESOURCE_EXHAUSTED at once), so the remaining workers always answer health checks, searches
+  and the owner's calls.
 * **Failures are logged and mapped.** Each failed or refused call is logged (method, status,
   peer, message; never a token or key). Store errors become their status (disk full:
   RESOURCE_EXHAUSTED, damaged file: DATA_LOSS); anything unexpected is logged with its
@@ -18,16 +26,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Iterator
 
 import grpc
 
-from dlheir.server.store import StoreCorruptError, StoreError, StoreFullError
+from dlheir.server.store import CollectionGoneError, StoreCorruptError, StoreError, StoreFullError
 
 log = logging.getLogger("dlheir.server.calls")
 
 PUBLIC_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
-STORE_STATUS = ((StoreFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+STORE_STATUS = ((CollectionGoneError, grpc.StatusCode.NOT_FOUND),
+                (StoreFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
                 (StoreCorruptError, grpc.StatusCode.DATA_LOSS),
                 (StoreError, grpc.StatusCode.UNAVAILABLE))
 
@@ -49,10 +59,57 @@ def clip(text: object, limit: int = 64) -> str:
     return repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
+class StreamLimits:
+    """How many workers streams may hold at once, and how long one reply message may wait for
+    the client to take it before its stream is cancelled (see the module docstring)."""
+
+    def __init__(self, slots: int, write_timeout: float) -> None:
+        self.slots = slots
+        self.write_timeout = write_timeout
+        self._free = threading.BoundedSemaphore(slots)
+        self._lock = threading.Lock()
+        self._sending: dict[int, tuple[float, object, str]] = {}  # stream -> (since, context, method)
+        self._watchdog: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        return self._free.acquire(blocking=False)
+
+    def release(self) -> None:
+        self._free.release()
+
+    def sending(self, key: int, context, method: str) -> None:
+        """A reply message of stream ``key`` is handed to gRPC (its send may block the worker)."""
+        with self._lock:
+            self._sending[key] = (time.monotonic(), context, method)
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch, name="stream-watchdog", daemon=True)
+                self._watchdog.start()
+
+    def sent(self, key: int) -> None:
+        with self._lock:
+            self._sending.pop(key, None)
+
+    def _watch(self) -> None:
+        period = min(1.0, self.write_timeout / 4)
+        while True:
+            time.sleep(period)
+            now = time.monotonic()
+            with self._lock:
+                late = [(k, v) for k, v in self._sending.items() if now - v[0] > self.write_timeout]
+                for k, _ in late:
+                    del self._sending[k]
+            for _, (_, context, method) in late:
+                log.warning("%s to %s: a reply message was not taken for %.0f s (the client stopped reading), "
+                            "stream cancelled", method, context.peer(), self.write_timeout)
+                context.cancel()  # ends the blocked send: the worker is free again
+
+
 class Guard(grpc.ServerInterceptor):
-    def __init__(self, known_token: Callable[[str], bool], idle_timeout: float) -> None:
+    def __init__(self, known_token: Callable[[str], bool], idle_timeout: float,
+                 streams: StreamLimits | None = None) -> None:
         self.known_token = known_token
         self.idle_timeout = idle_timeout
+        self.streams = streams or StreamLimits(6, 15.0)
         # method -> (its handler, the wrapped handler): the wrapping depends on nothing else, so
         # it is built once per method, not once per call (part of every call's latency)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -71,7 +128,7 @@ class Guard(grpc.ServerInterceptor):
                 return _refusal(handler, method, grpc.StatusCode.UNAUTHENTICATED, "token not valid")
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:  # only registered methods get here: bounded
-            cached = self._wrapped[method] = (handler, _wrapped(handler, method, self.idle_timeout))
+            cached = self._wrapped[method] = (handler, _wrapped(handler, method, self.idle_timeout, self.streams))
         return cached[1]
 
 
@@ -92,7 +149,7 @@ def _fail(context, method: str, exc: Exception):
     for kind, code in STORE_STATUS:
         if isinstance(exc, kind):
             log.warning("%s -> %s from %s: %s", method, code.name, context.peer(), exc)
-            context.abort(code, str(exc))
+            context.abort(code, exc.client_message())  # without the server's file paths
     log.exception("%s from %s failed", method, context.peer())
     context.abort(grpc.StatusCode.INTERNAL, "internal server error (logged on the server)")
 
@@ -116,27 +173,49 @@ def _idle_bounded(requests: Iterator, context, seconds: float, method: str) -> I
         yield request
 
 
-def _wrapped(handler: grpc.RpcMethodHandler, method: str, idle_timeout: float) -> grpc.RpcMethodHandler:
+def _take_stream_slot(streams: StreamLimits, context, method: str) -> None:
+    if not streams.acquire():
+        message = (f"the server runs at most {streams.slots} streams (Fetch, Upload, SyncCodePages) at once and "
+                   f"all are in use: retry shortly")
+        log.warning("%s -> RESOURCE_EXHAUSTED from %s: %s", method, context.peer(), message)
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+def _wrapped(handler: grpc.RpcMethodHandler, method: str, idle_timeout: float,
+             streams: StreamLimits) -> grpc.RpcMethodHandler:
     def unary_response(behavior):
         def run(request, context):
             if handler.request_streaming:
+                _take_stream_slot(streams, context, method)
                 request = _idle_bounded(request, context, idle_timeout, method)
             try:
                 response = behavior(request, context)
             except Exception as exc:  # noqa: BLE001 - mapped, logged, re-raised as a status
                 _fail(context, method, exc)
+            finally:
+                if handler.request_streaming:
+                    streams.release()
             _log_failure(context, method)
             return response
         return run
 
     def stream_response(behavior):
         def run(request, context):
-            if handler.request_streaming:
-                request = _idle_bounded(request, context, idle_timeout, method)
+            _take_stream_slot(streams, context, method)
+            key = id(context)
             try:
-                yield from behavior(request, context)
+                if handler.request_streaming:
+                    request = _idle_bounded(request, context, idle_timeout, method)
+                for response in behavior(request, context):
+                    streams.sending(key, context, method)
+                    try:
+                        yield response  # returns once gRPC sent it: the client's flow control took it
+                    finally:
+                        streams.sent(key)
             except Exception as exc:  # noqa: BLE001
                 _fail(context, method, exc)
+            finally:
+                streams.release()
             _log_failure(context, method)
         return run
 

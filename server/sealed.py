@@ -25,6 +25,7 @@ import grpc
 from dlheir.contract import PAGE_MAGIC, PAGE_VERSION
 from dlheir.proto import dlheir_cloud_pb2 as pb
 from dlheir.server.guard import clip
+from dlheir.server.store import StoreCorruptError
 
 PAGE_MIN_BYTES = len(PAGE_MAGIC) + 1 + 4 + 12 + 16  # magic, version, key id, nonce, tag: empty ciphertext
 MAX_PAGE_BYTES = 32 * 1024 * 1024  # one sealed page (the client writes far smaller ones)
@@ -85,7 +86,7 @@ class CodePagesMixin:
         if data[4] != PAGE_VERSION:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"code page format version {data[4]}; this server stores version {PAGE_VERSION}")
-        count = self.store.page_append(col.name, request.page, data)  # durable when it returns
+        count = self.store.page_append(col.name, request.page, data, uid=col.uid)  # durable when it returns
         if count is None:
             have, _ = self.store.page_stats(col.name)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -106,7 +107,16 @@ class CodePagesMixin:
         if request.from_page >= pages:  # nothing new, server-ranked, or a copy of something else
             return
         sent = 0
-        for page, data in self.store.page_read(col.name, request.from_page, pages):
+        pages_read = self.store.page_read(col.name, request.from_page, pages)
+        while True:
+            try:
+                page, data = next(pages_read)
+            except StopIteration:
+                break
+            except StoreCorruptError:  # a page gone: only a damaged store loses one, or a deleted collection
+                self._gone(col, context)
+                raise
+            self._gone(col, context)  # after the read: a page read while not dropped is this collection's
             sent += len(data)
             yield pb.SyncCodePagesResponse(page=pb.CodePage(page=page, data=data))
         log.debug("collection %r: code pages %d..%d (%d bytes) synced by %s", col.name, request.from_page, pages - 1,

@@ -58,6 +58,10 @@ class Collection:
     fingerprint: str = ""  # the model whose codes it holds ('': raw codes or made before fingerprints, unchecked)
     image_size: int = 0  # that model's S (reported, not checked: the fingerprint covers it)
     writes: int = 0  # uploads and deletes applied to its index (under the service's write lock)
+    uid: str = ""  # the random id the store gave it at creation: one re-created under its name is another
+    # set (under the write lock) once DeleteCollection removes it: calls and streams that got this
+    # object before end with NOT_FOUND at their next step instead of acting on a successor of the name
+    dropped: bool = False
     # held while its index is re-sealed outside the write lock: one build per collection at a time
     seal_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -78,14 +82,16 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         private = store.page_private_collections()
         models = store.models()
         generation = store.generation()
+        uids = store.uids()
         snapshot.clear_leftovers(self.data_dir)
         rebuilt = []
         for name, bits, owner_hash, reader_hash in store.collections():
             col = self._open(name, bits, owner_hash, reader_hash)
+            col.uid = uids[name]
             col.private = name in private  # no codes stored: its index stays empty
             col.fingerprint, col.image_size = models.get(name, ("", 0))
             if not col.private:  # the snapshot of a clean shutdown, else rebuilt from the store
-                index = snapshot.load(snapshot.snapshot_path(self.data_dir, name), generation, bits,
+                index = snapshot.load(snapshot.snapshot_path(self.data_dir, name), generation, bits, col.uid,
                                       **self._index_kwargs())
                 if index is None:
                     col.index.load(store.codes(name))  # large collections: one multi-index hash build, after loading
@@ -113,7 +119,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             if self.collections.get(col.name) is not col:  # deleted meanwhile
                 return
             generation, arrays = self.store.generation(), col.index.state()
-        seconds = snapshot.save(snapshot.snapshot_path(self.data_dir, col.name), generation, arrays)
+        seconds = snapshot.save(snapshot.snapshot_path(self.data_dir, col.name), generation, arrays, col.uid)
         log.info("collection %r: index snapshot (%d items) written in %.2f s", col.name, len(col.index), seconds)
 
     def save_snapshots(self) -> None:
@@ -245,11 +251,12 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         private = request.mode == pb.PRIVATE_RANKING
         owner, reader = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         with self.write_lock:
-            if not self.store.create_collection(request.name, request.bits, token_hash(owner), token_hash(reader),
-                                                private=private, fingerprint=fingerprint, image_size=image_size):
+            uid = self.store.create_collection(request.name, request.bits, token_hash(owner), token_hash(reader),
+                                               private=private, fingerprint=fingerprint, image_size=image_size)
+            if uid is None:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"collection {clip(request.name)} already exists")
             col = self._open(request.name, request.bits, token_hash(owner), token_hash(reader))
-            col.private, col.fingerprint, col.image_size = private, fingerprint, image_size
+            col.private, col.fingerprint, col.image_size, col.uid = private, fingerprint, image_size, uid
         log.info("collection %r created (%d bits, %s, model %s) by %s", request.name, request.bits, mode_name(private),
                  fingerprint or "unrecorded", context.peer())
         return pb.CreateCollectionResponse(owner_token=owner, reader_token=reader)
@@ -281,7 +288,14 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"no collection named {clip(request.collection)}")
         info = self._info(col)
         with self.write_lock:
-            self.store.delete_collection(col.name)  # durable first; then its tokens stop opening anything
+            # dropped before the store forgets it: a stream that reads a row and then finds its
+            # collection not dropped read it before the delete (Fetch, SyncCodePages)
+            col.dropped = True
+            try:
+                self.store.delete_collection(col.name)  # durable first; then its tokens stop opening anything
+            except BaseException:
+                col.dropped = False
+                raise
             self.collections.pop(col.name, None)
             snapshot.remove(self.data_dir, col.name)
             self._known_hashes = self._known_hashes - {col.owner_hash, col.reader_hash}
@@ -321,14 +335,29 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         except ContractError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"collection {clip(col.name)}: {exc}")
 
-    def _commit(self, col: Collection, batch: list, replace: bool, context) -> int:
+    @staticmethod
+    def _gone(col: Collection, context) -> None:
+        """End a call whose collection was deleted (perhaps re-created under its name) since it
+        started: callers check under the write lock, before writing anything."""
+        if col.dropped:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"collection {clip(col.name)} was deleted while this call ran (a collection created since "
+                          f"under its name is another one): nothing more was done")
+
+    def _commit(self, col: Collection, batch: list, replace: bool, key_id: int, context) -> int:
         ids = [b[0] for b in batch]
         with self.write_lock:
+            self._gone(col, context)
+            if key_id != col.key_id:  # under the lock: RekeyCodes moves col.key_id under it too
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"collection {clip(col.name)} is under key version {col.key_id}, this batch was made "
+                              f"with key version {key_id} (the collection was re-keyed during the upload): nothing "
+                              f"of it was stored; upload again with the current keys (owner upload resumes)")
             existing = self.store.existing_ids(col.name, ids)
             if existing and not replace:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS,
                               f"{len(existing)} id(s) already stored, e.g. {min(existing)}; set replace to overwrite")
-            self.store.write_batch(col.name, batch, replace)  # durable from here
+            self.store.write_batch(col.name, batch, replace, uid=col.uid)  # durable from here
             if not col.private:  # private mode: nothing to index
                 codes = np.frombuffer(b"".join(b[1] for b in batch), np.uint8)
                 col.index.add(np.array(ids, dtype=np.int64), codes, replace_ids=sorted(existing) if existing else None,
@@ -341,10 +370,15 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
     def Upload(self, request_iterator, context):
         col = None
         for n_batch, request in enumerate(request_iterator):
+            # the token and the collection are checked at every batch, not once per stream: a
+            # deleted collection, or one re-created under its name, ends the stream
+            current = self._collection(request.collection, context, write=True)
             if col is None:
-                col = self._collection(request.collection, context, write=True)
+                col = current
             elif request.collection != col.name:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "one upload stream goes to one collection")
+            elif current is not col:
+                self._gone(col, context)
             if len(request.items) > MAX_BATCH_ITEMS:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"a batch holds at most {MAX_BATCH_ITEMS} items, got {len(request.items)}")
@@ -356,7 +390,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
                 self._validate_item(col, item, seen, context)
                 batch.append((item.id, item.code, item.blob, dict(item.metadata)))
             # an empty batch is acknowledged too (nothing to make durable): one ack per batch
-            total = self._commit(col, batch, request.replace, context) if batch else self._size(col)
+            total = self._commit(col, batch, request.replace, request.key_id or 1, context) if batch else self._size(col)
             yield pb.UploadAck(batch=n_batch, ids=[b[0] for b in batch], total_items=total)
         if col is not None:  # the stream is over: fold a flat delta of 1% or more already
             self._reseal(col, UPLOAD_END_RESEAL_FRACTION)
@@ -412,7 +446,9 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         if len(request.ids) > MAX_IDS:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"fetch at most {MAX_IDS} ids per call, got {len(request.ids)}")
         for item_id, blob, metadata in self.store.fetch(col.name, list(request.ids)):
+            self._gone(col, context)  # after the read: a row read while not dropped is this collection's
             yield pb.FetchedItem(id=item_id, blob=blob, metadata=metadata)
+        self._gone(col, context)  # items it no longer found were not "unknown ids": the collection went
 
     def Delete(self, request, context):
         col = self._collection(request.collection, context, write=True)
@@ -423,7 +459,8 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         # delta past 10%): it waits for a build running outside that lock instead of overtaking it
         # and building a second one beside it
         with col.seal_lock, self.write_lock:
-            n = self.store.delete(col.name, ids)  # durable first, then the index
+            self._gone(col, context)
+            n = self.store.delete(col.name, ids, uid=col.uid)  # durable first, then the index
             seals = col.index.seals
             col.index.remove(ids)
             col.writes += 1
@@ -473,6 +510,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         user = self._user_label(request.user, context)
         token = secrets.token_urlsafe(32)
         with self.write_lock:
+            self._gone(col, context)
             done, previous, created = self.store.add_reader(col.name, user, token_hash(token), request.replace)
             if not done:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS,
@@ -495,6 +533,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
     def RevokeReader(self, request, context):
         col = self._collection(request.collection, context, write=True)
         with self.write_lock:
+            self._gone(col, context)
             if request.shared_token:
                 if request.user:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give a user or shared_token, not both")
@@ -538,6 +577,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             return out
 
         with self.write_lock:  # no upload or delete between the rewrite and the index swap
+            self._gone(col, context)
             done = self.store.rekey_codes(col.name, request.from_key_id, request.to_key_id, transform)
             if done is None:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -26,10 +27,26 @@ log = logging.getLogger("dlheir.server.store")
 # store was in use and has lost its store; one with neither is new.
 MARKER = "DLHEIR_DATA_DIR"
 STORE_FILE = "store.sqlite3"
+# Disk space kept beside the store for deletes on a full disk (Store._freeing_room): a delete's
+# WAL pages (16 KiB each) for some hundreds of items; a larger delete on a full disk is refused
+# and can be split.
+RESERVE_FILE = "store.reserve"
+RESERVE_BYTES = 2 * 1024 * 1024
+WAL_CHECKPOINT_PAGES = 64  # 1 MiB of 16 KiB pages
 
 
 class StoreError(Exception):
-    """The store cannot do what was asked; the message says why and what to do."""
+    """The store cannot do what was asked; the message says why and what to do. With ``path``,
+    the message names the store's file for the server's log; ``client_message()`` is the same
+    without it (a client learns what went wrong, not where the server keeps its files)."""
+
+    def __init__(self, message: str, path: Path | str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def client_message(self) -> str:
+        text = str(self)
+        return text.replace(str(self.path), "the server's store") if self.path else text
 
 
 class StoreFullError(StoreError):
@@ -38,6 +55,11 @@ class StoreFullError(StoreError):
 
 class StoreCorruptError(StoreError):
     """The store file is damaged (SQLite reports a malformed database)."""
+
+
+class CollectionGoneError(StoreError):
+    """The collection a write or a stream was for was deleted (perhaps re-created under its name)
+    since the call started: nothing was written."""
 
 
 class StoreUnusableError(StoreError):
@@ -50,10 +72,10 @@ def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
     text = str(exc)
     if code == sqlite3.SQLITE_FULL or "disk is full" in text:
         return StoreFullError(f"the disk holding {path} is full (or its --max-store-mb quota is reached): "
-                              f"nothing was written; free space or delete items, reads still work")
+                              f"nothing was written; free space or delete items, reads still work", path)
     if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or "malformed" in text or "not a database" in text:
-        return StoreCorruptError(f"{path} is damaged ({text}): stop the server, restore it from a backup")
-    return StoreError(f"store {path}: {text}")
+        return StoreCorruptError(f"{path} is damaged ({text}): stop the server, restore it from a backup", path)
+    return StoreError(f"store {path}: {text}", path)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
@@ -120,6 +142,9 @@ INSERT INTO generation SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM generation);
 ADDED_COLUMNS = (
     ("collections", "model_fingerprint", "TEXT NOT NULL DEFAULT ''"),
     ("collections", "image_size", "INTEGER NOT NULL DEFAULT 0"),
+    # a random id given at creation: a collection deleted and re-created under the same name is
+    # another collection (streams, writes and index snapshots of the old one are refused)
+    ("collections", "uid", "TEXT NOT NULL DEFAULT ''"),
 )
 # A rowid table on 16 KiB pages: measured 3-6x faster inserts of 1 KiB blobs than a WITHOUT
 # ROWID table on 4 KiB pages (rows that large overflow a clustered b-tree), and as fast for 32 KiB.
@@ -267,6 +292,8 @@ class Store:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._check: IntegrityCheck | None = None  # open_store's, until verify()
+        if not max_bytes:
+            self._make_reserve()
 
     def _add_columns(self) -> None:
         """Migrate a store made before ADDED_COLUMNS in place (each ALTER is one statement: atomic)."""
@@ -275,6 +302,8 @@ class Store:
             if column not in have:
                 self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
                 log.info("%s: added column %s.%s (existing rows: empty)", self.path, table, column)
+        # collections made before uids get one now (their old index snapshots are then rebuilt)
+        self._conn.execute("UPDATE collections SET uid = lower(hex(randomblob(16))) WHERE uid = ''")
 
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -290,6 +319,10 @@ class Store:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
+        # the committed pages move from the WAL into the store file after every ~1 MiB (SQLite's default,
+        # 1000 pages, is 16 MiB here): on a full disk the WAL then holds little that still needs room in
+        # the store file, so a delete's checkpoint fits in the reserve (measured: upload speed unchanged)
+        conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
         return conn
 
     @contextmanager
@@ -348,25 +381,108 @@ class Store:
             _write_durably(marker, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
 
     def create_collection(self, name: str, bits: int, owner_hash: str, reader_hash: str,
-                          private: bool = False, fingerprint: str = "", image_size: int = 0) -> bool:
+                          private: bool = False, fingerprint: str = "", image_size: int = 0) -> str | None:
+        """Create a collection; returns its new random uid, or None if the name is taken."""
+        uid = secrets.token_hex(16)
         try:
             with self._transaction() as conn:
                 conn.execute("INSERT INTO collections (name, bits, owner_token_sha256, reader_token_sha256, "
-                             "model_fingerprint, image_size) VALUES (?, ?, ?, ?, ?, ?)",
-                             (name, bits, owner_hash, reader_hash, fingerprint, image_size))
+                             "model_fingerprint, image_size, uid) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (name, bits, owner_hash, reader_hash, fingerprint, image_size, uid))
                 if private:  # the mode is part of the collection from its first commit
                     conn.execute("INSERT INTO private_collections VALUES (?)", (name,))
         except sqlite3.IntegrityError:
-            return False
-        return True
+            return None
+        return uid
+
+    def uids(self) -> dict[str, str]:
+        """Collection name -> its uid."""
+        with self._sqlite_errors(), self._lock:
+            return dict(self._conn.execute("SELECT name, uid FROM collections").fetchall())
+
+    def _check_uid(self, conn: sqlite3.Connection, collection: str, uid: str | None) -> None:
+        """Inside a write transaction: refuse (CollectionGoneError) a write meant for collection
+        ``uid`` when ``collection`` is now another one, or none."""
+        if uid is None:
+            return
+        row = conn.execute("SELECT uid FROM collections WHERE name = ?", (collection,)).fetchone()
+        if row is None or row[0] != uid:
+            raise CollectionGoneError(f"collection {collection!r} was deleted"
+                                      f"{'' if row is None else ' and re-created'} since this call started: "
+                                      f"nothing was written")
 
     def delete_collection(self, name: str) -> bool:
-        """Remove a collection and everything it holds in one transaction; False if there is none."""
-        with self._transaction() as conn:
+        """Remove a collection and everything it holds in one transaction; False if there is none.
+        It frees room, so on a full disk it may use the store's reserve (``_freeing_room``)."""
+        def body(conn: sqlite3.Connection) -> bool:
             for table in ("items", "readers", "code_keys", "code_pages"):
                 conn.execute(f"DELETE FROM {table} WHERE collection = ?", (name,))
             conn.execute("DELETE FROM private_collections WHERE name = ?", (name,))
             return conn.execute("DELETE FROM collections WHERE name = ?", (name,)).rowcount > 0
+
+        return self._freeing_room(body)
+
+    # --- room for deletes on a full disk --------------------------------------------------------
+    # A delete writes too (its pages go to the WAL first): on a really full disk it would fail like
+    # an upload, and the owner could not free room. The store keeps a reserve file of RESERVE_BYTES
+    # beside it (so uploads fill the disk that much earlier); a delete that finds the disk full
+    # releases it, runs again, truncates the WAL and makes the reserve again where there is room.
+    def _reserve_path(self) -> Path:
+        return self.path.with_name(RESERVE_FILE)
+
+    def _make_reserve(self) -> bool:
+        """Create the reserve file if it is missing; False (logged) when the disk has no room for it."""
+        path = self._reserve_path()
+        if path.exists() and path.stat().st_size >= RESERVE_BYTES:
+            return True
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(bytes(RESERVE_BYTES))  # real blocks, not a sparse file
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            return True
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.warning("%s: no room for the store's %d-byte reserve for deletes on a full disk (%s); "
+                        "it is made again once there is room", path, RESERVE_BYTES, exc.strerror or exc)
+            return False
+
+    def _freeing_room(self, body: Callable[[sqlite3.Connection], object]):
+        """Run ``body`` in one write transaction; if the disk is full, release the reserve and run it
+        again (a delete must be able to free room), then truncate the WAL and restore the reserve."""
+        try:
+            with self._transaction() as conn:
+                return body(conn)
+        except StoreFullError:
+            reserve = self._reserve_path()
+            if not reserve.exists() or self.max_bytes:  # a quota is not the disk: the reserve does not help
+                raise
+            reserve.unlink()
+            log.warning("%s: disk full: the store's reserve released so that a delete can run", self.path)
+        # SQLite built with secure_delete (Debian's is) zeroes every freed page, each one a WAL page:
+        # more room than the reserve for a large delete. FAST zeroes only what costs no extra write
+        # (the freed overflow pages of blobs keep their AES-GCM ciphertext until they are reused)
+        with self._sqlite_errors(), self._lock:
+            secure = self._conn.execute("PRAGMA secure_delete").fetchone()[0]
+            self._conn.execute("PRAGMA secure_delete=FAST")
+        try:
+            with self._transaction() as conn:
+                result = body(conn)
+        finally:
+            with self._sqlite_errors(), self._lock:
+                self._conn.execute(f"PRAGMA secure_delete={int(secure)}")
+        # committed: what follows only tries to give the disk back its reserve. A checkpoint moves the
+        # WAL's pages into the store file (which may need room the disk lacks: then later, by SQLite)
+        # and truncates the WAL; then the reserve is made again if there is room
+        try:
+            with self._lock:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("%s: WAL checkpoint after the delete not done (%s); the delete is committed", self.path, exc)
+        self._make_reserve()
+        return result
 
     def collections(self) -> list[tuple[str, int, str, str]]:
         with self._sqlite_errors(), self._lock:
@@ -398,21 +514,29 @@ class Store:
         with self._sqlite_errors():
             return self._ids_in(self._reader(), collection, list(ids))
 
-    def write_batch(self, collection: str, items: list[tuple[int, bytes, bytes, dict]], replace: bool) -> None:
-        """All items or none, durable when this returns."""
+    def write_batch(self, collection: str, items: list[tuple[int, bytes, bytes, dict]], replace: bool,
+                    uid: str | None = None) -> None:
+        """All items or none, durable when this returns. With ``uid``: only into that collection
+        (CollectionGoneError if it was deleted or re-created meanwhile)."""
         verb = "INSERT OR REPLACE" if replace else "INSERT"
         rows = [(collection, i, c, b, json.dumps(m, sort_keys=True)) for i, c, b, m in items]
         with self._transaction() as conn:
+            self._check_uid(conn, collection, uid)
             conn.executemany(f"{verb} INTO items VALUES (?, ?, ?, ?, ?)", rows)
 
-    def delete(self, collection: str, ids: list[int]) -> int:
-        n = 0
-        with self._transaction() as conn:
+    def delete(self, collection: str, ids: list[int], uid: str | None = None) -> int:
+        """Delete items (with ``uid``: only of that collection, as ``write_batch``); it frees room,
+        so on a full disk it may use the store's reserve (``_freeing_room``)."""
+        def body(conn: sqlite3.Connection) -> int:
+            self._check_uid(conn, collection, uid)
+            n = 0
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 n += conn.execute(f"DELETE FROM items WHERE collection = ? AND id IN ({','.join('?' * len(chunk))})",
                                   (collection, *chunk)).rowcount
-        return n
+            return n
+
+        return self._freeing_room(body)
 
     def fetch(self, collection: str, ids: list[int]) -> Iterator[tuple[int, bytes, dict]]:
         """Blobs in the order asked, read one at a time (memory: one blob, whatever the number
@@ -460,7 +584,7 @@ class Store:
                         ids = np.fromstring(ids, dtype=np.int64, sep=",")
                         if len(ids) != n or len(codes) % n:
                             raise StoreCorruptError(f"{self.path}: the codes of {collection!r} read back inconsistent "
-                                                    f"({n} rows, {len(ids)} ids, {len(codes)} bytes of codes)")
+                                                    f"({n} rows, {len(ids)} ids, {len(codes)} bytes of codes)", self.path)
                         yield ids, codes
                     if hi is None:
                         return
@@ -548,11 +672,12 @@ class Store:
         with self._sqlite_errors(), self._lock:
             return {r[0] for r in self._conn.execute("SELECT name FROM private_collections")}
 
-    def page_append(self, collection: str, page: int, data: bytes) -> int | None:
+    def page_append(self, collection: str, page: int, data: bytes, uid: str | None = None) -> int | None:
         """Store page number ``page`` if it is the next one (pages are append-only, numbered
         without gaps): returns the page count after it, or None (nothing written) when ``page``
-        is not the current count. Durable when this returns."""
+        is not the current count. Durable when this returns. ``uid``: as ``write_batch``."""
         with self._transaction() as conn:
+            self._check_uid(conn, collection, uid)
             (count,) = conn.execute("SELECT COUNT(*) FROM code_pages WHERE collection = ?", (collection,)).fetchone()
             if page != count:
                 return None
@@ -575,7 +700,7 @@ class Store:
                 row = conn.execute("SELECT data FROM code_pages WHERE collection = ? AND page = ?",
                                    (collection, page)).fetchone()
             if row is None:  # pages are never removed: only a damaged store gets here
-                raise StoreCorruptError(f"{self.path}: code page {page} of {collection!r} is missing")
+                raise StoreCorruptError(f"{self.path}: code page {page} of {collection!r} is missing", self.path)
             yield page, row[0]
             del row
 

@@ -112,10 +112,10 @@ def test_damaged_snapshot_is_ignored(grown, damage):
         path.write_bytes(b"not a snapshot")
     else:  # a consistent snapshot of the right generation, but of a 64-bit index
         with np.load(path) as z:
-            generation = int(z["generation"])
+            generation, uid = int(z["generation"]), str(z["collection_uid"])
         other = BinaryIndex(64, 2)
         other.add(np.arange(10), np.zeros((10, 8), np.uint8))
-        snapshot.save(path, generation, other.state())
+        snapshot.save(path, generation, other.state(), uid)
     server.start()
     assert "cannot be used" in _log(server)
     with CloudClient(server.address, token) as owner:

@@ -108,16 +108,18 @@ class UploadItem(_message.Message):
     def __init__(self, id: _Optional[int] = ..., code: _Optional[bytes] = ..., blob: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class UploadBatch(_message.Message):
-    __slots__ = ("collection", "items", "replace", "model_fingerprint")
+    __slots__ = ("collection", "items", "replace", "model_fingerprint", "key_id")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
     collection: str
     items: _containers.RepeatedCompositeFieldContainer[UploadItem]
     replace: bool
     model_fingerprint: str
-    def __init__(self, collection: _Optional[str] = ..., items: _Optional[_Iterable[_Union[UploadItem, _Mapping]]] = ..., replace: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    key_id: int
+    def __init__(self, collection: _Optional[str] = ..., items: _Optional[_Iterable[_Union[UploadItem, _Mapping]]] = ..., replace: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ..., key_id: _Optional[int] = ...) -> None: ...
 
 class UploadAck(_message.Message):
     __slots__ = ("batch", "ids", "total_items")
