@@ -184,10 +184,10 @@ def _hasher(cfg: "_config.Config", triton: str | None, model: str | None, batch_
     return TritonHasher(cfg.get("triton", triton), batch_size=batch_size, model=cfg.get("model", model))
 
 
-def _cloud(address: str, token: str | None, tls_ca: str | None):
+def _cloud(address: str, token: str | None, tls_ca: str | None, insecure: bool = False):
     from dlheir.client.cloud import CloudClient
 
-    return CloudClient(address, token, tls_ca=tls_ca)
+    return CloudClient(address, token, tls_ca=tls_ca, insecure=insecure)
 
 
 # --- the data owner ---------------------------------------------------------------------------
@@ -195,17 +195,19 @@ class Owner:
     """The data owner: keys, collections, encrypted uploads, grants.
 
     ``key``: the owner key file (default ``owner_key`` setting, else ``$DLHEIR_HOME/owner.key``);
-    ``server``, ``triton``, ``model``, ``tls_ca``: override the configured ones; ``config``: a
+    ``server``, ``triton``, ``model``, ``tls_ca``, ``insecure``: override the configured ones
+    (``insecure``: allow a server that is not loopback without TLS, tokens in the clear); ``config``: a
     :class:`dlheir.config.Config` or a config file path. A collection's owner token is read from
     its tokens file (``$DLHEIR_HOME/COLLECTION.tokens.json``, or ``tokens=``)."""
 
     def __init__(self, server: str | None = None, triton: str | None = None, model: str | None = None,
                  key: str | os.PathLike | None = None, tls_ca: str | None = None,
-                 config: "_config.Config | str | os.PathLike | None" = None) -> None:
+                 config: "_config.Config | str | os.PathLike | None" = None, insecure: bool | None = None) -> None:
         self.config = _cfg(config)
         self._server_flag, self._triton, self._model = server, triton, model
         self.key_path = paths.resolve(self.config.get("owner_key", key), paths.OWNER_KEY)
         self.tls_ca = self.config.get("tls_ca", tls_ca)
+        self.insecure = self.config.insecure(insecure)
 
     # helpers
     def server_for(self, tokens: dict | None = None) -> str:
@@ -239,7 +241,7 @@ class Owner:
 
     def _owner_cloud(self, collection: str, tokens: str | os.PathLike | None = None):
         doc = self.tokens(collection, tokens)
-        return _cloud(self.server_for(doc), doc["owner_token"], self.tls_ca)
+        return _cloud(self.server_for(doc), doc["owner_token"], self.tls_ca, self.insecure)
 
     def keys(self):
         from dlheir.client.crypto import OwnerKeys
@@ -275,7 +277,7 @@ class Owner:
         else:
             binding = model_binding(None, bits)
         server = self.server_for()
-        with _cloud(server, None, self.tls_ca) as cloud:
+        with _cloud(server, None, self.tls_ca, self.insecure) as cloud:
             owner, reader = create_collection(cloud, name, admin_token, binding, private=private)
             cloud.token = owner
             info = CollectionInfo.from_pb(cloud.stats(name))
@@ -292,7 +294,7 @@ class Owner:
         # a token given anywhere must work (an unreadable one is an error, not "no collections")
         admin = self.config.admin_token(admin_token_file) if self.config.has_admin_token(admin_token_file) else None
         if admin is not None:
-            with _cloud(self.server_for(), None, self.tls_ca) as cloud:
+            with _cloud(self.server_for(), None, self.tls_ca, self.insecure) as cloud:
                 return sorted((CollectionInfo.from_pb(c) for c in cloud.list_collections(admin)), key=lambda c: c.name)
         found = []
         for path in sorted(paths.dlheir_home().glob("*" + paths.TOKENS_SUFFIX)):
@@ -310,7 +312,7 @@ class Owner:
             with self._owner_cloud(name) as cloud:
                 return CollectionInfo.from_pb(cloud.stats(name))
         admin = self.config.admin_token(admin_token_file)
-        with _cloud(self.server_for(), None, self.tls_ca) as cloud:
+        with _cloud(self.server_for(), None, self.tls_ca, self.insecure) as cloud:
             for c in cloud.list_collections(admin):
                 if c.name == name:
                     return CollectionInfo.from_pb(c)
@@ -328,7 +330,7 @@ class Owner:
                 recorded = self.tokens(name).get("server")
             except UserError:
                 pass
-        with _cloud(_server(self.config, self._server_flag, recorded), None, self.tls_ca) as cloud:
+        with _cloud(_server(self.config, self._server_flag, recorded), None, self.tls_ca, self.insecure) as cloud:
             info = CollectionInfo.from_pb(cloud.delete_collection(name, admin))
         tokens_file.unlink(missing_ok=True)  # its tokens open nothing any more
         return info
@@ -396,7 +398,7 @@ class Owner:
             kept.append((rel, path))
             ids.append(i)
         show = _config.show_progress() if progress is None else progress
-        with _cloud(self.server_for(doc), doc["owner_token"], self.tls_ca) as cloud, \
+        with _cloud(self.server_for(doc), doc["owner_token"], self.tls_ca, self.insecure) as cloud, \
                 _hasher(self.config, self._triton, self._model, batch_size) as hasher:
             present = set()
             for start in range(0, len(ids), 50_000):
@@ -448,7 +450,7 @@ class Owner:
             doc = self.tokens(collection, tokens)
             server = self.server_for(doc)
             user = user or paths.check_label(default_label(pub))
-            with _cloud(server, doc["owner_token"], self.tls_ca) as cloud:
+            with _cloud(server, doc["owner_token"], self.tls_ca, self.insecure) as cloud:
                 grant = issue_grant(keys, public_pem, collection, user, cloud, server=server,
                                     bits=bits or doc.get("bits"), replace=replace)
         out = paths.resolve(out, paths.GRANT, create=True)
@@ -484,7 +486,7 @@ class Owner:
         collection = self._collection(collection)
         doc = self.tokens(collection, tokens)
         server = self.server_for(doc)
-        with _cloud(server, doc["owner_token"], self.tls_ca) as cloud:
+        with _cloud(server, doc["owner_token"], self.tls_ca, self.insecure) as cloud:
             return rotate(self.key_path, collection, cloud, server=server, drop=drop, out_dir=out_dir, resume=resume)
 
 
@@ -516,13 +518,14 @@ class User:
     def __init__(self, grant: str | os.PathLike | None = None, user_key: str | os.PathLike | None = None,
                  passphrase: str | None = None, server: str | None = None, triton: str | None = None,
                  model: str | None = None, tls_ca: str | None = None,
-                 config: "_config.Config | str | os.PathLike | None" = None) -> None:
+                 config: "_config.Config | str | os.PathLike | None" = None, insecure: bool | None = None) -> None:
         self.config = _cfg(config)
         self.grant_path = paths.resolve(self.config.get("grant", grant), paths.GRANT)
         self.key_path = paths.resolve(self.config.get("user_key", user_key), paths.USER_KEY)
         self.passphrase = passphrase
         self._server_flag, self._triton, self._model = server, triton, model
         self.tls_ca = self.config.get("tls_ca", tls_ca)
+        self.insecure = self.config.insecure(insecure)  # see Owner
         self._grant = None
 
     @staticmethod
@@ -562,7 +565,7 @@ class User:
         if not Path(query).is_file():
             raise UserError(f"query image not found: {query}")
         grant = self.grant
-        with _cloud(self.server, grant.reader_token, self.tls_ca) as cloud, \
+        with _cloud(self.server, grant.reader_token, self.tls_ca, self.insecure) as cloud, \
                 _hasher(self.config, self._triton, self._model) as hasher:
             local = open_local(cloud, grant)  # one round trip: the mode, and (private mode) the new sealed pages
             first_sync = local.last_sync if local is not None else None
@@ -584,23 +587,46 @@ class User:
 
 
 # --- services ---------------------------------------------------------------------------------
-def _server_status(address: str, tls_ca: str | None) -> ServiceStatus:
+def _server_status(address: str, tls_ca: str | None, insecure: bool = False) -> ServiceStatus:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from dlheir.client.cloud import tls_credentials, unreachable_reason
+    from dlheir.client.cloud import check_cleartext, tls_credentials, unreachable_reason
 
+    try:
+        check_cleartext(address, tls_ca, insecure)  # before any connection, as CloudClient
+    except UserError as exc:
+        return ServiceStatus("cloud server", address, False, str(exc))
+
+    from dlheir.proto import dlheir_cloud_pb2 as pb
+    from dlheir.proto import dlheir_cloud_pb2_grpc as pb_grpc
+
+    # health alone proves nothing: a bare gRPC health service answers SERVING for "" (hence the
+    # CloudStore service by name: NOT_FOUND there) and Triton answers SERVING for any name (hence
+    # the probe below: a call only our server has, sent without a token)
+    service = pb.DESCRIPTOR.services_by_name["CloudStore"].full_name
     channel = grpc.secure_channel(address, tls_credentials(tls_ca)) if tls_ca else grpc.insecure_channel(address)
     with channel:
         try:
-            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                               timeout=3)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 why = "answers gRPC but has no health service: not a dlheir cloud server (Triton's port?)"
+            elif exc.code() == grpc.StatusCode.NOT_FOUND:
+                why = f"answers gRPC health checks but has no {service} service: not a dlheir cloud server"
             else:
                 why = unreachable_reason(exc.details() or "") or f"{exc.code().name}: {exc.details()}"
             return ServiceStatus("cloud server", address, False, why)
-    serving = answer.status == health_pb2.HealthCheckResponse.SERVING
+        serving = answer.status == health_pb2.HealthCheckResponse.SERVING
+        if serving:
+            try:  # ours refuses a call without a token (UNAUTHENTICATED); another server has no such method
+                pb_grpc.CloudStoreStub(channel).ListCollections(pb.ListCollectionsRequest(), timeout=3)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return ServiceStatus("cloud server", address, False,
+                                         "answers gRPC health checks but has no dlheir CloudStore service: "
+                                         "not a dlheir cloud server (Triton's port?)")
     return ServiceStatus("cloud server", address, serving,
                          "serving" if serving else health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
 
@@ -620,14 +646,14 @@ def _triton_status(cfg: "_config.Config", address: str, model: str | None) -> Se
 
 def status(server: str | None = None, triton: str | None = None, model: str | None = None,
            admin_token_file: str | os.PathLike | None = None, tls_ca: str | None = None,
-           config: "_config.Config | str | os.PathLike | None" = None) -> Status:
+           config: "_config.Config | str | os.PathLike | None" = None, insecure: bool | None = None) -> Status:
     """Which services answer, where, with which model, and the collections (all of them with
     the admin token, else those whose tokens files are in the key folder). Never raises for a
     service that is down: that is what it reports."""
     cfg = _cfg(config)
     address = cfg.get("server", server)
     ca = cfg.get("tls_ca", tls_ca)
-    srv = _server_status(address, ca)
+    srv = _server_status(address, ca, cfg.insecure(insecure))
     tri = _triton_status(cfg, cfg.get("triton", triton), model)
     collections = None
     if srv.up:
@@ -637,7 +663,7 @@ def status(server: str | None = None, triton: str | None = None, model: str | No
         except UserError:
             srv.info["admin"] = False
         try:
-            collections = Owner(server=address, tls_ca=ca, config=cfg).collections(admin_token_file)
+            collections = Owner(server=address, tls_ca=ca, config=cfg, insecure=insecure).collections(admin_token_file)
         except UserError as exc:
             srv.info["collections_error"] = str(exc)
     return Status(str(cfg.path) if cfg.path else None, srv, tri, collections, cfg.as_dict()["settings"])

@@ -22,12 +22,16 @@ HOME = f"${paths.HOME_ENV}"  # how help texts name the per-user key folder (see 
 DEFAULT_SERVER = _config.DEFAULTS["server"]
 DEFAULT_TRITON = _config.DEFAULTS["triton"]
 CONFIGURED = "flag > env > config file"
+READER_TOKEN_ENV = "DLHEIR_READER_TOKEN"  # owner grant's offline reader token (never a flag: argv shows in ps)
 
 
 def _server_arg(p, recorded: str = "") -> None:
     p.add_argument("--server", default=None, help=f"cloud server HOST:PORT ({CONFIGURED}"
                                                   f"{' > ' + recorded if recorded else ''} > {DEFAULT_SERVER}; "
                                                   "env DLHEIR_SERVER)")
+    p.add_argument("--insecure", action="store_const", const=True, default=None,
+                   help="allow a cloud server that is not loopback without TLS: tokens cross the network in the "
+                        "clear (flag > env DLHEIR_INSECURE > insecure in the config file > false)")
 
 
 def _triton_args(p) -> None:
@@ -105,7 +109,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "item wherever it sits; an edited file is a new item) or, with --id-from path, from its path "
                     "relative to IMAGES_DIR. Ids the server already holds are not sent again unless --replace; "
                     "files repeating an id (the same content twice) are reported as duplicates, not uploaded.")
-    p.add_argument("images_dir", metavar="IMAGES_DIR")
+    p.add_argument("images_dir", metavar="IMAGES_DIR",
+                   help="a folder of images (sub-folders included), or one image file")
     _key_arg(p)
     _collection_arg(p)
     _tokens_arg(p)
@@ -126,8 +131,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "AES-256-GCM key wrapped with RSA-OAEP (SHA-256) for the user's public key. Only that user's "
                     "private key opens it; the file can travel over any channel. The public key is kept in "
                     f"{HOME}/{paths.READERS_DIR}/COLLECTION/ so that 'owner rotate' can re-grant the user. "
-                    "Granting a user again issues a new token (the old grant stops working). With --reader-token "
-                    "no server is contacted and the grant carries that token (e.g. the shared one).")
+                    "Granting a user again issues a new token (the old grant stops working). With "
+                    f"--reader-token-file (or ${READER_TOKEN_ENV}) no server is contacted and the grant carries "
+                    "that token (e.g. the shared one).")
     _key_arg(p)
     p.add_argument("--user-pub", required=True, help="the user's public key (user.pub.pem from 'dlheir user keygen'); "
                                                      "a private key is refused")
@@ -136,8 +142,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                   "alice.pub.pem -> alice)")
     p.add_argument("--replace", action="store_true",
                    help="hand an active label to this public key (its previous token stops working)")
-    p.add_argument("--reader-token", help="seal this reader token instead of asking the server for the user's own "
-                                          "(offline; e.g. the collection's shared token, which rotation revokes)")
+    p.add_argument("--reader-token-file", metavar="FILE",
+                   help="seal the reader token this file holds (mode 0600) instead of asking the server for the "
+                        f"user's own (offline; e.g. the collection's shared token, which rotation revokes); else "
+                        f"${READER_TOKEN_ENV} if set. Never on the command line: argv is visible in ps")
+    p.add_argument("--reader-token", help=argparse.SUPPRESS)  # refused: see _reader_token
     _tokens_arg(p)
     _server_arg(p, "the tokens file")
     p.add_argument("--bits", type=int, default=None, help="code length recorded in the grant (checked at search)")
@@ -275,7 +284,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # --- helpers --------------------------------------------------------------------------------
 def _cfg(args) -> "_config.Config":
-    return _config.load(getattr(args, "config", None))
+    cfg = _config.load(getattr(args, "config", None))
+    if getattr(args, "insecure", None):  # --insecure (every command that reaches the cloud server has it)
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, values={**cfg.values, "insecure": "true"},
+                                  sources={**cfg.sources, "insecure": "flag --insecure"})
+    return cfg
 
 
 def _owner(args):
@@ -359,14 +374,31 @@ def _owner_upload(args):
     return code
 
 
+def _reader_token(args) -> str | None:
+    """The token ``owner grant`` seals offline: --reader-token-file, else $DLHEIR_READER_TOKEN, else
+    None (the server issues the user's own). --reader-token (argv, visible in ps) is refused."""
+    if args.reader_token is not None:
+        raise UserError(f"--reader-token puts the token on the command line, where ps shows it: write it to a file "
+                        f"(chmod 600) and give --reader-token-file FILE, or set ${READER_TOKEN_ENV}")
+    if args.reader_token_file:
+        from dlheir.client.crypto import read_secret
+
+        token = read_secret(args.reader_token_file, "reader token file").decode("utf-8", "replace").strip()
+        if not token:
+            raise UserError(f"--reader-token-file {args.reader_token_file} is empty")
+        return token
+    return os.environ.get(READER_TOKEN_ENV, "").strip() or None
+
+
 def _owner_grant(args):
+    reader_token = _reader_token(args)  # first: a token given in argv is refused before anything else
     owner = _owner(args)
     out = owner.grant(args.user_pub, args.collection, user=args.user, out=args.out, replace=args.replace,
-                      reader_token=args.reader_token, bits=args.bits, tokens=args.tokens)
+                      reader_token=reader_token, bits=args.bits, tokens=args.tokens)
     user = owner.last_grant_user
-    if _emit(args, {"grant": str(out), "user": user, "own_reader_token": args.reader_token is None}):
+    if _emit(args, {"grant": str(out), "user": user, "own_reader_token": reader_token is None}):
         return 0
-    who = f" (user {user!r}, own reader token)" if args.reader_token is None else ""
+    who = f" (user {user!r}, own reader token)" if reader_token is None else ""
     print(f"grant{who} written to {out}; only the holder of the private key matching {args.user_pub} can open it")
     return 0
 

@@ -48,6 +48,21 @@ def tls_credentials(tls_ca: str | Path) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(read_tls_ca(tls_ca, "tls_ca"))
 
 
+CLEARTEXT_FIX = ("give the server's CA certificate as tls_ca in the config file or $DLHEIR_TLS_CA, or --insecure "
+                 "(or $DLHEIR_INSECURE=1) to send tokens in the clear")
+
+
+def check_cleartext(address: str, tls_ca: str | Path | None, insecure: bool = False) -> None:
+    """Refuse (UserError naming ``address`` and the fix), before any connection, a channel
+    without TLS to an address that is not loopback, unless ``insecure``: its bearer tokens would
+    cross the network in the clear, and anyone on the path could answer as the server."""
+    from dlheir.netaddr import is_loopback_target
+
+    if not tls_ca and not insecure and not is_loopback_target(address):
+        raise UserError(f"refusing to connect to the cloud server at {address} without TLS (not a loopback "
+                        f"address): {CLEARTEXT_FIX}")
+
+
 class CloudError(UserError):
     """A failed call: ``code`` and ``details`` are gRPC's; with ``address``, a connection that could
     not be made (UNAVAILABLE) or a gRPC server that is not this one (UNIMPLEMENTED) reads as such."""
@@ -100,7 +115,11 @@ def search_results(reply: pb.SearchResponse) -> list[tuple[np.ndarray, np.ndarra
 
 
 class CloudClient:
-    def __init__(self, address: str, token: str | None = None, tls_ca: str | None = None) -> None:
+    def __init__(self, address: str, token: str | None = None, tls_ca: str | None = None,
+                 insecure: bool = False) -> None:
+        """``insecure``: allow a channel without TLS (no ``tls_ca``) to an address that is not
+        loopback; without it that is a UserError here, before any connection."""
+        check_cleartext(address, tls_ca, insecure)
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         if tls_ca:

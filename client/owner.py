@@ -81,12 +81,18 @@ def create_collection(cloud: CloudClient, name: str, admin_token: str, model: Mo
 
 
 def image_files(root: Path | str) -> list[tuple[str, Path]]:
-    """(relative posix path, absolute path) of every image under root, sorted."""
-    from dlheir.export.data import list_images
+    """(relative posix path, absolute path) of every image under root, sorted. ``root`` may be
+    one image file: that file alone, its path relative to its folder being its name."""
+    from dlheir.export.data import IMAGE_EXTENSIONS, list_images
 
     root = Path(root)
+    if root.is_file():
+        if root.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise UserError(f"{root} is not an image file (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+        path = root.resolve()
+        return [(path.name, path)]
     if not root.is_dir():
-        raise UserError(f"images folder not found: {root}")
+        raise UserError(f"images folder or file not found: {root}")
     return list_images(root)
 
 

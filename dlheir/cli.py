@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -74,6 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         code = args.func(args)
+        sys.stdout.flush()  # a reader gone early (``| head``) shows here, not at interpreter exit
+    except BrokenPipeError:
+        # the standard handling: nothing more can be written there, so no traceback and no
+        # "Exception ignored" at exit; 141 = 128 + SIGPIPE, as a tool killed by the signal
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (UserError, ContractError) as exc:
         print(f"dlheir: error: {exc}", file=sys.stderr)
         return 2

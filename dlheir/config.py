@@ -14,6 +14,8 @@ optional; an unknown key or a value of the wrong type is a one-line error naming
     user_key = "user.pem"             # default --user-key         env DLHEIR_USER_KEY
     grant = "grant.bin"               # default --grant            env DLHEIR_GRANT
     tls_ca = "ca.pem"                 # the server's CA (TLS)      env DLHEIR_TLS_CA
+    insecure = "false"                # "true": allow a non-loopback server without TLS (tokens in the
+                                      # clear); flag --insecure    env DLHEIR_INSECURE
 
 Relative paths in the file are relative to the file's folder; in the environment and in flags,
 to the working directory. When the settings are read, before any connection, a file that is not
@@ -53,9 +55,23 @@ DEFAULTS: dict[str, Any] = {
     "user_key": None,  # None: paths.USER_KEY
     "grant": None,  # None: paths.GRANT
     "tls_ca": None,
+    "insecure": "false",  # "true" (1, yes, on): a non-loopback server without TLS is allowed (see client.cloud)
 }
 ENV: dict[str, str] = {key: f"DLHEIR_{key.upper()}" for key in DEFAULTS}
 PATH_KEYS = frozenset({"admin_token_file", "owner_key", "user_key", "grant", "tls_ca"})
+BOOL_KEYS = frozenset({"insecure"})
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_bool(key: str, value: Any, where: str) -> bool:
+    """A yes/no setting's value (true/false, 1/0, yes/no, on/off; a TOML boolean) or a UserError
+    naming the setting and where it was given."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE or text in FALSE:
+        return text in TRUE
+    raise UserError(f"{where}: {key} must be true or false, got {value!r}")
 
 
 def default_path() -> Path:
@@ -107,6 +123,11 @@ class Config:
         if not token:
             raise UserError(f"{path}: the admin token file is empty")
         return token
+
+    def insecure(self, flag: bool | None = None) -> bool:
+        """Whether a cloud server that is not loopback may be reached without TLS: ``flag``
+        (``--insecure``, ``insecure=``) if given, else the ``insecure`` setting."""
+        return parse_bool("insecure", self.get("insecure", flag), self.source("insecure", flag))
 
     def as_dict(self) -> dict[str, Any]:
         return {"config_file": str(self.path) if self.path else None,
@@ -186,6 +207,8 @@ def _read_file(path: Path) -> dict[str, Any]:
     for key, value in doc.items():
         if key not in DEFAULTS:
             raise UserError(f"config file {path}: unknown key {key!r} (known: {', '.join(sorted(DEFAULTS))})")
+        if key in BOOL_KEYS and isinstance(value, bool):
+            continue
         if not isinstance(value, str) or not value:
             raise UserError(f"config file {path}: {key} must be a non-empty string, got {value!r}")
         check_value(key, value, f"config file {path}")
@@ -196,6 +219,8 @@ def _read_file(path: Path) -> dict[str, Any]:
                 value = str((path.parent / Path(value).expanduser()).resolve())
             except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before 3.13), no home folder
                 raise UserError(f"config file {path}: {key} {value!r}: {exc}") from None
+        if key in BOOL_KEYS:
+            value = "true" if parse_bool(key, value, f"config file {path}") else "false"
         out[key] = value
     return out
 
@@ -230,6 +255,8 @@ def load(config_path: str | os.PathLike | None = None, env: Mapping[str, str] | 
         if env.get(var):
             check_value(key, env[var], f"${var}")
             values[key], sources[key] = env[var], f"env {var}"
+    if sources["insecure"].startswith("env"):  # a bad value is an error here, before any connection
+        parse_bool("insecure", values["insecure"], f"${ENV['insecure']}")
     if values["tls_ca"] is not None:  # checked here, where it is known where it came from, before any connection
         where = f"${ENV['tls_ca']}" if sources["tls_ca"].startswith("env") else f"config file {path}"
         read_tls_ca(values["tls_ca"], f"{where}: tls_ca")

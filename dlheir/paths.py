@@ -1,7 +1,8 @@
 """Where the client's keys, tokens and grants live by default: one per-user folder.
 
 ``$DLHEIR_HOME`` if set, else ``$XDG_CONFIG_HOME/dlheir``, else ``~/.config/dlheir``. The
-folder is created with mode 0700 when a command first writes into it. Inside it:
+folder is created with mode 0700 when a command first writes into it; one that group or others
+can write to is refused (:func:`check_home`). Inside it:
 
 - ``owner.key``: written by ``owner init``, read by ``owner upload`` and ``owner grant``;
 - ``COLLECTION.tokens.json``: written by ``owner create-collection``, read by ``owner upload``
@@ -28,6 +29,7 @@ folder, :func:`state_dir`: ``$DLHEIR_STATE`` if set, else ``$XDG_STATE_HOME/dlhe
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from dlheir.contract import NAME_RE
@@ -56,8 +58,25 @@ def _user_dir(own_env: str, xdg_env: str, fallback: str) -> Path:
 
 
 def dlheir_home() -> Path:
-    """The per-user folder for keys, tokens and grants (not created here)."""
-    return _user_dir(HOME_ENV, "XDG_CONFIG_HOME", ".config")
+    """The per-user folder for keys, tokens and grants (not created here); UserError if it
+    exists and group or others can write to it (:func:`check_home`)."""
+    return check_home(_user_dir(HOME_ENV, "XDG_CONFIG_HOME", ".config"))
+
+
+def check_home(home: Path) -> Path:
+    """``home``, unless it is a folder group or others can write to: then UserError (one line
+    naming it and the ``chmod 700`` fix), since whoever can write there can swap the owner key,
+    tokens files, grants and the config file this user reads and writes. Absent: fine
+    (:func:`ensure_home` creates it 0700)."""
+    try:
+        st = home.stat()
+    except OSError:
+        return home
+    if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o022:
+        raise UserError(f"the dlheir key folder {home} is writable by group or others (mode "
+                        f"{stat.S_IMODE(st.st_mode):04o}): refusing to keep or read keys, tokens and grants "
+                        f"there; fix with: chmod 700 {home}")
+    return home
 
 
 def state_dir() -> Path:

@@ -83,7 +83,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     print(f"{result['arch']} {result['bits']} bits, {result['image_size']}px: "
           f"{result['queries']} queries against {result['database']} database images")
-    print(f"data: {result['data']} ({result['data_source']})")
+    hint = "; --data to use another" if result["data_source"] == "recorded in the checkpoint" else ""
+    print(f"data: {result['data']} ({result['data_source']}{hint})")
     print(format_metrics(result))
     print(f"written: {out}")
     return 0

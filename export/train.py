@@ -180,8 +180,7 @@ def evaluate(checkpoint: Path | str, data: str | None = None, json_out: Path | s
     if data is not None:
         source = "--data"
     elif recorded:
-        data, source = recorded, "recorded in the checkpoint"
-        print(f"data: {data} ({source}; --data to use another)")
+        data, source = recorded, "recorded in the checkpoint"  # the caller shows it (result["data_source"])
     else:
         data, source = "digits", "default"
         print(f"note: {checkpoint} records no data folder (older checkpoint); using the default 'digits' "

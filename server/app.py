@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import ipaddress
 import json
 import logging
 import os
 import secrets
 import signal
+import stat
 import sys
 import threading
 import time
@@ -20,6 +20,7 @@ from concurrent import futures
 from pathlib import Path
 
 from dlheir.errors import UserError
+from dlheir.netaddr import is_loopback
 
 ADMIN_ENV = "DLHEIR_ADMIN_TOKEN"
 LOCK_FILE = "server.lock"
@@ -118,21 +119,16 @@ def read_ready(path: Path) -> dict | None:
     return info if isinstance(info, dict) and "pid" in info and "port" in info else None
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def admin_token(data_dir: Path, token_file: str | None) -> tuple[str, str]:
-    """(token, where it came from)."""
+    """(token, where it came from). A --admin-token-file that group or others can access is refused."""
     if token_file:
         path = Path(token_file)
         if not path.is_file():
             raise UserError(f"--admin-token-file: no such file {path}")
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise UserError(f"--admin-token-file {path} is accessible by group or others (mode {mode:04o}): "
+                            f"refusing an admin token others can read or change; fix with: chmod 600 {path}")
         token = path.read_text().strip()
         if len(token) < 16:
             raise UserError(f"{path}: admin token must be at least 16 characters")
@@ -277,6 +273,29 @@ class HeldLogs(logging.Handler):
         logging.getLogger().handlers = self.targets
 
 
+PRIVATE_UMASK = 0o077  # the server's files (store, WAL, snapshots, admin.token, ...): 0600, folders 0700
+
+
+def private_data_dir(data_dir: Path) -> int | None:
+    """Create DATA_DIR (and missing parents) with mode 0700; an existing one that group or others
+    can access is tightened to 0700 (UserError with the ``chmod 700`` fix if that fails) and its
+    old mode returned, for the caller's WARNING; else None. The store, its snapshots and the
+    admin token are this server's alone."""
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = stat.S_IMODE(data_dir.stat().st_mode)
+    except OSError as exc:
+        raise UserError(f"cannot create the data folder {data_dir}: {exc.strerror or exc}") from None
+    if mode & 0o077:
+        try:
+            os.chmod(data_dir, 0o700)
+        except OSError as exc:
+            raise UserError(f"the data folder {data_dir} is accessible by group or others (mode {mode:04o}) and "
+                            f"cannot be tightened ({exc.strerror or exc}); fix with: chmod 700 {data_dir}") from None
+        return mode
+    return None
+
+
 def lock_data_dir(data_dir: Path) -> int:
     """Hold an exclusive OS lock (flock) on DATA_DIR/server.lock for the life of this process,
     so that two servers never share one store, whatever started them. Returns the lock's fd."""
@@ -318,13 +337,16 @@ def build_server(args: argparse.Namespace):
     if not 1 <= args.max_streams:
         raise UserError("--max-streams must be at least 1")
     data_dir = Path(args.data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    loose_mode = private_data_dir(data_dir)
     args.lock_fd = lock_data_dir(data_dir)
     args.ready = ReadyFile(ready_file(args))  # only now: the ready file of a server refused the lock is not ours
     token, token_source = admin_token(data_dir, args.admin_token_file)
     max_bytes = args.max_store_mb * 1024 * 1024 if args.max_store_mb else None
     with HeldLogs() as held:  # a refused start prints one line, not the records of the load it cut short
         log.info("dlheir cloud server (pid %d) starting on %s", os.getpid(), data_dir)
+        if loose_mode is not None:  # held like the rest: a refused start still prints one line
+            log.warning("the data folder %s was accessible by group or others (mode %04o): tightened to 0700",
+                        data_dir, loose_mode)
         from dlheir.server.mih import warm_up
 
         warming = threading.Thread(target=warm_up, name="warm-up", daemon=True)  # beside the store and index
@@ -388,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dlheir.server", description=__doc__)
     add_server_args(parser)
     args = parser.parse_args(argv)
+    os.umask(PRIVATE_UMASK)  # whatever the caller's umask: every file this server creates is 0600
     # the server's own loggers at --log-level; libraries (faiss's loader, ...) at WARNING
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -46,6 +46,13 @@ def wait_ready(path: Path, process: subprocess.Popen, timeout: float = 120.0) ->
     raise UserError(f"cloud server did not start within {timeout:.0f}s (no {path})")
 
 
+def open_private_log(path: Path):
+    """``path`` opened for appending, mode 0600 whatever the umask (an existing one is tightened)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
+
+
 def server_command(args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "dlheir.server", "--data-dir", str(args.data_dir), "--host", args.host,
            "--port", str(args.port), "--workers", str(args.workers),
@@ -67,7 +74,7 @@ def _start(args: argparse.Namespace) -> int:
         return main(server_command(args)[3:])
     check_args(args)  # refuse bad TLS/bind options here, before anything starts
     data_dir = Path(args.data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the server tightens an existing one (with a warning)
     pid_file = data_dir / "server.pid"
     if pid_file.exists():
         pid = pid_file.read_text().strip()
@@ -76,7 +83,7 @@ def _start(args: argparse.Namespace) -> int:
                             f"stop it with: dlheir server stop --data-dir {data_dir}")
         pid_file.unlink()
     log_path = data_dir / "server.log"
-    with open(log_path, "ab") as log:
+    with open_private_log(log_path) as log:
         offset = log.tell()
         proc = subprocess.Popen(server_command(args), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)  # detached: survives this command and its terminal
@@ -118,15 +125,16 @@ def _is_our_server(pid: int) -> bool:
 
 def _stop(args: argparse.Namespace) -> int:
     pid_file = Path(args.data_dir) / "server.pid"
-    if not pid_file.exists():
-        raise UserError(f"no {pid_file}: no server was started for that data dir")
+    if not pid_file.exists():  # stopping a stopped server is not an error: the goal holds
+        print(f"no server is running on {args.data_dir} (no {pid_file.name} there)")
+        return 0
     try:
         pid = int(pid_file.read_text())
     except ValueError:
         raise UserError(f"{pid_file} does not hold a process id") from None
     if not _is_our_server(pid):
         pid_file.unlink()
-        print(f"cloud server (pid {pid}) was not running; removed {pid_file}")
+        print(f"no server is running on {args.data_dir}: pid {pid} was not running; removed {pid_file}")
         return 0
     from dlheir.procs import stop_pid
     from dlheir.server.app import READY_FILE, read_ready

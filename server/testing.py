@@ -12,7 +12,7 @@ from typing import Iterator
 
 from dlheir.procs import stop_process
 from dlheir.server.app import READY_FILE
-from dlheir.server.cli import wait_ready
+from dlheir.server.cli import open_private_log, wait_ready
 
 
 def proc_status_bytes(pid: int, field: str = "VmRSS") -> int:
@@ -62,10 +62,10 @@ class CloudServerProcess:
         return (self.data_dir / "admin.token").read_text().strip()
 
     def start(self) -> "CloudServerProcess":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         log_path = self.data_dir / "server.log"
         env = {k: v for k, v in os.environ.items() if k != "DLHEIR_ADMIN_TOKEN"}
-        with open(log_path, "ab") as log:
+        with open_private_log(log_path) as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dlheir.server", "--data-dir", str(self.data_dir), "--port", str(self.port),
                  *self.extra_args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)

@@ -15,8 +15,8 @@ from dlheir.errors import UserError
 from dlheir.procs import free_port
 
 
-def cloud_error(address: str) -> CloudError:
-    with CloudClient(address) as client, pytest.raises(CloudError) as info:
+def cloud_error(address: str, insecure: bool = False) -> CloudError:
+    with CloudClient(address, insecure=insecure) as client, pytest.raises(CloudError) as info:
         client.list_collections("some-token")
     return info.value
 
@@ -31,7 +31,7 @@ def test_cloud_client_against_nothing_names_the_address_and_the_start_command():
 
 
 def test_cloud_client_against_an_unresolvable_name():
-    message = str(cloud_error("no-such-host.invalid:50051"))
+    message = str(cloud_error("no-such-host.invalid:50051", insecure=True))  # not loopback: cleartext opted in
     assert message.startswith("cannot reach the dlheir cloud server at no-such-host.invalid:50051 (")
     assert "dlheir server start" in message
 

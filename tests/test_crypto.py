@@ -339,13 +339,16 @@ def test_owner_init_and_grant_commands(tmp_path, capsys, users):
     assert code == 2 and "refusing to overwrite" in err and err.count("\n") == 1
 
     grant = tmp_path / "g.bin"
-    code, out, _ = run_cli(capsys, "owner", "grant", "--key", key, "--user-pub", alice_pub, "--reader-token", "tok",
+    tok = tmp_path / "reader.token"  # the offline reader token comes from a file, never argv (ps shows argv)
+    tok.write_text("tok\n")
+    os.chmod(tok, 0o600)
+    code, out, _ = run_cli(capsys, "owner", "grant", "--key", key, "--user-pub", alice_pub, "--reader-token-file", tok,
                            "--server", "127.0.0.1:5", "--bits", 48, "--out", grant)
     assert code == 0 and str(grant) in out
     g = open_grant(grant.read_bytes(), alice_priv.read_bytes())
     assert (g.collection, g.reader_token, g.server, g.bits) == ("photos", "tok", "127.0.0.1:5", 48)
     assert g.image_key == OwnerKeys.load(key).image_key
-    code, _, err = run_cli(capsys, "owner", "grant", "--key", key, "--user-pub", alice_pub, "--reader-token", "tok",
+    code, _, err = run_cli(capsys, "owner", "grant", "--key", key, "--user-pub", alice_pub, "--reader-token-file", tok,
                            "--out", grant)
     assert code == 2 and "refusing to overwrite" in err
 
@@ -354,7 +357,7 @@ def test_owner_init_and_grant_commands(tmp_path, capsys, users):
     tokens = tmp_path / "photos.tokens.json"
     tokens.write_text(json.dumps({"owner_token": "own", "reader_token": "rd", "server": "127.0.0.1:1", "bits": 24}))
     os.chmod(tokens, 0o600)  # a tokens file others can read is refused (tests/test_key_hygiene.py)
-    # without --reader-token the server issues the user's own token (tests/test_access.py): no server, no grant
+    # without --reader-token-file the server issues the user's own token (tests/test_access.py): no server, no grant
     code, _, err = run_cli(capsys, "owner", "grant", "--key", bare, "--user-pub", alice_pub, "--collection", "photos",
                            "--tokens", tokens, "--out", tmp_path / "g2.bin")
     assert code == 2 and "cannot reach the dlheir cloud server at 127.0.0.1:1" in err and err.count("\n") == 1
@@ -366,12 +369,12 @@ def test_owner_init_and_grant_commands(tmp_path, capsys, users):
     bad_pub = tmp_path / "bad.pub.pem"
     bad_pub.write_text("hello")
     failures = {
-        "owner key file not found": ["--key", tmp_path / "missing.key", "--collection", "c", "--reader-token", "t"],
-        "accessible by group or others": ["--key", loose, "--collection", "c", "--reader-token", "t"],
-        "give --collection": ["--key", bare, "--reader-token", "t"],
-        "not an RSA public key": ["--key", bare, "--collection", "c", "--reader-token", "t", "--user-pub", bad_pub],
-        "bits must be": ["--key", bare, "--collection", "c", "--reader-token", "t", "--bits", 13],
-        "user public key not found": ["--key", bare, "--collection", "c", "--reader-token", "t",
+        "owner key file not found": ["--key", tmp_path / "missing.key", "--collection", "c", "--reader-token-file", tok],
+        "accessible by group or others": ["--key", loose, "--collection", "c", "--reader-token-file", tok],
+        "give --collection": ["--key", bare, "--reader-token-file", tok],
+        "not an RSA public key": ["--key", bare, "--collection", "c", "--reader-token-file", tok, "--user-pub", bad_pub],
+        "bits must be": ["--key", bare, "--collection", "c", "--reader-token-file", tok, "--bits", 13],
+        "user public key not found": ["--key", bare, "--collection", "c", "--reader-token-file", tok,
                                       "--user-pub", tmp_path / "nobody.pub.pem"],
         "tokens file not found": ["--key", bare, "--collection", "zzz"],
     }

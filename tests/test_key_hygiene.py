@@ -57,6 +57,14 @@ def one_line_error(code, err, *needles):
         assert str(needle) in err, (needle, err)
 
 
+def reader_token_file(folder, token="t"):
+    """A 0600 file holding ``token``, for ``owner grant --reader-token-file`` (argv never holds it)."""
+    path = folder / "reader.token"
+    path.write_text(token)
+    os.chmod(path, 0o600)
+    return path
+
+
 def loose_copy(src, dst, mode):
     shutil.copyfile(src, dst)
     os.chmod(dst, mode)
@@ -166,8 +174,8 @@ def test_tokens_admin_token_and_owner_key_others_can_read_are_refused(home, pair
     one_line_error(code, err, admin, f"chmod 600 {admin}")
 
     os.chmod(key, 0o640)
-    code, _, err = run_cli(capsys, "owner", "grant", "--key", key, "--user-pub", public, "--reader-token", "t",
-                           "--out", tmp_path / "g.bin")
+    code, _, err = run_cli(capsys, "owner", "grant", "--key", key, "--user-pub", public,
+                           "--reader-token-file", reader_token_file(tmp_path), "--out", tmp_path / "g.bin")
     one_line_error(code, err, key, f"chmod 600 {key}")
 
 
@@ -194,8 +202,8 @@ def test_private_key_given_as_user_pub_is_refused_and_never_sealed(home, pair, t
         wrong.write_bytes(pem)
         os.chmod(wrong, 0o600)
         out = tmp_path / f"grant-{form.replace(' ', '_')}.bin"
-        code, _, err = run_cli(capsys, "owner", "grant", "--key", key, "--user-pub", wrong, "--reader-token", "t",
-                               "--out", out)
+        code, _, err = run_cli(capsys, "owner", "grant", "--key", key, "--user-pub", wrong,
+                               "--reader-token-file", reader_token_file(tmp_path), "--out", out)
         one_line_error(code, err, wrong, "is a private key")
         assert not out.exists() and not (home / "grant.bin").exists() and not sealed
     # the library refuses it too, whatever reaches it
