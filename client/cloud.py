@@ -6,6 +6,7 @@ status ``code`` and the server's message), so the CLI prints them as one line.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -199,12 +200,27 @@ class CloudClient:
             req.max_distance = max_distance
         return search_results(self._call(self.stub.Search, req))
 
+    # a server whose stream slots are all taken refuses a new stream at once ("retry shortly"):
+    # a Fetch refused before its first item is tried again for up to this long
+    STREAM_SLOT_WAIT_S = 10.0
+
     def fetch(self, name: str, ids: Iterable[int]) -> Iterator[tuple[int, bytes, dict]]:
-        try:
-            for item in self.stub.Fetch(pb.FetchRequest(collection=name, ids=[int(i) for i in ids]), metadata=self._md()):
-                yield item.id, item.blob, dict(item.metadata)
-        except grpc.RpcError as exc:
-            raise _wrap(exc, self.address) from None
+        request = pb.FetchRequest(collection=name, ids=[int(i) for i in ids])
+        give_up, pause = time.monotonic() + self.STREAM_SLOT_WAIT_S, 0.05
+        while True:
+            started = False
+            try:
+                for item in self.stub.Fetch(request, metadata=self._md()):
+                    started = True
+                    yield item.id, item.blob, dict(item.metadata)
+                return
+            except grpc.RpcError as exc:
+                busy = (exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams" in (exc.details() or "")
+                        and not started)
+                if not busy or time.monotonic() + pause > give_up:
+                    raise _wrap(exc, self.address) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     def delete(self, name: str, ids: Iterable[int]) -> int:
         return self._call(self.stub.Delete, pb.DeleteRequest(collection=name, ids=[int(i) for i in ids])).deleted

@@ -120,6 +120,24 @@ def test_unread_fetch_streams_cannot_hold_the_workers(tmp_path):
             channel.close()
 
 
+def test_a_fetch_refused_for_want_of_a_stream_slot_waits_for_one(tmp_path):
+    """The client retries a Fetch the server refused at once because every stream slot was taken
+    (here by an unread stream, cancelled after 2 s): the user's fetch is served, not failed."""
+    args = ["--workers", "2", "--stream-write-timeout", "2"]  # one stream slot
+    with CloudServerProcess(tmp_path / "cloud", extra_args=args) as server:
+        owner, reader = _collection(server)
+        rng = np.random.default_rng(6)
+        list(owner.upload("c", [(i, bytes(6), rng.bytes(4 * MiB), {}) for i in range(4)], batch_size=2))
+        with grpc.insecure_channel(server.address, options=SLOW_READER) as channel:
+            hog = pb_grpc.CloudStoreStub(channel).Fetch(pb.FetchRequest(collection="c", ids=range(4)),
+                                                        metadata=_md(reader.token))
+            time.sleep(0.5)  # the unread stream holds the only slot
+            assert [i for i, _, _ in reader.fetch("c", [2, 3])] == [2, 3]
+            hog.cancel()
+        log = _log(server)
+        assert "all are in use" in log and "the client stopped reading" in log
+
+
 # --- 2. an Upload stream does not outlive its collection ----------------------------------
 
 @pytest.mark.parametrize("recreate", [True, False])
