@@ -41,18 +41,27 @@ def snapshot_path(data_dir: Path | str, collection: str) -> Path:
 
 def _mix64(ids: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser of each id: a well-spread 64-bit value per id (wrapping arithmetic)."""
-    z = ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    z = ids.astype(np.uint64)  # a copy, then in place with one scratch array: 0.06 s at 10M ids (0.2-0.4 s
+    z += np.uint64(0x9E3779B97F4A7C15)  # with a new temporary per operation), paid at every snapshot load and save
+    t = z >> np.uint64(30)
+    z ^= t
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    np.right_shift(z, np.uint64(27), out=t)
+    z ^= t
+    z *= np.uint64(0x94D049BB133111EB)
+    np.right_shift(z, np.uint64(31), out=t)
+    z ^= t
+    return z
 
 
 def ids_checksum(arrays: dict[str, np.ndarray]) -> tuple[int, int]:
     """(items, checksum) of the live ids in an index's ``state()`` arrays: the sum of each id's
-    64-bit mix, independent of order (no sort: ~50 ms at 10M ids)."""
+    64-bit mix, independent of order (no sort: 0.06-0.25 s at 10M ids measured)."""
     parts = [np.asarray(arrays["flat_ids"], dtype=np.int64)]
     if "mih_ids" in arrays:
-        parts.append(np.asarray(arrays["mih_ids"]).astype(np.int64)[np.asarray(arrays["mih_alive"]).astype(bool)])
+        # uint32 or int64 ids: _mix64 casts either to the same uint64; dead rows (deletes) left out
+        ids, alive = np.asarray(arrays["mih_ids"]), np.asarray(arrays["mih_alive"]).astype(bool, copy=False)
+        parts.append(ids if alive.all() else ids[alive])
     n, total = 0, np.uint64(0)
     with np.errstate(over="ignore"):
         for ids in parts:
