@@ -5,6 +5,7 @@ Fixtures only: the plain helpers they use (and tests import) are in tests/helper
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,17 @@ def cloud_server(tmp_path):
 
     with run_cloud_server(tmp_path / "cloud") as server:
         yield server
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 8 MiB filesystem (tmpfs) that fills up: needs root and mount; skipped otherwise."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root); the --max-store-mb test covers SQLITE_FULL")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

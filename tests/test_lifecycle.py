@@ -4,10 +4,8 @@ disk, syncs cut by DeleteCollection. Every test runs a real server subprocess on
 
 from __future__ import annotations
 
-import os
 import queue
 import shutil
-import subprocess
 import time
 
 import grpc
@@ -47,6 +45,12 @@ def _status(fn) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(CloudError) as info:
         fn()
     return info.value.code, info.value.details
+
+
+def _unread_fetch(channel: grpc.Channel, token: str, ids) -> grpc.Future:
+    """A Fetch stream the test reads only when (and if) it wants: on a SLOW_READER channel the
+    server's sends of large blobs wait on flow control."""
+    return pb_grpc.CloudStoreStub(channel).Fetch(pb.FetchRequest(collection="c", ids=ids), metadata=_md(token))
 
 
 def _drain(stream) -> tuple[int, grpc.StatusCode]:
@@ -93,10 +97,8 @@ def test_unread_fetch_streams_cannot_hold_the_workers(tmp_path):
         alice = CloudClient(server.address, owner.add_reader("c", "alice"))
         channel = grpc.insecure_channel(server.address, options=SLOW_READER)
         try:
-            stub = pb_grpc.CloudStoreStub(channel)
             # 8 streams of 32 MiB each that are never read: their sends block on flow control
-            streams = [stub.Fetch(pb.FetchRequest(collection="c", ids=range(8)), metadata=_md(reader.token))
-                       for _ in range(8)]
+            streams = [_unread_fetch(channel, reader.token, range(8)) for _ in range(8)]
             time.sleep(1.0)
             t0 = time.perf_counter()
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
@@ -129,8 +131,7 @@ def test_a_fetch_refused_for_want_of_a_stream_slot_waits_for_one(tmp_path):
         rng = np.random.default_rng(6)
         list(owner.upload("c", [(i, bytes(6), rng.bytes(4 * MiB), {}) for i in range(4)], batch_size=2))
         with grpc.insecure_channel(server.address, options=SLOW_READER) as channel:
-            hog = pb_grpc.CloudStoreStub(channel).Fetch(pb.FetchRequest(collection="c", ids=range(4)),
-                                                        metadata=_md(reader.token))
+            hog = _unread_fetch(channel, reader.token, range(4))
             time.sleep(0.5)  # the unread stream holds the only slot
             assert [i for i, _, _ in reader.fetch("c", [2, 3])] == [2, 3]
             hog.cancel()
@@ -173,8 +174,7 @@ def test_delete_collection_ends_running_fetch_streams_with_not_found(tmp_path):
         rng = np.random.default_rng(1)
         list(owner.upload("c", [(i, bytes(6), rng.bytes(2 * MiB), {}) for i in range(30)], batch_size=5))
         with grpc.insecure_channel(server.address, options=SLOW_READER) as ch:
-            stream = pb_grpc.CloudStoreStub(ch).Fetch(pb.FetchRequest(collection="c", ids=range(30)),
-                                                      metadata=_md(reader.token))
+            stream = _unread_fetch(ch, reader.token, range(30))
             next(stream)  # the stream is running (the rest wait on flow control)
             CloudClient(server.address).delete_collection("c", server.admin_token)
             _collection(server)  # re-created under the same name, with items of its own
@@ -269,20 +269,6 @@ def test_upload_batches_of_another_key_version_are_refused(tmp_path):
 
 
 # --- 6. a delete frees room on a really full disk -------------------------------------------
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A real 8 MiB filesystem (tmpfs) that fills up: needs root and mount; skipped otherwise."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
 
 def test_delete_works_on_a_really_full_disk(tiny_disk, tmp_path):
     rng = np.random.default_rng(5)

@@ -6,7 +6,6 @@ RSS growth of the largest allowed Search and Fetch) are printed; run with ``-s``
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -307,20 +306,6 @@ def test_store_quota_full_is_resource_exhausted_and_loses_nothing(tmp_path):
     with CloudServerProcess(tmp_path / "cloud") as server:  # and all of it survives a restart
         owner = CloudClient(server.address, owner.token)
         assert owner.contains("c", acked[8:] + more) == set(acked[8:] + more)
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A real 8 MiB filesystem (tmpfs) that fills up: needs root and mount; skipped otherwise."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root); the --max-store-mb test covers SQLITE_FULL")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_real_disk_full_is_resource_exhausted_and_loses_nothing(tiny_disk):
