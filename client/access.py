@@ -114,20 +114,6 @@ class RotationReport:
 RECORD_FORMAT = "dlheir-rotation"
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename or unlink in ``folder`` durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class PendingRotation:
     """A rotation in progress, recorded on the owner's side (:func:`dlheir.paths.rotation_record`,
@@ -159,12 +145,11 @@ class PendingRotation:
     def save(self) -> None:
         doc = {"format": RECORD_FORMAT, "version": 1, **asdict(self)}
         paths.make_private_dirs(self.path.parent, "the rotation record folder")
-        replace_private(self.path, (json.dumps(doc, indent=2) + "\n").encode())
-        _fsync_dir(self.path.parent)
+        replace_private(self.path, (json.dumps(doc, indent=2) + "\n").encode())  # durable, folder fsynced
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-        _fsync_dir(self.path.parent)
+        paths.fsync_path(self.path.parent)
 
     @classmethod
     def load(cls, collection: str) -> "PendingRotation | None":

@@ -116,6 +116,7 @@ from Crypto.Random import get_random_bytes
 
 from dlheir.codes import pack_bits, unpack_bits
 from dlheir.contract import code_bytes, validate_bits
+from dlheir.paths import fsync_path
 from dlheir.errors import UserError
 
 KEY_FORMAT, KEY_VERSION = "dlheir-owner-key", 2  # version 1 (one key) is still written while there is one key
@@ -176,9 +177,9 @@ def write_private(path: Path | str, data: bytes, what: str = "a key") -> Path:
 
 
 def replace_private(path: Path | str, data: bytes) -> Path:
-    """Write ``path`` with mode 0600, replacing an existing file atomically: the bytes go to a
-    0600 temporary file in the same folder, which is then renamed over ``path``. Readers see the
-    old file or the whole new one, never a partial or group/world-readable one."""
+    """Write ``path`` with mode 0600, replacing an existing file atomically and durably: the bytes
+    go to a 0600 temporary file in the same folder, fsynced, renamed over ``path``, and the folder
+    fsynced. Readers see the old file or the whole new one, never a partial or group/world-readable one."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
@@ -193,6 +194,7 @@ def replace_private(path: Path | str, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)  # the rename itself is durable: a crash after this keeps the new file
     return path
 
 

@@ -57,6 +57,15 @@ def _user_dir(own_env: str, xdg_env: str, fallback: str) -> Path:
     return base / "dlheir"
 
 
+def fsync_path(path: Path | str) -> None:
+    """fsync a file or a folder (a folder: so a rename or unlink in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def dlheir_home() -> Path:
     """The per-user folder for keys, tokens and grants (not created here); UserError if it
     exists and group or others can write to it (:func:`check_home`)."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dlheir.server.index import BinaryIndex
-from dlheir.server.store import fsync_path
+from dlheir.paths import fsync_path
 
 log = logging.getLogger("dlheir.server.snapshot")
 

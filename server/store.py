@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
+from dlheir.paths import fsync_path
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -243,15 +245,6 @@ def _write_durably(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder: so a rename in it is durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _create(path: Path) -> None:
