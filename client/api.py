@@ -184,10 +184,11 @@ def _hasher(cfg: "_config.Config", triton: str | None, model: str | None, batch_
     return TritonHasher(cfg.get("triton", triton), batch_size=batch_size, model=cfg.get("model", model))
 
 
-def _cloud(address: str, token: str | None, tls_ca: str | None, insecure: bool = False):
+def _cloud(client: "Owner | User", address: str, token: str | None):
+    """A CloudClient to ``address`` with ``client``'s TLS CA and cleartext setting."""
     from dlheir.client.cloud import CloudClient
 
-    return CloudClient(address, token, tls_ca=tls_ca, insecure=insecure)
+    return CloudClient(address, token, tls_ca=client.tls_ca, insecure=client.insecure)
 
 
 # --- the data owner ---------------------------------------------------------------------------
@@ -241,7 +242,7 @@ class Owner:
 
     def _owner_cloud(self, collection: str, tokens: str | os.PathLike | None = None):
         doc = self.tokens(collection, tokens)
-        return _cloud(self.server_for(doc), doc["owner_token"], self.tls_ca, self.insecure)
+        return _cloud(self, self.server_for(doc), doc["owner_token"])
 
     def keys(self):
         from dlheir.client.crypto import OwnerKeys
@@ -277,7 +278,7 @@ class Owner:
         else:
             binding = model_binding(None, bits)
         server = self.server_for()
-        with _cloud(server, None, self.tls_ca, self.insecure) as cloud:
+        with _cloud(self, server, None) as cloud:
             owner, reader = create_collection(cloud, name, admin_token, binding, private=private)
             cloud.token = owner
             info = CollectionInfo.from_pb(cloud.stats(name))
@@ -294,7 +295,7 @@ class Owner:
         # a token given anywhere must work (an unreadable one is an error, not "no collections")
         admin = self.config.admin_token(admin_token_file) if self.config.has_admin_token(admin_token_file) else None
         if admin is not None:
-            with _cloud(self.server_for(), None, self.tls_ca, self.insecure) as cloud:
+            with _cloud(self, self.server_for(), None) as cloud:
                 return sorted((CollectionInfo.from_pb(c) for c in cloud.list_collections(admin)), key=lambda c: c.name)
         found = []
         for path in sorted(paths.dlheir_home().glob("*" + paths.TOKENS_SUFFIX)):
@@ -312,7 +313,7 @@ class Owner:
             with self._owner_cloud(name) as cloud:
                 return CollectionInfo.from_pb(cloud.stats(name))
         admin = self.config.admin_token(admin_token_file)
-        with _cloud(self.server_for(), None, self.tls_ca, self.insecure) as cloud:
+        with _cloud(self, self.server_for(), None) as cloud:
             for c in cloud.list_collections(admin):
                 if c.name == name:
                     return CollectionInfo.from_pb(c)
@@ -330,7 +331,7 @@ class Owner:
                 recorded = self.tokens(name).get("server")
             except UserError:
                 pass
-        with _cloud(_server(self.config, self._server_flag, recorded), None, self.tls_ca, self.insecure) as cloud:
+        with _cloud(self, _server(self.config, self._server_flag, recorded), None) as cloud:
             info = CollectionInfo.from_pb(cloud.delete_collection(name, admin))
         tokens_file.unlink(missing_ok=True)  # its tokens open nothing any more
         return info
@@ -398,7 +399,7 @@ class Owner:
             kept.append((rel, path))
             ids.append(i)
         show = _config.show_progress() if progress is None else progress
-        with _cloud(self.server_for(doc), doc["owner_token"], self.tls_ca, self.insecure) as cloud, \
+        with _cloud(self, self.server_for(doc), doc["owner_token"]) as cloud, \
                 _hasher(self.config, self._triton, self._model, batch_size) as hasher:
             present = set()
             for start in range(0, len(ids), 50_000):
@@ -450,7 +451,7 @@ class Owner:
             doc = self.tokens(collection, tokens)
             server = self.server_for(doc)
             user = user or paths.check_label(default_label(pub))
-            with _cloud(server, doc["owner_token"], self.tls_ca, self.insecure) as cloud:
+            with _cloud(self, server, doc["owner_token"]) as cloud:
                 grant = issue_grant(keys, public_pem, collection, user, cloud, server=server,
                                     bits=bits or doc.get("bits"), replace=replace)
         out = paths.resolve(out, paths.GRANT, create=True)
@@ -486,7 +487,7 @@ class Owner:
         collection = self._collection(collection)
         doc = self.tokens(collection, tokens)
         server = self.server_for(doc)
-        with _cloud(server, doc["owner_token"], self.tls_ca, self.insecure) as cloud:
+        with _cloud(self, server, doc["owner_token"]) as cloud:
             return rotate(self.key_path, collection, cloud, server=server, drop=drop, out_dir=out_dir, resume=resume)
 
 
@@ -565,7 +566,7 @@ class User:
         if not Path(query).is_file():
             raise UserError(f"query image not found: {query}")
         grant = self.grant
-        with _cloud(self.server, grant.reader_token, self.tls_ca, self.insecure) as cloud, \
+        with _cloud(self, self.server, grant.reader_token) as cloud, \
                 _hasher(self.config, self._triton, self._model) as hasher:
             local = open_local(cloud, grant)  # one round trip: the mode, and (private mode) the new sealed pages
             first_sync = local.last_sync if local is not None else None
