@@ -101,10 +101,12 @@ def load(path: Path, generation: int, bits: int, uid: str = "", **index_kwargs) 
     started = time.perf_counter()
     try:
         with np.load(path, allow_pickle=False) as z:
-            if "collection_uid" not in z.files or str(z["collection_uid"]) != uid:
-                found = str(z["collection_uid"]) if "collection_uid" in z.files else "none (an older snapshot)"
+            if "collection_uid" not in z.files:  # written before snapshots named their collection: an upgrade
+                log.info("%s does not name its collection (an older snapshot): rebuilding from the store", path)
+                return None
+            if str(z["collection_uid"]) != uid:
                 log.warning("%s belongs to another collection (uid %s, this one is %s): rebuilding from the store",
-                            path, found, uid)
+                            path, str(z["collection_uid"]), uid)
                 return None
             saved = int(z["generation"])
             if saved != generation:
