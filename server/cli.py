@@ -57,7 +57,9 @@ def server_command(args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "dlheir.server", "--data-dir", str(args.data_dir), "--host", args.host,
            "--port", str(args.port), "--workers", str(args.workers),
            "--max-concurrent-rpcs", str(args.max_concurrent_rpcs), "--stream-idle-timeout", str(args.stream_idle_timeout),
-           "--log-level", args.log_level, "--index", args.index]
+           "--stream-write-timeout", str(args.stream_write_timeout), "--log-level", args.log_level, "--index", args.index]
+    if args.max_streams is not None:  # 0 too: the server refuses it, naming the flag
+        cmd += ["--max-streams", str(args.max_streams)]
     for flag in ("tls_cert", "tls_key", "admin_token_file", "shards", "max_store_mb", "mih_min_items", "ready_file"):
         if getattr(args, flag, None):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import queue
 import shutil
+import subprocess
+import sys
 import time
 
 import grpc
@@ -137,6 +139,26 @@ def test_a_fetch_refused_for_want_of_a_stream_slot_waits_for_one(tmp_path):
             hog.cancel()
         log = _log(server)
         assert "all are in use" in log and "the client stopped reading" in log
+
+
+def test_server_start_passes_the_stream_limits_on(tmp_path):
+    """``dlheir server start`` (detached) hands --stream-write-timeout and --max-streams to the
+    server it starts: a bad value is refused by name, a good one is in the server's start line."""
+    data = tmp_path / "cloud"
+
+    def dlheir(*args):
+        return subprocess.run([sys.executable, "-m", "dlheir", "server", *args, "--data-dir", str(data)],
+                              capture_output=True, text=True, timeout=120)
+
+    refused = dlheir("start", "--port", "0", "--max-streams", "0")
+    assert refused.returncode != 0 and "--max-streams must be at least 1" in refused.stderr, refused.stderr
+    started = dlheir("start", "--port", "0", "--max-streams", "2", "--stream-write-timeout", "7")
+    try:
+        assert started.returncode == 0, started.stderr
+        log = (data / "server.log").read_text()
+        assert "at most 64 calls and 2 streams at once" in log and "unread ones after 7 s" in log
+    finally:
+        assert dlheir("stop").returncode == 0
 
 
 # --- 2. an Upload stream does not outlive its collection ----------------------------------
