@@ -314,7 +314,7 @@ class Store:
         conn.execute("PRAGMA foreign_keys=ON")
         # the committed pages move from the WAL into the store file after every ~1 MiB (SQLite's default,
         # 1000 pages, is 16 MiB here): on a full disk the WAL then holds little that still needs room in
-        # the store file, so a delete's checkpoint fits in the reserve (measured: upload speed unchanged)
+        # the store file, so a delete's checkpoint fits in the reserve (a one-off timing: upload speed within noise, see the README)
         conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
         return conn
 
