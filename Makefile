@@ -19,8 +19,26 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint
+test: lint engines
 	$(PY) -m pytest -q tests
+
+# The cloud-server tests again with every test server on PostgreSQL + Ceph RGW (--store/--blobs)
+# instead of the embedded store; the tests of the SQLite file itself are skipped.
+ENGINE_TESTS ?= tests/test_cloud_server.py tests/test_access.py tests/test_private_mode.py tests/test_lifecycle.py \
+	tests/test_lying_server.py tests/test_search_reply.py tests/test_server_hardening.py tests/test_snapshot.py \
+	tests/test_client_api.py tests/test_rotation_resume.py tests/test_e2e.py
+# `dlheir bench search` on both backends in one run: the embedded store, then PostgreSQL + Ceph RGW
+# (started by tests/engines.py for the run). Results: results/bench_search/{embedded,engines}/.
+BENCH_SIZES ?= 10000,100000
+.PHONY: bench-backends
+bench-backends: $(STAMP) engines
+	$(VENV)/bin/dlheir bench search --codes random --sizes $(BENCH_SIZES) --out-dir results/bench_search/embedded
+	$(PY) tests/engines.py run -- $(VENV)/bin/dlheir bench search --codes random --sizes $(BENCH_SIZES) \
+		--store {store} --blobs {blobs} --out-dir results/bench_search/engines
+
+.PHONY: test-engines
+test-engines: $(STAMP) engines
+	DLHEIR_TEST_ENGINES=1 $(PY) -m pytest -q $(ENGINE_TESTS)
 
 clean:
 	rm -rf $(VENV) runs results
@@ -34,3 +52,25 @@ perf-analyzer: $(PERF_ANALYZER)
 
 $(PERF_ANALYZER): | $(STAMP)
 	$(PY) -m dlheir.benchmarks.perf_analyzer install $(VENV)/perf_analyzer
+
+# The real storage engines that tests/engines.py starts on loopback for the store backend's tests:
+# PostgreSQL and Ceph (monitor, OSD, the S3 gateway radosgw), from Debian's archive. As root, only the
+# missing packages are installed (nothing when all are there); otherwise one line says what to install.
+ENGINE_CHECKS := postgresql:'ls /usr/lib/postgresql/*/bin/postgres' radosgw:'command -v radosgw' \
+	ceph-mon:'command -v ceph-mon && command -v monmaptool' ceph-osd:'command -v ceph-osd' \
+	ceph-common:'command -v ceph && command -v radosgw-admin && command -v ceph-authtool'
+
+.PHONY: engines
+engines:
+	@missing=""; \
+	for check in $(ENGINE_CHECKS); do \
+		sh -c "$${check#*:}" >/dev/null 2>&1 || missing="$$missing $${check%%:*}"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+		echo "make engines: missing$$missing: run sudo apt-get install -y --no-install-recommends$$missing"; \
+		exit 0; \
+	fi; \
+	echo "make engines: installing$$missing"; \
+	apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing

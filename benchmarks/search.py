@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="collection size from which the server uses multi-index hashing (default: the server's)")
     p.add_argument("--index", default="auto", choices=("auto", "flat", "mih"),
                    help="the server's index choice (default auto: timed per collection)")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="run the server on this store (postgresql://...; default: the embedded SQLite store)")
+    p.add_argument("--blobs", default=None, metavar="URL", help="with --store: blobs in this object store (s3://...)")
     p.add_argument("--out-dir", default="results/bench_search", help="where JSON and PNG go "
                                                                     "(default results/bench_search)")
     p.set_defaults(func=run)
@@ -112,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
     mih_min = args.mih_min_items or MIH_MIN_ITEMS
     code_len = code_bytes(args.bits)
     server_args = ["--shards", str(shards), "--mih-min-items", str(mih_min), "--index", args.index]
-    print(f"search bench: {kinds} codes, sizes {sizes}, {args.bits} bits, k={args.k}, {shards} shard(s), "
+    backend = "embedded SQLite" if not args.store else "PostgreSQL" + (" + S3" if args.blobs else "")
+    print(f"search bench on the {backend} store: {kinds} codes, sizes {sizes}, {args.bits} bits, k={args.k}, "
+          f"{shards} shard(s), "
           f"multi-index hashing from {mih_min} codes, {args.blob_bytes}-byte blobs", flush=True)
     rows = []
     for kind in kinds:
@@ -125,29 +130,42 @@ def run(args: argparse.Namespace) -> int:
         flips = _query_flips(rng, n_q, args.bits)
         blob = np.random.default_rng(2).bytes(args.blob_bytes)
         with tempfile.TemporaryDirectory(prefix="dlheir-bench-") as tmp:
-            server = CloudServerProcess(Path(tmp) / "cloud", extra_args=server_args).start()
+            server = CloudServerProcess(Path(tmp) / "cloud", extra_args=server_args, store_url=args.store or "",
+                                        blobs_url=args.blobs or "").start()
             try:
                 time.sleep(0.5)
                 rss_empty = proc_status_bytes(server.process.pid)
                 with CloudClient(server.address) as admin:
                     owner_token, _ = admin.create_collection("bench", args.bits, server.admin_token)
                 have = 0
+                # upload seconds (summed over the sizes: the searches between them not counted) at which
+                # the collection reached each whole million: the rate of every successive million
+                upload_clock, million_marks = 0.0, [0.0]
                 for size in sizes:
                     queries = codes[rng.integers(0, size, n_q)] ^ flips
                     direct = args.direct_from is not None and size >= args.direct_from
                     t0 = time.perf_counter()
                     if direct:
                         server.stop()
-                        _write_store(server.data_dir, "bench", codes, have, size, blob, args.upload_batch)
+                        _write_store(server.data_dir, "bench", codes, have, size, blob, args.upload_batch, args.store,
+                                     args.blobs)
                         upload_s = time.perf_counter() - t0
                         server.start()  # rebuilds the index from the store
                     else:
                         client = CloudClient(server.address, owner_token)
-                        for _ in client.upload("bench", ((i, codes[i].tobytes(), blob, {}) for i in range(have, size)),
-                                               batch_size=args.upload_batch):
-                            pass
+                        millions_before = len(million_marks)
+                        for ack in client.upload("bench", ((i, codes[i].tobytes(), blob, {}) for i in range(have, size)),
+                                                 batch_size=args.upload_batch):
+                            while ack.total_items >= len(million_marks) * 1_000_000:
+                                million_marks.append(upload_clock + time.perf_counter() - t0)
                         upload_s = time.perf_counter() - t0
+                        upload_clock += upload_s
                         client.close()
+                        per_million = [round(1_000_000 / (b - a)) for a, b in
+                                       zip(million_marks[millions_before - 1:-1], million_marks[millions_before:])]
+                        if per_million:
+                            print(f"{kind} upload to {size}: items/s per million (millions {millions_before} to "
+                                  f"{len(million_marks) - 1}): {per_million}", flush=True)
                     n_new, have = size - have, size
                     server.stop()  # clean shutdown: the index snapshot is written
                     t0 = time.perf_counter()
@@ -166,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
                     bare2 = time_calls(lambda: health.Check(health_pb2.HealthCheckRequest()), args.queries, warmup=5)
                     batch = queries[: args.batch_queries]
                     srv_batch = time_calls(lambda: client.search("bench", batch, args.k), 3, warmup=1)
+                    fetch_ids = rng.integers(0, size, args.queries)
+                    nxt = cycle_index(len(fetch_ids))
+                    fetched = time_calls(lambda: list(client.fetch("bench", [int(fetch_ids[nxt()])])), args.queries,
+                                         warmup=5)
                     client.close()
                     rss_used = proc_status_bytes(server.process.pid) - rss_empty  # after searches (thread stacks...)
                     server.kill()  # a crash: the store has no newer write, but the snapshot is removed below
@@ -192,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
                     index_kind = ours.kind
                     ours = None
                     bare_p50 = min(latency_stats(bare)["p50_ms"], latency_stats(bare2)["p50_ms"])
-                    row = {"codes": kind, "size": size, "server_index": started["index"], "index": index_kind,
+                    row = {"codes": kind, "size": size, "store": backend, "server_index": started["index"],
+                           "index": index_kind, "fetch_p50_ms": latency_stats(fetched)["p50_ms"],
                            "bare_grpc_p50_ms": bare_p50,
                            "server_p50_ms": latency_stats(srv)["p50_ms"], "server_p99_ms": latency_stats(srv)["p99_ms"],
                            "server_batch_qps": args.batch_queries / float(np.median(srv_batch)),
@@ -203,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
                            "restart_s": restart_s, "restart_from": started["from"],
                            "restart_rebuild_s": rebuild_s, "rebuild_quick_check_s": rebuilt["quick_check_s"],
                            "upload_items_per_s": n_new / upload_s, "filled": "store" if direct else "upload",
+                           "upload_rate_per_million": [] if direct else per_million,
                            "load_avg_1min": os.getloadavg()[0]}
                     row["server_overhead_ms"] = row["server_p50_ms"] - row["bare_grpc_p50_ms"]
                     rows.append(row)
@@ -214,12 +238,13 @@ def run(args: argparse.Namespace) -> int:
                           f"({row['rss_after_queries_bytes_per_item']:.1f} after queries); restart {restart_s:.1f} s "
                           f"(from {started['from']}), after a crash {rebuild_s:.1f} s (quick_check "
                           f"{rebuilt['quick_check_s']:.1f} s); {'store writes' if direct else 'upload'} "
-                          f"{row['upload_items_per_s']:.0f} items/s; "
+                          f"{row['upload_items_per_s']:.0f} items/s; fetch one blob p50 {row['fetch_p50_ms']:.2f} ms; "
                           f"load {row['load_avg_1min']:.1f}", flush=True)
             finally:
                 server.stop()
     print(table([r for r in rows if "server_p50_ms" in r], [
-                       ("codes", "codes", ""), ("size", "size", "d"), ("server_index", "server index", ""),
+                       ("store", "store", ""), ("codes", "codes", ""), ("size", "size", "d"),
+                       ("server_index", "server index", ""), ("fetch_p50_ms", "fetch p50 ms", ".2f"),
                        ("bare_grpc_p50_ms", "bare gRPC p50 ms", ".3f"), ("server_p50_ms", "server p50 ms", ".3f"),
                        ("server_overhead_ms", "overhead ms", ".3f"), ("server_p99_ms", "p99 ms", ".3f"),
                        ("index_p50_ms", "index in-proc ms", ".3f"), ("faiss_flat_p50_ms", "FAISS flat ms", ".3f"),
@@ -237,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     for line in goals:
         print(line)
     out = Path(args.out_dir)
-    path = save_json("bench_search", {"bits": args.bits, "k": args.k, "shards": shards, "mih_min_items": mih_min,
+    path = save_json("bench_search", {"store": backend, "bits": args.bits, "k": args.k, "shards": shards, "mih_min_items": mih_min,
                                       "blob_bytes": args.blob_bytes, "queries": args.queries,
                                       "batch_queries": args.batch_queries, "rows": rows, "goals": goals}, out)
     png = _plot(out / "bench_search.png", rows, kinds, args)
@@ -302,12 +327,13 @@ def _index_only(kind: str, size: int, args: argparse.Namespace, shards: int, mih
     return row
 
 
-def _write_store(data_dir: Path, name: str, codes, start: int, end: int, blob: bytes, batch: int) -> None:
+def _write_store(data_dir: Path, name: str, codes, start: int, end: int, blob: bytes, batch: int,
+                 store_url: str | None = None, blobs_url: str | None = None) -> None:
     """Items start..end-1 (id i, code i) written into the stopped server's store, in
     transactions of ``batch`` items, as an Upload writes them (without gRPC and the index)."""
     from dlheir.server.store import open_store
 
-    store = open_store(data_dir, integrity_check=False)
+    store = open_store(data_dir, integrity_check=False, store_url=store_url, blobs_url=blobs_url)
     try:
         for at in range(start, end, batch):
             stop = min(end, at + batch)

@@ -56,6 +56,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="streams (fetch, upload, sync) served at once, each holding a worker; more are refused "
                         "with RESOURCE_EXHAUSTED, so the other workers stay free for searches and health checks "
                         "(default: --workers minus a quarter of them, at least 1 kept free)")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="where collections, codes and pages live: postgresql://USER@HOST:PORT/DB (a libpq URL; the "
+                        "password from PGPASSWORD or ~/.pgpass). Default: the embedded SQLite store in --data-dir")
+    p.add_argument("--blobs", default=None, metavar="URL",
+                   help="with --store: keep the encrypted blobs in an S3-compatible object store, "
+                        "s3://BUCKET?endpoint=http://HOST:PORT (credentials: the AWS environment variables or "
+                        "AWS_SHARED_CREDENTIALS_FILE). Default: in the store")
     p.add_argument("--max-store-mb", type=int, default=None, metavar="MB",
                    help="quota for the store file: uploads past it get RESOURCE_EXHAUSTED as on a full disk "
                         "(default: no quota, the disk's size)")
@@ -64,10 +71,17 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         "a damaged store is then found only when read)")
     p.add_argument("--ready-file", metavar="PATH",
                    help=f"written atomically once the port is bound and health answers SERVING (JSON: pid, "
-                        f"address, port, tls), removed at a clean stop; launchers wait on it "
-                        f"(default DATA_DIR/{READY_FILE})")
+                        f"address, port, tls; metrics_port with --metrics-port), removed at a clean stop; "
+                        f"launchers wait on it (default DATA_DIR/{READY_FILE})")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="DEBUG logs every call, INFO start/stop/collections/deletes, WARNING failed calls (default INFO)")
+    p.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="json: each log record one JSON object per line (time, level, logger, message and the "
+                        "record's extra fields), for log collectors (default text)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics, on --host (https with the "
+                        "--tls-cert/--tls-key; no token: anyone who reaches the port reads them); 0: a free port, "
+                        "written into the ready file as metrics_port. Default: off")
 
 
 def host_port(host: str, port: int) -> str:
@@ -336,6 +350,9 @@ def build_server(args: argparse.Namespace):
         args.max_streams = max(1, args.workers - max(1, args.workers // 4))
     if not 1 <= args.max_streams:
         raise UserError("--max-streams must be at least 1")
+    metrics_port = getattr(args, "metrics_port", None)
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:
+        raise UserError(f"--metrics-port must be from 0 to 65535, got {metrics_port}")
     data_dir = Path(args.data_dir)
     loose_mode = private_data_dir(data_dir)
     args.lock_fd = lock_data_dir(data_dir)
@@ -355,7 +372,7 @@ def build_server(args: argparse.Namespace):
             # SQLite's quick_check runs in a thread while the index is loaded or rebuilt; nothing
             # is served before it passed
             store = open_store(data_dir, integrity_check=not args.skip_integrity_check, max_bytes=max_bytes,
-                               check_in_background=True)
+                               check_in_background=True, store_url=args.store, blobs_url=args.blobs)
             check = store.integrity_check
             # the log flows again as soon as the check passed (usually long before a large index is ready)
             threading.Thread(target=lambda: check is None or check.wait() or held.let_through(), daemon=True).start()
@@ -380,9 +397,15 @@ def build_server(args: argparse.Namespace):
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.so_reuseport", 0)]
+    streams = StreamLimits(args.max_streams, args.stream_write_timeout)
+    args.metrics = None
+    if metrics_port is not None:  # prometheus-client is imported only then
+        from dlheir.server.metrics import MetricsEndpoint
+
+        args.metrics = MetricsEndpoint()
     server = grpc.server(futures.ThreadPoolExecutor(args.workers), options=options,
-                         interceptors=[Guard(service.known_token, args.stream_idle_timeout,
-                                               StreamLimits(args.max_streams, args.stream_write_timeout))],
+                         interceptors=[Guard(service.known_token, args.stream_idle_timeout, streams,
+                                             args.metrics.calls if args.metrics else None)],
                          maximum_concurrent_rpcs=args.max_concurrent_rpcs)
     pb_grpc.add_CloudStoreServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
@@ -400,6 +423,17 @@ def build_server(args: argparse.Namespace):
         service.store.close()
         raise UserError(f"cannot bind {address}: the port is in use or the address is not local "
                         f"(pick another with --port)") from exc
+    if args.metrics is not None:
+        args.metrics.watch(service, lambda: streams.active)
+        try:
+            args.metrics.start(args.host, metrics_port, args.tls_cert, args.tls_key)
+        except OSError as exc:
+            service.store.close()
+            raise UserError(f"--metrics-port: cannot bind {host_port(args.host, metrics_port)} "
+                            f"({exc.strerror or exc}): the port is in use or the address is not local") from None
+        if not is_loopback(args.host) and not tls:
+            log.warning("metrics served without TLS on %s (collection names, call counts): keep that port "
+                        "behind a firewall", host_port(args.host, args.metrics.port))
     for name in ("", names[0]):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     service.health = health_servicer  # main() flips it to NOT_SERVING when shutting down
@@ -415,12 +449,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("dlheir").setLevel(args.log_level)
+    if args.log_format == "json":
+        from dlheir.server.metrics import use_json_logs
+
+        use_json_logs()
     try:
         server, service, port, token_source = build_server(args)
     except UserError as exc:  # one line, no traceback, no log record repeating it
         if getattr(args, "ready", None):
             args.ready.remove()
-        print(f"dlheir server: error: {exc}", file=sys.stderr, flush=True)
+        if args.log_format == "json":  # one JSON line like the rest of the log
+            log.error("dlheir server: error: %s", exc)
+        else:
+            print(f"dlheir server: error: {exc}", file=sys.stderr, flush=True)
         return 2
     server.start()
     scheme = "TLS" if args.tls_cert else "plaintext"
@@ -430,13 +471,20 @@ def main(argv: list[str] | None = None) -> int:
              os.getpid(), host_port(args.host, port), scheme, token_source, len(service.collections),
              sum(len(c.index) for c in service.collections.values()), args.workers, args.max_concurrent_rpcs,
              args.max_streams, args.stream_idle_timeout, args.stream_write_timeout)
+    metrics = getattr(args, "metrics", None)
+    if metrics is not None:
+        log.info("Prometheus metrics on %s://%s/metrics", "https" if args.tls_cert else "http",
+                 host_port(args.host, metrics.port))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     # bound, started and health SERVING: launchers (dlheir.server.cli.wait_ready) wait for this file
+    info = {"pid": os.getpid(), "address": host_port(args.host, port), "host": args.host,
+            "port": port, "tls": bool(args.tls_cert), "data_dir": str(Path(args.data_dir).resolve())}
+    if metrics is not None:
+        info["metrics_port"] = metrics.port
     try:
-        args.ready.write({"pid": os.getpid(), "address": host_port(args.host, port), "host": args.host,
-                          "port": port, "tls": bool(args.tls_cert), "data_dir": str(Path(args.data_dir).resolve())})
+        args.ready.write(info)
     except OSError as exc:  # serve anyway (a foreground server needs no launcher); launchers will time out
         log.error("cannot write the ready file %s (%s): launchers waiting for it will give up", args.ready.path, exc)
     stop.wait()
@@ -446,5 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     server.stop(grace=2).wait()
     service.save_snapshots()  # the next start loads these instead of rebuilding the index
     service.store.close()
+    if metrics is not None:
+        metrics.stop()
     log.info("stopped")
     return 0

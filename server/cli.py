@@ -27,6 +27,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = ssub.add_parser("stop", help="stop the server started with 'dlheir server start --data-dir DIR'")
     p.add_argument("--data-dir", required=True)
     p.set_defaults(func=_stop)
+    p = ssub.add_parser(
+        "migrate", help="copy a whole deployment into another store (embedded <-> PostgreSQL+S3), then verify it",
+        description="Copies every collection (its items, blobs, readers, key version and sealed code pages) and the "
+                    "admin token from the stopped server's store (--from) into another (--to), in durable batches, "
+                    "then verifies the target against the source (counts, SHA-256 over ids+codes and pages, every "
+                    "blob read back). The target must be empty or an interrupted migration of the same source "
+                    "(it is continued). Stop the source server first: its data dir is locked while this runs.")
+    p.add_argument("--from", dest="source", required=True, metavar="DATA_DIR",
+                   help="the source server's data dir (holds its store, or names it with --from-store)")
+    p.add_argument("--from-store", metavar="URL", help="the source store, postgresql://... (else the embedded one)")
+    p.add_argument("--from-blobs", metavar="URL", help="the source's object store, s3://BUCKET?endpoint=URL")
+    p.add_argument("--to", dest="target", required=True, metavar="DATA_DIR",
+                   help="the target server's data dir (created; gets the admin token)")
+    p.add_argument("--to-store", metavar="URL", help="the target store, postgresql://... (else an embedded one)")
+    p.add_argument("--to-blobs", metavar="URL", help="the target's object store, s3://BUCKET?endpoint=URL")
+    p.add_argument("--verify-only", action="store_true", help="copy nothing: only compare the target with the source")
+    p.add_argument("--batch-size", type=int, default=2000, metavar="N",
+                   help="items per durable write (default 2000; a batch also ends at 64 MiB of blobs)")
+    p.set_defaults(func=_migrate)
 
 
 def wait_ready(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> dict:
@@ -60,9 +79,13 @@ def server_command(args: argparse.Namespace) -> list[str]:
            "--stream-write-timeout", str(args.stream_write_timeout), "--log-level", args.log_level, "--index", args.index]
     if args.max_streams is not None:  # 0 too: the server refuses it, naming the flag
         cmd += ["--max-streams", str(args.max_streams)]
-    for flag in ("tls_cert", "tls_key", "admin_token_file", "shards", "max_store_mb", "mih_min_items", "ready_file"):
+    for flag in ("tls_cert", "tls_key", "admin_token_file", "shards", "max_store_mb", "mih_min_items", "ready_file",
+                 "store", "blobs"):
         if getattr(args, flag, None):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if getattr(args, "metrics_port", None) is not None:  # 0 means: a free port
+        cmd += ["--metrics-port", str(args.metrics_port)]
+    cmd += ["--log-format", getattr(args, "log_format", "text")]
     for flag in ("insecure", "skip_integrity_check"):
         if getattr(args, flag):
             cmd.append(f"--{flag.replace('_', '-')}")
@@ -150,3 +173,11 @@ def _stop(args: argparse.Namespace) -> int:
     pid_file.unlink(missing_ok=True)
     print(f"cloud server (pid {pid}) stopped")
     return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from dlheir.server.migrate import run
+
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    return run(args)

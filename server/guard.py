@@ -20,6 +20,8 @@
   peer, message; never a token or key). Store errors become their status (disk full:
   RESOURCE_EXHAUSTED, damaged file: DATA_LOSS); anything unexpected is logged with its
   traceback and answered INTERNAL without internals.
+* **Calls are counted** (with ``metrics``, ``--metrics-port``): every call's method, final status
+  and duration, refusals included, and the store errors seen here (``dlheir.server.metrics``).
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import grpc
 
 from dlheir.server.store import CollectionGoneError, StoreCorruptError, StoreError, StoreFullError
+
+if TYPE_CHECKING:
+    from dlheir.server.metrics import CallMetrics
 
 log = logging.getLogger("dlheir.server.calls")
 
@@ -70,11 +75,18 @@ class StreamLimits:
         self._lock = threading.Lock()
         self._sending: dict[int, tuple[float, object, str]] = {}  # stream -> (since, context, method)
         self._watchdog: threading.Thread | None = None
+        self.active = 0  # streams holding a slot now (the dlheir_streams_active gauge)
 
     def acquire(self) -> bool:
-        return self._free.acquire(blocking=False)
+        if not self._free.acquire(blocking=False):
+            return False
+        with self._lock:
+            self.active += 1
+        return True
 
     def release(self) -> None:
+        with self._lock:
+            self.active -= 1
         self._free.release()
 
     def sending(self, key: int, context, method: str) -> None:
@@ -106,10 +118,11 @@ class StreamLimits:
 
 class Guard(grpc.ServerInterceptor):
     def __init__(self, known_token: Callable[[str], bool], idle_timeout: float,
-                 streams: StreamLimits | None = None) -> None:
+                 streams: StreamLimits | None = None, metrics: "CallMetrics | None" = None) -> None:
         self.known_token = known_token
         self.idle_timeout = idle_timeout
         self.streams = streams or StreamLimits(6, 15.0)
+        self.metrics = metrics  # None: nothing counted, no wrapping beyond the guard's own
         # method -> (its handler, the wrapped handler): the wrapping depends on nothing else, so
         # it is built once per method, not once per call (part of every call's latency)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -117,19 +130,28 @@ class Guard(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED
+            if self.metrics is not None:  # under one label: the client's method names are not ours to export
+                from dlheir.server.metrics import UNKNOWN_METHOD
+
+                self.metrics.call(UNKNOWN_METHOD, grpc.StatusCode.UNIMPLEMENTED.name, None)
             return None
         method = handler_call_details.method
         if method not in PUBLIC_METHODS:
             token = bearer_token(handler_call_details.invocation_metadata)
             if token is None:
-                return _refusal(handler, method, grpc.StatusCode.UNAUTHENTICATED,
-                                "missing 'authorization: Bearer <token>' metadata")
+                return self._counted(_refusal(handler, method, grpc.StatusCode.UNAUTHENTICATED,
+                                              "missing 'authorization: Bearer <token>' metadata"), method)
             if not self.known_token(token):
-                return _refusal(handler, method, grpc.StatusCode.UNAUTHENTICATED, "token not valid")
+                return self._counted(_refusal(handler, method, grpc.StatusCode.UNAUTHENTICATED, "token not valid"),
+                                     method)
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:  # only registered methods get here: bounded
-            cached = self._wrapped[method] = (handler, _wrapped(handler, method, self.idle_timeout, self.streams))
+            wrapped = _wrapped(handler, method, self.idle_timeout, self.streams, self.metrics)
+            cached = self._wrapped[method] = (handler, self._counted(wrapped, method))
         return cached[1]
+
+    def _counted(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return handler if self.metrics is None else _counted(handler, method, self.metrics)
 
 
 def _log_failure(context, method: str) -> None:
@@ -138,7 +160,7 @@ def _log_failure(context, method: str) -> None:
         log.warning("%s -> %s from %s: %s", method, code.name, context.peer(), context.details())
 
 
-def _fail(context, method: str, exc: Exception):
+def _fail(context, method: str, exc: Exception, metrics: "CallMetrics | None" = None):
     """Turn an exception escaping a handler into a status (abort raises)."""
     if context.code() not in (None, grpc.StatusCode.OK):  # the handler aborted: already a status
         _log_failure(context, method)
@@ -148,6 +170,8 @@ def _fail(context, method: str, exc: Exception):
         raise exc
     for kind, code in STORE_STATUS:
         if isinstance(exc, kind):
+            if metrics is not None:
+                metrics.store_error(exc)
             log.warning("%s -> %s from %s: %s", method, code.name, context.peer(), exc)
             context.abort(code, exc.client_message())  # without the server's file paths
     log.exception("%s from %s failed", method, context.peer())
@@ -182,7 +206,7 @@ def _take_stream_slot(streams: StreamLimits, context, method: str) -> None:
 
 
 def _wrapped(handler: grpc.RpcMethodHandler, method: str, idle_timeout: float,
-             streams: StreamLimits) -> grpc.RpcMethodHandler:
+             streams: StreamLimits, metrics: "CallMetrics | None" = None) -> grpc.RpcMethodHandler:
     def unary_response(behavior):
         def run(request, context):
             if handler.request_streaming:
@@ -191,7 +215,7 @@ def _wrapped(handler: grpc.RpcMethodHandler, method: str, idle_timeout: float,
             try:
                 response = behavior(request, context)
             except Exception as exc:  # noqa: BLE001 - mapped, logged, re-raised as a status
-                _fail(context, method, exc)
+                _fail(context, method, exc, metrics)
             finally:
                 if handler.request_streaming:
                     streams.release()
@@ -213,10 +237,57 @@ def _wrapped(handler: grpc.RpcMethodHandler, method: str, idle_timeout: float,
                     finally:
                         streams.sent(key)
             except Exception as exc:  # noqa: BLE001
-                _fail(context, method, exc)
+                _fail(context, method, exc, metrics)
             finally:
                 streams.release()
             _log_failure(context, method)
+        return run
+
+    return _handler_like(handler, unary_response, stream_response)
+
+
+def _final_code(context, exc: BaseException | None) -> str:
+    """The status a call ended with: the one set on its context (abort, set_code), else OK when
+    the handler returned, CANCELLED when the client went away or the stream was cancelled, and
+    UNKNOWN (what gRPC answers) for any other exception."""
+    code = context.code()
+    if exc is None:
+        return (code or grpc.StatusCode.OK).name
+    if code is not None and code != grpc.StatusCode.OK:
+        return code.name
+    if isinstance(exc, (grpc.RpcError, GeneratorExit)):
+        return grpc.StatusCode.CANCELLED.name
+    return grpc.StatusCode.UNKNOWN.name
+
+
+def _counted(handler: grpc.RpcMethodHandler, method: str, metrics: "CallMetrics") -> grpc.RpcMethodHandler:
+    """``handler`` (the guard's wrapping or refusal), its calls counted and timed: method, final status."""
+    from dlheir.server.metrics import method_label
+
+    label = method_label(method)
+
+    def unary_response(behavior):
+        def run(request, context):
+            started, failure = time.perf_counter(), None
+            try:
+                return behavior(request, context)
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                metrics.call(label, _final_code(context, failure), time.perf_counter() - started)
+        return run
+
+    def stream_response(behavior):
+        def run(request, context):
+            started, failure = time.perf_counter(), None
+            try:
+                yield from behavior(request, context)
+            except BaseException as exc:  # GeneratorExit too: gRPC dropped the stream (client gone, cancelled)
+                failure = exc
+                raise
+            finally:
+                metrics.call(label, _final_code(context, failure), time.perf_counter() - started)
         return run
 
     return _handler_like(handler, unary_response, stream_response)

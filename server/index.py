@@ -342,7 +342,11 @@ class BinaryIndex:
                 ids += flat_ids
                 codes += flat_codes
         started = time.perf_counter()
-        sealed = MultiIndexHash(np.concatenate(ids), np.concatenate(codes), self.bits)
+        # the parts are dropped before the build (at 10M codes ~150 MB less at the re-seal's peak)
+        all_ids, all_codes = (ids[0], codes[0]) if loaded else (np.concatenate(ids), np.concatenate(codes))
+        del ids, codes
+        sealed = MultiIndexHash(all_ids, all_codes, self.bits)
+        del all_ids, all_codes
         built_s = time.perf_counter() - started
         if self.sealed is None and self.choose == "auto" and not self._hashing_pays_off(sealed):
             self._flat_until = 2 * self._n  # keep the flat scan; ask again when the collection has doubled

@@ -145,14 +145,15 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
     # build: they wait for it (Delete)
     RESEAL_TRIES_UNLOCKED = 1
 
-    def _reseal(self, col: Collection, fraction: float = RESEAL_FRACTION) -> None:
+    def _reseal(self, col: Collection, fraction: float = RESEAL_FRACTION, snapshot: bool = True) -> bool:
         """Fold the flat delta into the multi-index hash when it has passed ``fraction`` of the
-        sealed part (``BinaryIndex.maybe_seal``), then snapshot it in the background. Called
+        sealed part (``BinaryIndex.maybe_seal``), then (with ``snapshot``) snapshot it in the
+        background; returns whether it re-sealed. Called
         outside the write lock: the build blocks no other writer, unless concurrent writes
         overtook RESEAL_TRIES_UNLOCKED builds in a row. While another build of the collection
         runs, nothing is done here (that one sees this write, or is tried again)."""
         if col.private or not col.seal_lock.acquire(blocking=False):
-            return
+            return False
         try:
             index = col.index
             seals = index.seals
@@ -166,8 +167,9 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
                             index.maybe_seal(fraction)
                 if index.seals != seals or col.writes == writes:  # sealed, or not needed (not overtaken)
                     break
-            if index.seals != seals:
+            if index.seals != seals and snapshot:
                 self._snapshot_in_background([col])
+            return index.seals != seals
         finally:
             col.seal_lock.release()
 
@@ -344,7 +346,9 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
                           f"collection {clip(col.name)} was deleted while this call ran (a collection created since "
                           f"under its name is another one): nothing more was done")
 
-    def _commit(self, col: Collection, batch: list, replace: bool, key_id: int, context) -> int:
+    def _commit(self, col: Collection, batch: list, replace: bool, key_id: int, context) -> tuple[int, bool]:
+        """Store one upload batch durably, then index it: (items in the collection, whether the
+        index was re-sealed, not yet snapshotted: Upload snapshots once its stream ends)."""
         ids = [b[0] for b in batch]
         with self.write_lock:
             self._gone(col, context)
@@ -364,36 +368,47 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
                               seal=False)
                 col.writes += 1
             total = self._size(col)
-        self._reseal(col)  # past 10% of a delta: re-sealed outside the write lock, and snapshotted
-        return total
+        # past 10% of a delta: re-sealed outside the write lock. Not snapshotted here: a snapshot is
+        # used at start only while the store's write counter is still the one it recorded, and the
+        # stream's next batch changes that, so a snapshot per re-seal during an upload (at 10M items,
+        # hundreds of MB written, and its arrays held, each time) would be stale before it is read
+        return total, self._reseal(col, snapshot=False)
 
     def Upload(self, request_iterator, context):
-        col = None
-        for n_batch, request in enumerate(request_iterator):
-            # the token and the collection are checked at every batch, not once per stream: a
-            # deleted collection, or one re-created under its name, ends the stream
-            current = self._collection(request.collection, context, write=True)
-            if col is None:
-                col = current
-            elif request.collection != col.name:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "one upload stream goes to one collection")
-            elif current is not col:
-                self._gone(col, context)
-            if len(request.items) > MAX_BATCH_ITEMS:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"a batch holds at most {MAX_BATCH_ITEMS} items, got {len(request.items)}")
-            if col.fingerprint and request.model_fingerprint != col.fingerprint and not col.private:
-                self._check_model(col, request.model_fingerprint, context)  # private mode: its items carry no code
-            seen: set = set()
-            batch = []
-            for item in request.items:
-                self._validate_item(col, item, seen, context)
-                batch.append((item.id, item.code, item.blob, dict(item.metadata)))
-            # an empty batch is acknowledged too (nothing to make durable): one ack per batch
-            total = self._commit(col, batch, request.replace, request.key_id or 1, context) if batch else self._size(col)
-            yield pb.UploadAck(batch=n_batch, ids=[b[0] for b in batch], total_items=total)
-        if col is not None:  # the stream is over: fold a flat delta of 1% or more already
-            self._reseal(col, UPLOAD_END_RESEAL_FRACTION)
+        col, resealed, ended = None, False, False
+        try:
+            for n_batch, request in enumerate(request_iterator):
+                # the token and the collection are checked at every batch, not once per stream: a
+                # deleted collection, or one re-created under its name, ends the stream
+                current = self._collection(request.collection, context, write=True)
+                if col is None:
+                    col = current
+                elif request.collection != col.name:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "one upload stream goes to one collection")
+                elif current is not col:
+                    self._gone(col, context)
+                if len(request.items) > MAX_BATCH_ITEMS:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"a batch holds at most {MAX_BATCH_ITEMS} items, got {len(request.items)}")
+                if col.fingerprint and request.model_fingerprint != col.fingerprint and not col.private:
+                    self._check_model(col, request.model_fingerprint, context)  # private mode: its items carry no code
+                seen: set = set()
+                batch = []
+                for item in request.items:
+                    self._validate_item(col, item, seen, context)
+                    batch.append((item.id, item.code, item.blob, dict(item.metadata)))
+                # an empty batch is acknowledged too (nothing to make durable): one ack per batch
+                if batch:
+                    total, sealed = self._commit(col, batch, request.replace, request.key_id or 1, context)
+                    resealed |= sealed
+                else:
+                    total = self._size(col)
+                yield pb.UploadAck(batch=n_batch, ids=[b[0] for b in batch], total_items=total)
+            if col is not None:  # the stream is over: fold a flat delta of 1% or more already (and snapshot)
+                ended = self._reseal(col, UPLOAD_END_RESEAL_FRACTION)
+        finally:  # however the stream ended: snapshot a re-seal made during it, unless the end's did
+            if resealed and not ended:
+                self._snapshot_in_background([col])
 
     # --- search, fetch, delete ----------------------------------------------------------
     def Search(self, request, context):

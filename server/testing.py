@@ -35,6 +35,41 @@ def self_signed_certificate(folder: Path, days: int = 90) -> tuple[Path, Path]:
     return cert, key
 
 
+# Run every test server on the real engines instead of the embedded store: $DLHEIR_TEST_PG names a
+# PostgreSQL cluster (postgresql://USER@HOST:PORT), $DLHEIR_TEST_S3 an S3 endpoint (credentials
+# from the AWS environment variables). Each data dir gets its own database and bucket, named
+# from its path, so that a server restarted on the same data dir finds the same store.
+TEST_PG_ENV, TEST_S3_ENV = "DLHEIR_TEST_PG", "DLHEIR_TEST_S3"
+
+
+def engines_for(data_dir: Path) -> tuple[str | None, str | None]:
+    """(store URL, blobs URL) for a test server on ``data_dir`` from $DLHEIR_TEST_PG/$DLHEIR_TEST_S3
+    (made on first use), or (None, None): the embedded store."""
+    import hashlib
+
+    base = os.environ.get(TEST_PG_ENV)
+    if not base:
+        return None, None
+    name = "t" + hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:20]
+    import psycopg
+
+    with psycopg.connect(base.rstrip("/") + "/postgres", autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    blobs = None
+    endpoint = os.environ.get(TEST_S3_ENV)
+    if endpoint:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        try:
+            client.create_bucket(Bucket=name)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        blobs = f"s3://{name}?endpoint={endpoint}"
+    return f"{base.rstrip('/')}/{name}", blobs
+
+
 class CloudServerProcess:
     """``python -m dlheir.server`` in the foreground as a child process, on 127.0.0.1.
 
@@ -45,12 +80,20 @@ class CloudServerProcess:
     start it with TLS; the certificate must be valid for 127.0.0.1 (clients use it as their CA)."""
 
     def __init__(self, data_dir: Path | str, port: int | None = None, extra_args: list[str] | None = None,
-                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None) -> None:
+                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                 store_url: str | None = None, blobs_url: str | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or 0  # 0: the server picks a free port, read back from its ready file
         self.extra_args = list(extra_args or [])
         if tls_cert:
             self.extra_args += ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
+        if store_url is None and blobs_url is None:
+            store_url, blobs_url = engines_for(self.data_dir)
+        if store_url:
+            self.extra_args += ["--store", store_url]
+        if blobs_url:
+            self.extra_args += ["--blobs", blobs_url]
+        self.store_url, self.blobs_url = store_url, blobs_url
         self.process: subprocess.Popen | None = None
 
     @property

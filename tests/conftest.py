@@ -24,6 +24,43 @@ def _state_dir(tmp_path_factory):
         os.environ["DLHEIR_STATE"] = old
 
 
+ENGINES_ENV = "DLHEIR_TEST_ENGINES"  # "1": every test cloud server runs on PostgreSQL + Ceph RGW
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _engines_mode():
+    """With $DLHEIR_TEST_ENGINES=1 (``make test-engines``), start PostgreSQL and Ceph RGW once and
+    make every CloudServerProcess use them (dlheir.server.testing.engines_for: a database and a
+    bucket per data dir); tests of the embedded store's own file are skipped (marker embedded_store)."""
+    if os.environ.get(ENGINES_ENV) != "1":
+        yield None
+        return
+    from engines import PostgresEngine, S3Engine
+
+    from dlheir.server.testing import TEST_PG_ENV, TEST_S3_ENV
+
+    with PostgresEngine() as pg, S3Engine() as s3:
+        saved = {k: os.environ.get(k) for k in (TEST_PG_ENV, TEST_S3_ENV, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        os.environ.update({TEST_PG_ENV: pg.dsn.rsplit("/", 1)[0], TEST_S3_ENV: s3.endpoint,
+                           "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key})
+        try:
+            yield pg, s3
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get(ENGINES_ENV) == "1":
+        skip = pytest.mark.skip(reason="tests the embedded SQLite store's own file (not used with --store)")
+        for item in items:
+            if "embedded_store" in item.keywords:
+                item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def digits_small(tmp_path_factory) -> Path:
     return make_digit_folder(tmp_path_factory.mktemp("digits_small"))

@@ -148,6 +148,7 @@ def test_bad_inputs_get_precise_statuses(cloud_server):
     assert owner.contains("c", [100 + i for i in range(10)] + [200]) == {100 + i for i in range(10)}
 
 
+@pytest.mark.embedded_store  # reads or fills the SQLite store's own file
 def test_tokens_are_enforced(cloud_server):
     owner, reader = _owner(cloud_server)
     list(owner.upload("c", [(1, bytes(6), b"x", {})]))

@@ -206,6 +206,7 @@ def test_delete_collection_ends_running_fetch_streams_with_not_found(tmp_path):
 
 # --- 7. a sync cut by DeleteCollection is NOT_FOUND, not a damaged store ---------------------
 
+@pytest.mark.embedded_store  # reads or fills the SQLite store's own file
 def test_sync_cut_by_delete_collection_is_not_found(tmp_path):
     with CloudServerProcess(tmp_path / "cloud") as server:
         owner, reader = _collection(server, private=True)
@@ -292,6 +293,7 @@ def test_upload_batches_of_another_key_version_are_refused(tmp_path):
 
 # --- 6. a delete frees room on a really full disk -------------------------------------------
 
+@pytest.mark.embedded_store  # reads or fills the SQLite store's own file
 def test_delete_works_on_a_really_full_disk(tiny_disk, tmp_path):
     rng = np.random.default_rng(5)
     log_dir = tmp_path / "logs"  # the server's log is kept off the full disk

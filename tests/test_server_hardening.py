@@ -204,6 +204,7 @@ def _filled_store(data_dir: Path, n: int = 2000) -> None:
         list(owner.upload("c", ((i, bytes(6), rng.bytes(1024), {}) for i in range(n)), batch_size=500))
 
 
+@pytest.mark.embedded_store  # reads or fills the SQLite store's own file
 def test_emptied_or_missing_store_is_refused(tmp_path):
     data = tmp_path / "cloud"
     _filled_store(data, n=10)
@@ -219,6 +220,7 @@ def test_emptied_or_missing_store_is_refused(tmp_path):
         assert (server.data_dir / "store.sqlite3").stat().st_size > 0
 
 
+@pytest.mark.embedded_store  # reads or fills the SQLite store's own file
 def test_damaged_store_is_refused(tmp_path):
     data = tmp_path / "cloud"
     _filled_store(data)
@@ -246,6 +248,7 @@ def _damage_table_page(store: Path) -> None:
         f.write(b"\xff" * 64)
 
 
+@pytest.mark.embedded_store  # reads or fills the SQLite store's own file
 def test_damage_only_the_integrity_check_finds_is_refused(tmp_path):
     """quick_check runs beside the index load: a store it finds damaged is still refused, whether
     the index came from a snapshot or was rebuilt, and no snapshot is taken of it."""
@@ -295,6 +298,7 @@ def _full_store_behaves(server, owner, reader, message: str, acked: list[int]) -
     assert "RESOURCE_EXHAUSTED" in log and "full" in log and "store.sqlite3" in log
 
 
+@pytest.mark.embedded_store  # reads or fills the SQLite store's own file
 def test_store_quota_full_is_resource_exhausted_and_loses_nothing(tmp_path):
     with CloudServerProcess(tmp_path / "cloud", extra_args=["--max-store-mb", "4"]) as server:
         owner, reader = _collection(server)
@@ -308,6 +312,7 @@ def test_store_quota_full_is_resource_exhausted_and_loses_nothing(tmp_path):
         assert owner.contains("c", acked[8:] + more) == set(acked[8:] + more)
 
 
+@pytest.mark.embedded_store  # reads or fills the SQLite store's own file
 def test_real_disk_full_is_resource_exhausted_and_loses_nothing(tiny_disk):
     with CloudServerProcess(tiny_disk / "cloud") as server:
         # the log goes to the full disk too; write it elsewhere is not needed for the checks

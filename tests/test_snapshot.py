@@ -165,6 +165,7 @@ def test_end_of_an_upload_folds_a_small_delta_into_the_hash(grown):
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1_000_000])
+@pytest.mark.embedded_store  # reads or fills the SQLite store's own file
 def test_rebuild_from_the_store_holds_exactly_its_items(tmp_path, chunk):
     """The crash path's rebuild (Store.codes() -> BinaryIndex.load()) holds exactly the store's
     items, id with its own code, after deletes and replaces: ids at both ends of int64 and

@@ -1,4 +1,4 @@
-"""The durable store, the source of truth: SQLite in WAL mode with synchronous=FULL.
+"""The embedded store (the default backend): SQLite in WAL mode with synchronous=FULL, one file.
 
 Each item is ONE row (id, code, encrypted blob, metadata), so an item is never half
 present; an upload batch is one transaction, acknowledged only after its commit
@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from dlheir.paths import fsync_path
+from dlheir.server.store.base import (
+    CollectionGoneError, StoreCorruptError, StoreError, StoreFullError, StoreUnusableError,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,37 +38,6 @@ STORE_FILE = "store.sqlite3"
 RESERVE_FILE = "store.reserve"
 RESERVE_BYTES = 2 * 1024 * 1024
 WAL_CHECKPOINT_PAGES = 64  # 1 MiB of 16 KiB pages
-
-
-class StoreError(Exception):
-    """The store cannot do what was asked; the message says why and what to do. With ``path``,
-    the message names the store's file for the server's log; ``client_message()`` is the same
-    without it (a client learns what went wrong, not where the server keeps its files)."""
-
-    def __init__(self, message: str, path: Path | str | None = None) -> None:
-        super().__init__(message)
-        self.path = path
-
-    def client_message(self) -> str:
-        text = str(self)
-        return text.replace(str(self.path), "the server's store") if self.path else text
-
-
-class StoreFullError(StoreError):
-    """The disk (or the configured store quota) is full: writes fail, reads still work."""
-
-
-class StoreCorruptError(StoreError):
-    """The store file is damaged (SQLite reports a malformed database)."""
-
-
-class CollectionGoneError(StoreError):
-    """The collection a write or a stream was for was deleted (perhaps re-created under its name)
-    since the call started: nothing was written."""
-
-
-class StoreUnusableError(StoreError):
-    """The store cannot be opened at start (missing, emptied, damaged): refuse to serve."""
 
 
 def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
@@ -512,7 +484,14 @@ class Store:
         """All items or none, durable when this returns. With ``uid``: only into that collection
         (CollectionGoneError if it was deleted or re-created meanwhile)."""
         verb = "INSERT OR REPLACE" if replace else "INSERT"
-        rows = [(collection, i, c, b, json.dumps(m, sort_keys=True)) for i, c, b, m in items]
+        # in id order: the rows go into the two (collection, id) b-trees (the primary key's and
+        # items_codes) leaf after leaf, each leaf the batch touches visited once, instead of random
+        # 63-bit ids jumping between leaves that SQLite's 2 MB page cache cannot hold, each jump a
+        # page read back and spilled again. Measured (write_batch, 10,000 random ids per batch,
+        # 16-byte blobs): 46k/26k/20k items/s at 1M/2M/3M before, 78k/38k/28k sorted; a 256 MB
+        # page cache on top gained nothing. A stable sort: a repeated id keeps its order (last wins)
+        rows = sorted(((collection, i, c, b, json.dumps(m, sort_keys=True)) for i, c, b, m in items),
+                      key=lambda r: r[1])
         with self._transaction() as conn:
             self._check_uid(conn, collection, uid)
             conn.executemany(f"{verb} INTO items VALUES (?, ?, ?, ?, ?)", rows)
@@ -701,6 +680,55 @@ class Store:
         """Items stored (read on the writer connection: callers serialise writes)."""
         with self._sqlite_errors(), self._lock:
             return self._conn.execute("SELECT COUNT(*) FROM items WHERE collection = ?", (collection,)).fetchone()[0]
+
+    # --- migration only (dlheir.server.migrate): copy a whole store into another --------------
+    def import_collection(self, name: str, uid: str, bits: int, owner_hash: str, reader_hash: str, private: bool,
+                          fingerprint: str, image_size: int, key_id: int) -> bool:
+        """For migration only: create collection ``name`` exactly as the source store has it (its
+        ``uid``, token hashes, mode, model and key id of its codes), in one transaction. True when
+        created; False when it is already here with the same ``uid`` (a resumed migration: its
+        fields are set again); StoreError when a collection of that name with another uid is here."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT uid FROM collections WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != uid:
+                raise StoreError(f"{self.path} already holds another collection named {name!r}", self.path)
+            values = (bits, owner_hash, reader_hash, fingerprint, image_size, uid, name)
+            if row is None:
+                conn.execute("INSERT INTO collections (bits, owner_token_sha256, reader_token_sha256, "
+                             "model_fingerprint, image_size, uid, name) VALUES (?, ?, ?, ?, ?, ?, ?)", values)
+            else:
+                conn.execute("UPDATE collections SET bits = ?, owner_token_sha256 = ?, reader_token_sha256 = ?, "
+                             "model_fingerprint = ?, image_size = ?, uid = ? WHERE name = ?", values)
+            conn.execute("DELETE FROM private_collections WHERE name = ?", (name,))
+            if private:
+                conn.execute("INSERT INTO private_collections VALUES (?)", (name,))
+            conn.execute("DELETE FROM code_keys WHERE collection = ?", (name,))
+            if key_id != 1:  # no row: key 1, as a collection never rotated
+                conn.execute("INSERT INTO code_keys VALUES (?, ?)", (name, key_id))
+        return row is None
+
+    def import_readers(self, collection: str, rows: list[tuple[str, str, float, float | None]]) -> None:
+        """For migration only: set (label, token sha256, created, revoked or None) of each reader
+        of ``collection`` exactly as given (replacing a label already here), in one transaction."""
+        with self._transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO readers VALUES (?, ?, ?, ?, ?)",
+                             [(collection, label, h, created, revoked) for label, h, created, revoked in rows])
+
+    def export_codes(self, collection: str, after: int | None, limit: int) -> list[tuple[int, bytes, int]]:
+        """For migration only: (id, code, blob size) of up to ``limit`` items with ids above
+        ``after`` (None: from the first), ascending; empty codes (private mode) included."""
+        with self._sqlite_errors():
+            if after is None:
+                rows = self._reader().execute("SELECT id, code, length(blob) FROM items WHERE collection = ? "
+                                              "ORDER BY id LIMIT ?", (collection, limit)).fetchall()
+            else:
+                rows = self._reader().execute("SELECT id, code, length(blob) FROM items WHERE collection = ? "
+                                              "AND id > ? ORDER BY id LIMIT ?", (collection, after, limit)).fetchall()
+        return [(r[0], bytes(r[1]), r[2]) for r in rows]
+
+    def export_blobs(self, collection: str, ids: list[int]) -> list[tuple[int, bytes, dict]]:
+        """For migration only: (id, blob, metadata) of ``ids`` in that order (unknown ids skipped)."""
+        return list(self.fetch(collection, ids))
 
     def close(self) -> None:
         with self._lock:

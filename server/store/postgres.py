@@ -1,0 +1,603 @@
+"""The PostgreSQL backend (psycopg 3): collections, codes, readers, key versions and sealed pages
+in PostgreSQL; blobs there too, or in an S3-compatible object store (``server/store/s3.py``).
+
+``--store postgresql://USER@HOST:PORT/DB`` (any libpq URL; a password from ``PGPASSWORD`` or
+``~/.pgpass``, not the command line). The schema is created at first start (``SCHEMA``,
+``schema_version`` records it). Every write is one transaction on one writer connection,
+durable when it returns (PostgreSQL's commit, synchronous_commit on); reads use a connection per
+thread and never wait for a writer.
+
+**Commit order with an object store.** An upload batch first journals its new object keys (the
+``blob_journal`` table, committed), PUTs every blob (each under a fresh key), then commits its
+rows, which name those keys, and removes them from the journal in the same commit; it is
+acknowledged only after that. A crash before the commit leaves objects no row names, and the
+journal names them: the sweep at the next start deletes them (never an acknowledged item
+without its blob). A replaced or deleted item's old object, and a deleted collection's key
+prefix, are journaled in the commit that unnames them and deleted after it; a failure there
+leaves them journaled for the sweep. The sweep reads the journal, not the bucket: its cost does
+not grow with the store.
+
+A lost connection (PostgreSQL stopped or restarted) is a StoreError naming PostgreSQL
+(UNAVAILABLE to the client); the next call connects again, so the server recovers by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from urllib.parse import urlsplit
+
+from dlheir.server.store.base import CollectionGoneError, StoreCorruptError, StoreError, StoreUnusableError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from dlheir.server.store.s3 import S3Blobs
+
+log = logging.getLogger("dlheir.server.store.postgres")
+SCHEMA_VERSION = 1
+CONNECT_TIMEOUT_S = 5
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS generation (value BIGINT NOT NULL);
+INSERT INTO generation SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM generation);
+CREATE SEQUENCE IF NOT EXISTS item_changes;
+CREATE TABLE IF NOT EXISTS collections (
+    name TEXT PRIMARY KEY,
+    bits INTEGER NOT NULL,
+    owner_token_sha256 TEXT NOT NULL,
+    reader_token_sha256 TEXT NOT NULL,
+    model_fingerprint TEXT NOT NULL DEFAULT '',
+    image_size INTEGER NOT NULL DEFAULT 0,
+    uid TEXT NOT NULL UNIQUE,
+    private BOOLEAN NOT NULL DEFAULT FALSE,
+    key_id INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS items (
+    collection TEXT NOT NULL REFERENCES collections(name),
+    id BIGINT NOT NULL,
+    code BYTEA NOT NULL,
+    blob BYTEA,              -- the blob itself, or NULL when it lives in the object store
+    blob_key TEXT,           -- its object key there
+    blob_size INTEGER NOT NULL,
+    metadata TEXT NOT NULL,
+    change BIGINT NOT NULL,  -- from the item_changes sequence: a per-item change order
+    PRIMARY KEY (collection, id)
+);
+CREATE TABLE IF NOT EXISTS readers (
+    collection TEXT NOT NULL REFERENCES collections(name),
+    label TEXT NOT NULL,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    created DOUBLE PRECISION NOT NULL,
+    revoked DOUBLE PRECISION,
+    PRIMARY KEY (collection, label)
+);
+-- object keys (or a deleted collection's key prefix, ending in '/') that may be in the object
+-- store with no row naming them: written before a batch's PUTs, removed in its commit; written in
+-- the commit of a delete, removed once the objects are gone. The sweep at start reads only this.
+CREATE TABLE IF NOT EXISTS blob_journal (
+    key TEXT PRIMARY KEY,
+    since DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS code_pages (
+    collection TEXT NOT NULL REFERENCES collections(name),
+    page BIGINT NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (collection, page)
+);
+"""
+
+
+def describe(url: str) -> str:
+    """``PostgreSQL at HOST:PORT/DB`` (never the password)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    return f"PostgreSQL at {host}:{parts.port or 5432}{parts.path or ''}"
+
+
+def open_postgres(data_dir: Path | str, url: str, blobs_url: str | None = None) -> "PostgresStore":
+    """Connect, create or check the schema, check the object store: StoreUnusableError (one line
+    naming the engine and the setting) when either cannot be used."""
+    blobs = None
+    if blobs_url:
+        from dlheir.server.store.s3 import S3Blobs
+
+        blobs = S3Blobs(blobs_url)
+        blobs.check()
+    return PostgresStore(url, Path(data_dir), blobs)
+
+
+class PostgresStore:
+    def __init__(self, url: str, data_dir: Path, blobs: "S3Blobs | None" = None) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        self.url, self.where, self.blobs = url, describe(url), blobs
+        self.path = Path(data_dir) / "store.postgresql"  # not a file: names the store; its parent is the data dir
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list = []
+        self._readers_lock = threading.Lock()
+        self._writer = None
+        try:
+            with self._transaction(counts=False) as conn:
+                conn.execute(SCHEMA)
+                row = conn.execute("SELECT version FROM schema_version").fetchone()
+                if row is None:
+                    conn.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
+                elif row[0] > SCHEMA_VERSION:
+                    raise StoreUnusableError(f"{self.where}: schema version {row[0]} is newer than this dlheir's "
+                                             f"({SCHEMA_VERSION}): upgrade dlheir")
+        except StoreUnusableError:
+            raise
+        except StoreError as exc:
+            raise StoreUnusableError(f"{exc} (--store)") from None
+
+    # --- connections -----------------------------------------------------------------------
+    def _connect(self, autocommit: bool):
+        try:
+            return self._psycopg.connect(self.url, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT_S)
+        except self._psycopg.Error as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: Exception) -> StoreError:
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return StoreError(f"{self.where}: {text}")
+
+    @contextmanager
+    def _pg_errors(self):
+        try:
+            yield
+        except (StoreError, CollectionGoneError):
+            raise
+        except self._psycopg.Error as exc:
+            err = self._error(exc)
+            log.error("%s", err)
+            raise err from None
+
+    def _reader(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = self._local.conn = self._connect(autocommit=True)
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    @contextmanager
+    def _transaction(self, counts: bool = True):
+        """One write transaction on the writer connection: all or nothing, durable on exit.
+        ``counts``: it raises the write counter (index snapshots taken before are then stale);
+        the schema's creation at start does not."""
+        with self._lock, self._pg_errors():
+            if self._writer is None or self._writer.closed or self._writer.broken:
+                self._writer = self._connect(autocommit=False)
+            conn = self._writer
+            try:
+                yield conn
+                if counts:
+                    conn.execute("UPDATE generation SET value = value + 1")  # any snapshot is now stale
+                conn.commit()
+            except BaseException:
+                if not conn.closed and not conn.broken:
+                    conn.rollback()
+                raise
+
+    @contextmanager
+    def _read(self):
+        """The writer connection, for reads that must see the writes serialised by the caller."""
+        with self._lock, self._pg_errors():
+            if self._writer is None or self._writer.closed or self._writer.broken:
+                self._writer = self._connect(autocommit=False)
+            try:
+                yield self._writer
+            finally:
+                if not self._writer.closed and not self._writer.broken:
+                    self._writer.rollback()  # end the read transaction
+
+    def generation(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute("SELECT value FROM generation").fetchone()[0])
+
+    @property
+    def integrity_check(self) -> None:
+        return None  # PostgreSQL checks its own pages (and checksums, when the cluster has them)
+
+    def verify(self) -> None:
+        """At start, with an object store: sweep the orphans the blob journal names (objects of
+        batches that never committed, of deletes whose objects were not all removed), those
+        journaled before this start only. Its cost is the journal's size, not the store's."""
+        if self.blobs is None:
+            return
+        with self._read() as conn:
+            rows = conn.execute("SELECT key FROM blob_journal WHERE since < %s", (self.started,)).fetchall()
+        keys = [r[0] for r in rows]
+        prefixes = [k for k in keys if k.endswith("/")]
+        objects = [k for k in keys if not k.endswith("/")]
+        for prefix in prefixes:  # a deleted collection's objects
+            objects += [k for k, _ in self.blobs.list(prefix)]
+        if objects:
+            self.blobs.delete_many(objects)
+            log.info("%s: swept %d orphan object(s) named by the blob journal", self.blobs.where, len(objects))
+        self._journal_remove(keys)
+
+    def _journal_add(self, keys: list[str]) -> None:
+        """Record keys before their objects may exist unnamed (committed on its own, durably)."""
+        with self._transaction(counts=False) as conn:
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO blob_journal VALUES (%s, %s) ON CONFLICT (key) DO NOTHING",
+                                [(k, time.time()) for k in keys])
+
+    def _journal_remove(self, keys: list[str]) -> None:
+        """Forget keys whose objects are named by a row or gone (best effort: the sweep repeats it)."""
+        if not keys:
+            return
+        try:
+            with self._transaction(counts=False) as conn:
+                conn.execute("DELETE FROM blob_journal WHERE key = ANY(%s)", (keys,))
+        except StoreError as exc:
+            log.warning("%s; the blob journal keeps %d key(s) for the next start's sweep", exc, len(keys))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        if self.blobs is not None:
+            self.blobs.close()
+
+    # --- collections -------------------------------------------------------------------------
+    def create_collection(self, name: str, bits: int, owner_hash: str, reader_hash: str,
+                          private: bool = False, fingerprint: str = "", image_size: int = 0) -> str | None:
+        uid = secrets.token_hex(16)
+        with self._transaction() as conn:
+            done = conn.execute("INSERT INTO collections (name, bits, owner_token_sha256, reader_token_sha256, "
+                                "model_fingerprint, image_size, uid, private) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                                "ON CONFLICT (name) DO NOTHING",
+                                (name, bits, owner_hash, reader_hash, fingerprint, image_size, uid, private)).rowcount
+        return uid if done else None
+
+    def uids(self) -> dict[str, str]:
+        with self._read() as conn:
+            return dict(conn.execute("SELECT name, uid FROM collections").fetchall())
+
+    def _check_uid(self, conn, collection: str, uid: str | None) -> None:
+        if uid is None:
+            return
+        row = conn.execute("SELECT uid FROM collections WHERE name = %s FOR UPDATE", (collection,)).fetchone()
+        if row is None or row[0] != uid:
+            raise CollectionGoneError(f"collection {collection!r} was deleted"
+                                      f"{'' if row is None else ' and re-created'} since this call started: "
+                                      f"nothing was written")
+
+    def delete_collection(self, name: str) -> bool:
+        with self._transaction() as conn:
+            row = conn.execute("SELECT uid FROM collections WHERE name = %s", (name,)).fetchone()
+            for table in ("items", "readers", "code_pages"):
+                conn.execute(f"DELETE FROM {table} WHERE collection = %s", (name,))
+            gone = conn.execute("DELETE FROM collections WHERE name = %s", (name,)).rowcount > 0
+            prefix = self.blobs.collection_prefix(row[0]) if gone and row is not None and self.blobs else None
+            if prefix:
+                self._journal_in(conn, [prefix])
+        if prefix:  # after the commit; a failure leaves the prefix journaled for the next start's sweep
+            self.blobs.delete_many(k for k, _ in self.blobs.list(prefix))
+            self._journal_remove([prefix])
+        return gone
+
+    def collections(self) -> list[tuple[str, int, str, str]]:
+        with self._read() as conn:
+            return conn.execute("SELECT name, bits, owner_token_sha256, reader_token_sha256 FROM collections").fetchall()
+
+    def models(self) -> dict[str, tuple[str, int]]:
+        with self._read() as conn:
+            return {r[0]: (r[1], r[2]) for r in
+                    conn.execute("SELECT name, model_fingerprint, image_size FROM collections")}
+
+    # --- items ---------------------------------------------------------------------------------
+    @staticmethod
+    def _ids_in(conn, collection: str, ids: list[int]) -> set[int]:
+        found: set[int] = set()
+        for start in range(0, len(ids), 10_000):
+            rows = conn.execute("SELECT id FROM items WHERE collection = %s AND id = ANY(%s)",
+                                (collection, ids[start:start + 10_000])).fetchall()
+            found.update(r[0] for r in rows)
+        return found
+
+    def existing_ids(self, collection: str, ids: Iterable[int]) -> set[int]:
+        with self._read() as conn:
+            return self._ids_in(conn, collection, [int(i) for i in ids])
+
+    def present_ids(self, collection: str, ids: Iterable[int]) -> set[int]:
+        with self._pg_errors():
+            return self._ids_in(self._reader(), collection, [int(i) for i in ids])
+
+    def write_batch(self, collection: str, items: list[tuple[int, bytes, bytes, dict]], replace: bool,
+                    uid: str | None = None) -> None:
+        """All items or none, durable when this returns: with an object store, every blob is PUT
+        first (fresh keys), then the rows commit (the module docstring says what a crash leaves)."""
+        keys: list[str | None] = [None] * len(items)
+        if self.blobs is not None:
+            uid_now = uid or self.uids().get(collection, "")
+            keys = [self.blobs.key(uid_now, i, secrets.token_hex(8)) for i, _, _, _ in items]
+            self._journal_add(keys)  # before the PUTs: a crash after them leaves orphans the sweep finds
+            self.blobs.put_many([(k, bytes(b)) for k, (_, _, b, _) in zip(keys, items)])
+        rows = [(collection, int(i), bytes(c), None if k is not None else bytes(b), k, len(b),
+                 json.dumps(m, sort_keys=True)) for (i, c, b, m), k in zip(items, keys)]
+        replaced: list[str] = []
+        try:
+            with self._transaction() as conn:
+                self._check_uid(conn, collection, uid)
+                if self.blobs is not None:  # in this commit the new objects become named: out of the journal
+                    conn.execute("DELETE FROM blob_journal WHERE key = ANY(%s)", (keys,))
+                if replace and self.blobs is not None:
+                    replaced = [r[0] for r in conn.execute(
+                        "SELECT blob_key FROM items WHERE collection = %s AND id = ANY(%s) AND blob_key IS NOT NULL",
+                        (collection, [r[1] for r in rows])).fetchall()]
+                    self._journal_in(conn, replaced)  # their old objects: deleted after the commit
+                self._copy_rows(conn, rows, replace)
+        except BaseException:
+            if self.blobs is not None:  # nothing committed: the new objects are orphans now, not later
+                self.blobs.delete_many(k for k in keys if k)
+                self._journal_remove(keys)
+            raise
+        if replaced:
+            self.blobs.delete_many(replaced)
+            self._journal_remove(replaced)
+
+    @staticmethod
+    def _journal_in(conn, keys: list[str]) -> None:
+        """Inside a write transaction: journal keys whose objects the commit leaves unnamed."""
+        if keys:
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO blob_journal VALUES (%s, %s) ON CONFLICT (key) DO NOTHING",
+                                [(k, time.time()) for k in keys])
+
+    # Upload batches go in by COPY into a per-connection staging table, then one INSERT ... SELECT in
+    # id order: one round trip of rows and one statement instead of a statement per row (executemany);
+    # the same transaction, so still all or nothing. The staging table is temporary (this session
+    # only) and emptied at every commit or rollback.
+    STAGING = ("CREATE TEMP TABLE IF NOT EXISTS items_staging (collection TEXT, id BIGINT, code BYTEA, blob BYTEA, "
+               "blob_key TEXT, blob_size INTEGER, metadata TEXT) ON COMMIT DELETE ROWS")
+
+    def _copy_rows(self, conn, rows: list[tuple], replace: bool) -> None:
+        if replace:  # one statement may not update a row twice: the last item of an id wins, as row by row
+            rows = list({r[1]: r for r in rows}.values())
+        conn.execute(self.STAGING)
+        with conn.cursor() as cur:
+            with cur.copy("COPY items_staging (collection, id, code, blob, blob_key, blob_size, metadata) "
+                          "FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(["text", "int8", "bytea", "bytea", "text", "int4", "text"])
+                for row in rows:
+                    copy.write_row(row)
+            upsert = (" ON CONFLICT (collection, id) DO UPDATE SET code = EXCLUDED.code, blob = EXCLUDED.blob, "
+                      "blob_key = EXCLUDED.blob_key, blob_size = EXCLUDED.blob_size, metadata = EXCLUDED.metadata, "
+                      "change = EXCLUDED.change") if replace else ""
+            cur.execute("INSERT INTO items (collection, id, code, blob, blob_key, blob_size, metadata, change) "
+                        "SELECT collection, id, code, blob, blob_key, blob_size, metadata, nextval('item_changes') "
+                        "FROM items_staging ORDER BY id" + upsert)
+
+    def delete(self, collection: str, ids: list[int], uid: str | None = None) -> int:
+        with self._transaction() as conn:
+            self._check_uid(conn, collection, uid)
+            rows = conn.execute("DELETE FROM items WHERE collection = %s AND id = ANY(%s) RETURNING blob_key",
+                                (collection, [int(i) for i in ids])).fetchall()
+            gone = [r[0] for r in rows if r[0]]
+            self._journal_in(conn, gone)
+        if self.blobs is not None and gone:
+            self.blobs.delete_many(gone)
+            self._journal_remove(gone)
+        return len(rows)
+
+    def fetch(self, collection: str, ids: list[int]) -> Iterator[tuple[int, bytes, dict]]:
+        """Blobs in the order asked, one at a time; unknown ids are skipped."""
+        for item_id in ids:
+            with self._pg_errors():
+                row = self._reader().execute("SELECT blob, blob_key, metadata FROM items WHERE collection = %s "
+                                             "AND id = %s", (collection, int(item_id))).fetchone()
+            if row is None:
+                continue
+            blob = bytes(row[0]) if row[1] is None else self.blobs.get(row[1]) if self.blobs else None
+            if blob is None:
+                raise StoreCorruptError(f"{self.where}: item {item_id} of {collection!r} names object {row[1]} but "
+                                        "the server runs without --blobs")
+            yield item_id, blob, json.loads(row[2])
+            del row, blob
+
+    def codes(self, collection: str, chunk: int = 1_000_000) -> Iterator[tuple[np.ndarray, bytes]]:
+        """(ids int64, concatenated codes) of every item with a code, ascending ids, in chunks,
+        all from one snapshot (REPEATABLE READ); each chunk is one aggregated row, not a row per item."""
+        import numpy as np
+
+        read = ("SELECT count(*), string_agg(id::text, ',' ORDER BY id), string_agg(code, ''::bytea ORDER BY id), "
+                "max(id) FROM (SELECT id, code FROM items WHERE collection = %s AND code <> ''::bytea {after} "
+                "ORDER BY id LIMIT %s) t")
+        with self._pg_errors():
+            conn = self._connect(autocommit=False)
+        try:
+            with self._pg_errors():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                last = None
+                while True:
+                    if last is None:
+                        row = conn.execute(read.format(after=""), (collection, chunk)).fetchone()
+                    else:
+                        row = conn.execute(read.format(after="AND id > %s"), (collection, last, chunk)).fetchone()
+                    n, ids, codes, top = row
+                    if not n:
+                        return
+                    ids = np.array(ids.split(","), dtype=np.int64)
+                    codes = bytes(codes)
+                    if len(ids) != n or len(codes) % n:
+                        raise StoreCorruptError(f"{self.where}: the codes of {collection!r} read back inconsistent")
+                    yield ids, codes
+                    if n < chunk:
+                        return
+                    last = int(top)
+        finally:
+            conn.close()
+
+    def stats(self, collection: str) -> tuple[int, int]:
+        with self._pg_errors():
+            n, size = self._reader().execute("SELECT COUNT(*), COALESCE(SUM(blob_size), 0) FROM items "
+                                             "WHERE collection = %s", (collection,)).fetchone()
+        return int(n), int(size)
+
+    # --- readers and key versions ----------------------------------------------------------
+    def readers(self) -> list[tuple[str, str, str, float, float | None]]:
+        with self._read() as conn:
+            return conn.execute("SELECT collection, label, token_sha256, created, revoked FROM readers "
+                                "ORDER BY collection, label").fetchall()
+
+    def add_reader(self, collection: str, label: str, token_hash: str,
+                   replace: bool) -> tuple[bool, str | None, float]:
+        now = time.time()
+        with self._transaction() as conn:
+            row = conn.execute("SELECT token_sha256, revoked FROM readers WHERE collection = %s AND label = %s",
+                               (collection, label)).fetchone()
+            active = row[0] if row is not None and row[1] is None else None
+            if active is not None and not replace:
+                return False, active, 0.0
+            conn.execute("INSERT INTO readers VALUES (%s, %s, %s, %s, NULL) ON CONFLICT (collection, label) DO UPDATE "
+                         "SET token_sha256 = EXCLUDED.token_sha256, created = EXCLUDED.created, revoked = NULL",
+                         (collection, label, token_hash, now))
+        return True, active, now
+
+    def revoke_reader(self, collection: str, label: str) -> tuple[str, bool] | None:
+        with self._transaction() as conn:
+            row = conn.execute("SELECT token_sha256, revoked FROM readers WHERE collection = %s AND label = %s",
+                               (collection, label)).fetchone()
+            if row is None:
+                return None
+            if row[1] is None:
+                conn.execute("UPDATE readers SET revoked = %s WHERE collection = %s AND label = %s",
+                             (time.time(), collection, label))
+        return row[0], row[1] is None
+
+    def disable_shared_reader(self, collection: str) -> bool:
+        with self._transaction() as conn:
+            return conn.execute("UPDATE collections SET reader_token_sha256 = '' WHERE name = %s "
+                                "AND reader_token_sha256 != ''", (collection,)).rowcount > 0
+
+    def key_ids(self) -> dict[str, int]:
+        with self._read() as conn:
+            return dict(conn.execute("SELECT name, key_id FROM collections WHERE key_id != 1").fetchall())
+
+    def rekey_codes(self, collection: str, from_key: int, to_key: int,
+                    transform: Callable[[list[bytes]], list[bytes]]) -> tuple[int, list[tuple[str, str]]] | None:
+        now = time.time()
+        with self._transaction() as conn:
+            row = conn.execute("SELECT key_id FROM collections WHERE name = %s FOR UPDATE", (collection,)).fetchone()
+            if row is None or row[0] != from_key:
+                return None
+            rows = conn.execute("SELECT id, code FROM items WHERE collection = %s", (collection,)).fetchall()
+            new_codes = transform([bytes(r[1]) for r in rows])  # every row read before any is written
+            with conn.cursor() as cur:
+                cur.executemany("UPDATE items SET code = %s, change = nextval('item_changes') "
+                                "WHERE collection = %s AND id = %s",
+                                [(c, collection, r[0]) for r, c in zip(rows, new_codes)])
+            conn.execute("UPDATE collections SET key_id = %s, reader_token_sha256 = '' WHERE name = %s",
+                         (to_key, collection))
+            revoked = conn.execute("UPDATE readers SET revoked = %s WHERE collection = %s AND revoked IS NULL "
+                                   "RETURNING label, token_sha256", (now, collection)).fetchall()
+        return len(rows), [(label, h) for label, h in revoked]
+
+    # --- private-ranking mode: sealed code pages ---------------------------------------------
+    def page_private_collections(self) -> set[str]:
+        with self._read() as conn:
+            return {r[0] for r in conn.execute("SELECT name FROM collections WHERE private")}
+
+    def page_append(self, collection: str, page: int, data: bytes, uid: str | None = None) -> int | None:
+        with self._transaction() as conn:
+            self._check_uid(conn, collection, uid)
+            (count,) = conn.execute("SELECT COUNT(*) FROM code_pages WHERE collection = %s", (collection,)).fetchone()
+            if page != count:
+                return None
+            conn.execute("INSERT INTO code_pages VALUES (%s, %s, %s)", (collection, page, bytes(data)))
+        return count + 1
+
+    def page_stats(self, collection: str) -> tuple[int, int]:
+        with self._pg_errors():
+            n, size = self._reader().execute("SELECT COUNT(*), COALESCE(SUM(length(data)), 0) FROM code_pages "
+                                             "WHERE collection = %s", (collection,)).fetchone()
+        return int(n), int(size)
+
+    def page_read(self, collection: str, from_page: int, to_page: int) -> Iterator[tuple[int, bytes]]:
+        for page in range(from_page, to_page):
+            with self._pg_errors():
+                row = self._reader().execute("SELECT data FROM code_pages WHERE collection = %s AND page = %s",
+                                             (collection, page)).fetchone()
+            if row is None:
+                raise StoreCorruptError(f"{self.where}: code page {page} of {collection!r} is missing")
+            yield page, bytes(row[0])
+            del row
+
+    def page_item_count(self, collection: str) -> int:
+        with self._read() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM items WHERE collection = %s", (collection,)).fetchone()[0])
+
+    # --- migration only (dlheir.server.migrate): copy a whole store into another --------------
+    def import_collection(self, name: str, uid: str, bits: int, owner_hash: str, reader_hash: str, private: bool,
+                          fingerprint: str, image_size: int, key_id: int) -> bool:
+        """For migration only: create collection ``name`` exactly as the source store has it (its
+        ``uid``, token hashes, mode, model and key id of its codes), in one transaction. True when
+        created; False when it is already here with the same ``uid`` (a resumed migration: its
+        fields are set again); StoreError when a collection of that name with another uid is here."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT uid FROM collections WHERE name = %s FOR UPDATE", (name,)).fetchone()
+            if row is not None and row[0] != uid:
+                raise StoreError(f"{self.where} already holds another collection named {name!r}")
+            values = (bits, owner_hash, reader_hash, fingerprint, image_size, uid, private, key_id, name)
+            if row is None:
+                conn.execute("INSERT INTO collections (bits, owner_token_sha256, reader_token_sha256, model_fingerprint, "
+                             "image_size, uid, private, key_id, name) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                             values)
+            else:
+                conn.execute("UPDATE collections SET bits = %s, owner_token_sha256 = %s, reader_token_sha256 = %s, "
+                             "model_fingerprint = %s, image_size = %s, uid = %s, private = %s, key_id = %s "
+                             "WHERE name = %s", values)
+        return row is None
+
+    def import_readers(self, collection: str, rows: list[tuple[str, str, float, float | None]]) -> None:
+        """For migration only: set (label, token sha256, created, revoked or None) of each reader
+        of ``collection`` exactly as given (replacing a label already here), in one transaction."""
+        with self._transaction() as conn, conn.cursor() as cur:
+            cur.executemany("INSERT INTO readers VALUES (%s, %s, %s, %s, %s) ON CONFLICT (collection, label) DO UPDATE "
+                            "SET token_sha256 = EXCLUDED.token_sha256, created = EXCLUDED.created, "
+                            "revoked = EXCLUDED.revoked",
+                            [(collection, label, h, created, revoked) for label, h, created, revoked in rows])
+
+    def export_codes(self, collection: str, after: int | None, limit: int) -> list[tuple[int, bytes, int]]:
+        """For migration only: (id, code, blob size) of up to ``limit`` items with ids above
+        ``after`` (None: from the first), ascending; empty codes (private mode) included."""
+        with self._pg_errors():
+            if after is None:
+                rows = self._reader().execute("SELECT id, code, blob_size FROM items WHERE collection = %s "
+                                              "ORDER BY id LIMIT %s", (collection, limit)).fetchall()
+            else:
+                rows = self._reader().execute("SELECT id, code, blob_size FROM items WHERE collection = %s "
+                                              "AND id > %s ORDER BY id LIMIT %s", (collection, after, limit)).fetchall()
+        return [(int(r[0]), bytes(r[1]), int(r[2])) for r in rows]
+
+    def export_blobs(self, collection: str, ids: list[int]) -> list[tuple[int, bytes, dict]]:
+        """For migration only: (id, blob, metadata) of ``ids`` in that order (unknown ids skipped),
+        read in one query, the object store's blobs fetched in parallel."""
+        with self._pg_errors():
+            rows = self._reader().execute("SELECT id, blob, blob_key, metadata FROM items WHERE collection = %s "
+                                          "AND id = ANY(%s)", (collection, [int(i) for i in ids])).fetchall()
+        by_id = {int(r[0]): r for r in rows}
+        rows = [by_id[int(i)] for i in ids if int(i) in by_id]
+        keys = [r[2] for r in rows if r[1] is None]
+        if keys and self.blobs is None:
+            raise StoreCorruptError(f"{self.where}: items of {collection!r} name objects but there is no --blobs")
+        fetched = dict(zip(keys, self.blobs._pool.map(self.blobs.get, keys))) if keys else {}  # GETs in parallel
+        return [(int(r[0]), bytes(r[1]) if r[1] is not None else fetched[r[2]], json.loads(r[3])) for r in rows]
