@@ -14,7 +14,16 @@ real transform with fresh random secrets:
 * **statistics attack, no known pair**: the attacker computes raw codes of public look-alike
   images (the digits' query split, or fresh samples of the same synthetic clusters) and aligns
   their per-bit frequencies and pairwise bit correlations with those of the stored codes
-  (flip-invariant matching, then mask signs from frequencies and correlation signs).
+  (flip-invariant matching, then mask signs from frequencies and correlation signs);
+* **known pairs + bit statistics** (``tie_break_attack``): the known-pair attack, with the positions
+  the pairs leave tied matched, inside each tie group, by the frequencies and correlations of ALL
+  stored codes (which the server holds), un-masked through the first pair, against those of the
+  look-alikes. Reported beside the known-pair attack alone: secrets whose T it recovers exactly,
+  held-out codes it predicts exactly, and the pairs it needs;
+* **confirm-a-guess attack on item ids** (``confirm_guess_attack``): the server hashes a candidate
+  image file itself and checks the id against the stored ids. Candidates: the PNG bytes of
+  scikit-learn's 8x8 digits, a random half uploaded; once under unkeyed ``content_id`` ids (the old
+  upload rule), once under ``keyed_content_id`` with a random id key the server is not told.
 
 Data: the codes of the demo's trained model (``runs/demo/model.pt``, database split = stored
 items, query split = the attacker's look-alikes), or ``--synthetic`` clustered random codes.
@@ -128,6 +137,71 @@ def statistics_attack(public_raw: np.ndarray, stored: np.ndarray, iterations: in
     return Guess(np.asarray(perm, np.intp), mask, np.full(bits, bits))
 
 
+def tie_break_attack(raw: np.ndarray, stored: np.ndarray, all_stored: np.ndarray, public_raw: np.ndarray,
+                     iterations: int = 10) -> Guess:
+    """The known-pair attack with its ties broken by the bit statistics of every stored code.
+
+    ``known_pair_attack`` leaves groups of stored positions whose difference columns (over the
+    n known pairs) are equal, matched in index order. The server also holds ``all_stored`` (every
+    stored code) and can compute raw codes of public look-alike images (``public_raw``). Inside a
+    group, matching stored position j to raw position i fixes its mask bit through the first pair,
+    ``m_j = stored[0, j] ^ raw[0, i]``, so the un-masked frequency of stored column j (``p`` or
+    ``1 - p``) and its un-masked correlations with the positions outside the group (signs from
+    their current guesses) can be compared with raw column i's frequency and correlations in the
+    look-alikes. Cost of j -> i: squared frequency difference plus the mean squared correlation
+    difference; each group is solved by a linear assignment, and all groups are re-solved with the
+    updated guesses until nothing changes (at most ``iterations`` rounds; a single group of every
+    position, n = 1, first matches on frequencies alone). Every guess stays consistent with all
+    known pairs, so where the pairs alone determine T the result is the same. ``candidates`` is the
+    known-pair attack's (what the pairs alone pin down); with no pair at all there is no mask
+    anchor and this is :func:`statistics_attack`.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    raw, stored = np.asarray(raw, np.uint8), np.asarray(stored, np.uint8)
+    if len(raw) == 0:
+        return statistics_attack(public_raw, all_stored)
+    plain = known_pair_attack(raw, stored)
+    bits = raw.shape[1]
+    fa, ca = _bit_stats(public_raw)
+    fs, cs = _bit_stats(all_stored)
+    perm = plain.perm.copy()
+    # group = the raw positions a stored position may come from (equal difference columns)
+    if len(raw) < 2:
+        groups = [(np.arange(bits), np.arange(bits))]
+    else:
+        cols = np.concatenate([(raw[1:] ^ raw[0]).T, (stored[1:] ^ stored[0]).T])
+        _, labels = np.unique(np.packbits(cols, axis=1), axis=0, return_inverse=True)
+        labels = labels.reshape(-1)
+        groups = [(np.flatnonzero(labels[bits:] == g), np.flatnonzero(labels[:bits] == g))
+                  for g in np.unique(labels[bits:])]
+        groups = [(js, is_) for js, is_ in groups if len(js) > 1]
+    everything = np.arange(bits)
+    for round_ in range(max(1, iterations)):
+        changed = False
+        sign = 1.0 - 2.0 * (stored[0] ^ raw[0, perm])  # current un-masking: -1 = this stored bit is flipped
+        for js, is_ in groups:
+            flip = stored[0, js][:, None] ^ raw[0, is_][None, :]  # [|G|, |G|]: the mask bit if j -> i
+            sgn = 1.0 - 2.0 * flip
+            cost = (np.where(flip, 1.0 - fs[js][:, None], fs[js][:, None]) - fa[is_][None, :]) ** 2
+            others = np.setdiff1d(everything, js)
+            if len(others) == 0 and round_ > 0:  # one group of every position (n = 1): use the current guesses
+                others = everything
+            if len(others):
+                a = cs[np.ix_(js, others)] * sign[others]  # stored j's correlations with the others, un-masked
+                b = ca[np.ix_(is_, perm[others])]  # raw i's correlations with the others' raw positions
+                cost = cost + ((a ** 2).mean(1)[:, None] + (b ** 2).mean(1)[None, :]
+                               - 2.0 * sgn * (a @ b.T) / len(others))
+            rows, choice = linear_sum_assignment(cost)
+            if not np.array_equal(perm[js[rows]], is_[choice]):
+                perm[js[rows]] = is_[choice]
+                changed = True
+        if not changed and round_ > 0:
+            break
+    mask = (stored[0] ^ raw[0, perm]).astype(np.uint8)
+    return Guess(perm, mask, plain.candidates)
+
+
 def predict(guess: Guess, raw: np.ndarray) -> np.ndarray:
     """The stored codes (bits) the attacker predicts for raw codes (bits) under its guess."""
     return np.asarray(raw, np.uint8)[:, guess.perm] ^ guess.mask
@@ -152,6 +226,83 @@ def pairs_needed(raw: np.ndarray, stored: np.ndarray, held_raw: np.ndarray,
             exact = n
             break
     return exact, predicts
+
+
+def confirm_guess_attack(stored_ids: set[int] | frozenset[int], candidates: list[bytes],
+                         guessed_keys: tuple[bytes, ...] = ()) -> np.ndarray:
+    """The server's "do you hold this image?" test: for each candidate file (bytes it has a copy
+    of) compute the item id an upload would give it and check it against the stored ids. It tries
+    the unkeyed :func:`dlheir.ids.content_id` and :func:`dlheir.ids.keyed_content_id` under each of
+    ``guessed_keys`` (keys it makes up; it is not told the owner's id key). Returns bool [len(candidates)]:
+    True = "stored". Against unkeyed ids this is exact; against keyed ids a hit needs the 32-byte key
+    (or a 63-bit collision)."""
+    from dlheir.ids import content_id, keyed_content_id
+
+    stored_ids = frozenset(stored_ids)
+    return np.array([content_id(c) in stored_ids or any(keyed_content_id(k, c) in stored_ids for k in guessed_keys)
+                     for c in candidates], dtype=bool)
+
+
+def membership_scores(said_stored: np.ndarray, uploaded: np.ndarray) -> dict:
+    """Accuracy, true-positive rate (uploaded candidates said stored) and false-positive rate."""
+    said_stored, uploaded = np.asarray(said_stored, bool), np.asarray(uploaded, bool)
+    return {"accuracy": float((said_stored == uploaded).mean()),
+            "true_positive_rate": float(said_stored[uploaded].mean()) if uploaded.any() else 0.0,
+            "false_positive_rate": float(said_stored[~uploaded].mean()) if (~uploaded).any() else 0.0,
+            "true_positives": int((said_stored & uploaded).sum()), "candidates": int(len(uploaded))}
+
+
+def digits_png_files() -> list[bytes]:
+    """Stand-in image files: the PNG bytes of scikit-learn's bundled 8x8 digits images (no download),
+    de-duplicated (two equal files have one id under any rule, so a "not uploaded" copy of an uploaded
+    file would be a true, not a false, match)."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    files = []
+    for image in load_digits().images:
+        buffer = io.BytesIO()
+        Image.fromarray((image * 15).astype(np.uint8)).save(buffer, format="PNG")
+        files.append(buffer.getvalue())
+    return list(dict.fromkeys(files))
+
+
+def measure_confirm_guess(files: list[bytes], seed: int) -> list[dict]:
+    """Upload a random half of ``files`` under unkeyed ids and, separately, under keyed ids with a
+    random id key; the server runs :func:`confirm_guess_attack` on every file (it tries the unkeyed
+    id and the keyed id under one key of its own). One row per id rule."""
+    from dlheir.ids import content_id, keyed_content_id
+
+    rng = np.random.default_rng([seed, 1])
+    uploaded = np.zeros(len(files), bool)
+    uploaded[rng.permutation(len(files))[:len(files) // 2]] = True
+    id_key, attacker_key = rng.bytes(32), rng.bytes(32)  # the owner's collection key; the attacker's guess
+    rows = []
+    for rule, name_of in (("content_id (unkeyed)", content_id),
+                          ("keyed_content_id (random key)", lambda data: keyed_content_id(id_key, data))):
+        stored_ids = {name_of(f) for f, up in zip(files, uploaded) if up}
+        said = confirm_guess_attack(stored_ids, files, guessed_keys=(attacker_key,))
+        rows.append({"ids": rule, **membership_scores(said, uploaded)})
+    return rows
+
+
+def tie_break_pairs_needed(raw: np.ndarray, stored: np.ndarray, all_stored: np.ndarray, public_raw: np.ndarray,
+                           perm: np.ndarray, mask: np.ndarray, limit: int | None = None) -> int | None:
+    """Smallest n such that :func:`tie_break_attack` on the first n' pairs gives the true (perm, mask)
+    for every n' from n to ``limit`` (default: all the pairs; past the point where the pairs alone
+    determine T it cannot go wrong again). The attacker cannot see this point, only we can: it is
+    how many pairs it takes, not when the attacker knows. None when not reached by ``limit``."""
+    limit = len(raw) if limit is None else min(limit, len(raw))
+    needed = None
+    for n in range(1, limit + 1):
+        guess = tie_break_attack(raw[:n], stored[:n], all_stored, public_raw)
+        if np.array_equal(guess.perm, perm) and np.array_equal(guess.mask, mask):
+            needed = n if needed is None else needed
+        else:
+            needed = None
+    return needed
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -197,7 +348,8 @@ def model_codes(checkpoint: str) -> tuple[np.ndarray, np.ndarray, dict]:
 # --- the measurement ----------------------------------------------------------------------------
 def measure(raw: np.ndarray, public_raw: np.ndarray, known: list[int], trials: int, seed: int,
             held_fraction: float = 0.2) -> dict:
-    """Run both attacks against ``trials`` random secrets through the real client transform."""
+    """Run the code attacks (known pairs, known pairs + statistics, statistics alone) against
+    ``trials`` random secrets through the real client transform."""
     from dlheir.client.crypto import CodeTransform
     from dlheir.codes import pack_bits, unpack_bits
 
@@ -205,8 +357,9 @@ def measure(raw: np.ndarray, public_raw: np.ndarray, known: list[int], trials: i
     held_n = max(1, int(round(held_fraction * items)))
     pool_n = items - held_n
     known = [k for k in known if k <= pool_n]
-    curves = {k: {"exact": [], "bits": [], "transform_exact": 0} for k in known}
-    needed, to_predict, stats = [], [], []
+    curves = {k: {"exact": [], "bits": [], "transform_exact": 0, "tb_exact": [], "tb_bits": [], "tb_transform": 0}
+              for k in known}
+    needed, to_predict, stats, tb_needed = [], [], [], []
     for t in range(trials):
         rng = np.random.default_rng([seed, bits, t])
         transform = CodeTransform(rng.bytes(32), bits)  # a secret the attacks are not told
@@ -220,9 +373,17 @@ def measure(raw: np.ndarray, public_raw: np.ndarray, known: list[int], trials: i
             curves[k]["bits"].append(bit_frac)
             curves[k]["transform_exact"] += int(guess.exact and np.array_equal(guess.perm, transform.perm)
                                                 and np.array_equal(guess.mask, transform.mask))
+            guess = tie_break_attack(raw[pool[:k]], stored[pool[:k]], stored, public_raw)
+            exact, bit_frac = prediction_scores(guess, raw[held], stored[held])
+            curves[k]["tb_exact"].append(exact)
+            curves[k]["tb_bits"].append(bit_frac)
+            curves[k]["tb_transform"] += int(np.array_equal(guess.perm, transform.perm)
+                                             and np.array_equal(guess.mask, transform.mask))
         n_exact, n_predict = pairs_needed(raw[pool], stored[pool], raw[held], stored[held])
         needed.append(n_exact)
         to_predict.append(n_predict)
+        tb_needed.append(tie_break_pairs_needed(raw[pool], stored[pool], stored, public_raw, transform.perm,
+                                                transform.mask, limit=n_exact))
         guess = statistics_attack(public_raw, stored)
         exact, bit_frac = prediction_scores(guess, raw[held], stored[held])
         stats.append({"exact": exact, "bits": bit_frac,
@@ -234,16 +395,26 @@ def measure(raw: np.ndarray, public_raw: np.ndarray, known: list[int], trials: i
         return {"median": float(np.median(got)) if got else None, "min": min(got, default=None),
                 "max": max(got, default=None), "not_reached": len(values) - len(got), "values": values}
 
+    def most(key: str) -> int | None:  # smallest listed n with T recovered in more than half the trials
+        return next((k for k, c in curves.items() if 2 * c[key] > trials), None)
+
     distinct = len(np.unique(pack_bits(raw), axis=0))
     return {
         "bits": bits, "items": items, "distinct_codes": distinct, "held_out": held_n, "pair_pool": pool_n,
         "public_lookalikes": len(public_raw), "trials": trials,
         "known_pairs": [{"pairs": k, "codes_exact_median": float(np.median(c["exact"])),
                          "codes_exact_min": float(min(c["exact"])), "codes_exact_max": float(max(c["exact"])),
-                         "bits_right_median": float(np.median(c["bits"])), "transform_exact_trials": c["transform_exact"]}
+                         "bits_right_median": float(np.median(c["bits"])), "transform_exact_trials": c["transform_exact"],
+                         "tie_break_codes_exact_median": float(np.median(c["tb_exact"])),
+                         "tie_break_codes_exact_min": float(min(c["tb_exact"])),
+                         "tie_break_codes_exact_max": float(max(c["tb_exact"])),
+                         "tie_break_bits_right_median": float(np.median(c["tb_bits"])),
+                         "tie_break_transform_exact_trials": c["tb_transform"]}
                         for k, c in curves.items()],
         "pairs_to_recover_transform": spread(needed),
         "pairs_to_predict_all_held_out": spread(to_predict),
+        "tie_break_pairs_to_recover_transform": spread(tb_needed),
+        "pairs_for_most_trials": {"known_pair": most("transform_exact"), "tie_break": most("tb_transform")},
         "statistics_attack": {key: float(np.median([s[key] for s in stats])) for key in stats[0]}
                              | {"codes_exact_min": min(s["exact"] for s in stats),
                                 "codes_exact_max": max(s["exact"] for s in stats)},
@@ -255,6 +426,10 @@ def _fmt_spread(s: dict) -> str:
         return f"not reached ({s['not_reached']}/{len(s['values'])})"
     text = f"{s['median']:g} [{s['min']}-{s['max']}]"
     return text + (f", not reached {s['not_reached']}" if s["not_reached"] else "")
+
+
+def _fmt_n(n: int | None) -> str:
+    return "not reached" if n is None else str(n)
 
 
 def plot(path: Path, runs: list[dict], title: str) -> Path:
@@ -273,6 +448,10 @@ def plot(path: Path, runs: list[dict], title: str) -> Path:
                              [p["codes_exact_max"] for p in r["known_pairs"]], color=line.get_color(), alpha=0.15)
         axes[1].plot(x, [p["bits_right_median"] for p in r["known_pairs"]], marker="o", color=line.get_color(),
                      label=label)
+        axes[0].plot(x, [p["tie_break_codes_exact_median"] for p in r["known_pairs"]], marker="x", linestyle="--",
+                     color=line.get_color(), label=f"{label}: pairs + bit statistics")
+        axes[1].plot(x, [p["tie_break_bits_right_median"] for p in r["known_pairs"]], marker="x", linestyle="--",
+                     color=line.get_color())
         st = r["statistics_attack"]
         axes[0].plot([0], [st["exact"]], marker="*", markersize=14, color=line.get_color(), linestyle="none",
                      label=f"{label}: no pair, bit statistics")
@@ -286,7 +465,7 @@ def plot(path: Path, runs: list[dict], title: str) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_title("exact codes (median, band = min-max over secrets)", fontsize=9)
     axes[1].set_title("bits (median over secrets)", fontsize=9)
-    axes[0].legend(fontsize=7, loc="upper left")
+    axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(title)
     from dlheir.benchmarks.common import save_figure
 
@@ -295,7 +474,7 @@ def plot(path: Path, runs: list[dict], title: str) -> Path:
 
 # --- CLI ----------------------------------------------------------------------------------------
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("leakage", help="attacks on the code transform: known pairs and bit statistics",
+    p = sub.add_parser("leakage", help="attacks on the code transform (known pairs, bit statistics) and on item ids",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help=f"trained model whose codes are attacked (default {DEFAULT_CHECKPOINT}, from 'make demo')")
@@ -348,7 +527,10 @@ def run(args: argparse.Namespace) -> int:
         summary.append({"data": run_["label"], "bits": r["bits"], "distinct": f"{r['distinct_codes']}/{r['items']}",
                         "recover": _fmt_spread(r["pairs_to_recover_transform"]),
                         "predict": _fmt_spread(r["pairs_to_predict_all_held_out"]),
-                        "stats_exact": st["exact"], "stats_bits": st["bits"]})
+                        "stats_exact": st["exact"], "stats_bits": st["bits"],
+                        "tb_recover": _fmt_spread(r["tie_break_pairs_to_recover_transform"]),
+                        "most_plain": _fmt_n(r["pairs_for_most_trials"]["known_pair"]),
+                        "most_tb": _fmt_n(r["pairs_for_most_trials"]["tie_break"])})
     trials = runs[0]["result"]["trials"]
     print(f"known-pair attack: held-out stored codes predicted exactly (over {trials} random secrets)")
     print(table(rows, [("data", "data", ""), ("bits", "bits", "d"), ("pairs", "known pairs", "d"),
@@ -360,7 +542,29 @@ def run(args: argparse.Namespace) -> int:
                           ("recover", "pairs to recover T exactly", ""),
                           ("predict", "pairs to predict all held-out", ""),
                           ("stats_exact", "0 pairs: codes exact", ".3f"), ("stats_bits", "0 pairs: bits right", ".3f")]))
-    path = save_json("bench_leakage", {"source": source, "runs": runs, "known": known}, args.out_dir)
+    print("\nknown pairs + bit statistics of all stored codes (tie_break_attack) beside the known-pair attack alone:"
+          f" T recovered exactly (of {trials} secrets), held-out codes exact (median)")
+    print(table(rows, [("data", "data", ""), ("bits", "bits", "d"), ("pairs", "known pairs", "d"),
+                       ("transform_exact_trials", "T recovered: pairs alone", "d"),
+                       ("tie_break_transform_exact_trials", "+ statistics", "d"),
+                       ("codes_exact_median", "codes exact: pairs alone", ".3f"),
+                       ("tie_break_codes_exact_median", "+ statistics", ".3f"),
+                       ("tie_break_codes_exact_min", "min", ".3f")]))
+    print(table(summary, [("data", "data", ""), ("bits", "bits", "d"),
+                          ("recover", "pairs to recover T: pairs alone", ""),
+                          ("tb_recover", "+ statistics", ""),
+                          ("most_plain", "listed n, T in most trials: pairs alone", ""),
+                          ("most_tb", "+ statistics", "")]))
+    files = digits_png_files()
+    confirm = measure_confirm_guess(files, args.seed)
+    print(f"\nconfirm-a-guess attack: the server ids each of {len(files)} candidate files (sklearn digits as PNG "
+          "bytes, a random half uploaded) and checks the stored ids")
+    print(table(confirm, [("ids", "upload ids", ""), ("accuracy", "accuracy", ".3f"),
+                          ("true_positive_rate", "true-positive rate", ".3f"),
+                          ("false_positive_rate", "false-positive rate", ".3f"),
+                          ("true_positives", "true positives", "d"), ("candidates", "candidates", "d")]))
+    path = save_json("bench_leakage", {"source": source, "runs": runs, "known": known, "confirm_guess": confirm},
+                     args.out_dir)
     png = plot(Path(args.out_dir) / "bench_leakage.png", runs,
                "Leakage of the code transform T(c) = P(c) xor m to the server")
     print(f"written {path}, {png}")

@@ -12,8 +12,14 @@ private-ranking one (items without codes, codes in sealed pages), on one real se
 * ``no-op sync``: the per-query check for new pages when there are none (one round trip);
 * ``search``: one query, top k: the server's Search through gRPC vs the local index;
 * ``end to end``: what a user waits for per query once synced: server-ranked = Search +
-  Fetch of the k blobs; private = no-op sync + local search + Fetch of the k blobs;
-* ``stats``: CollectionStats, which ``dlheir user search`` calls once to learn the mode.
+  Fetch of the k blobs; private = no-op sync + local search + Fetch of the k blobs, each checked
+  against the digest its page record names (``LocalIndex.check_blob``, as ``dlheir user search``);
+* ``stats``: CollectionStats, for reference (``dlheir user search`` takes the mode from the
+  owner's signed grant, and learns the rest from the sync header).
+
+The private collection is keyed as ``dlheir owner create-collection`` keys it (key format 3:
+its own keys from an owner key file, pages bound to ``NAME#UIDHEX``, hash-chained, each put
+record naming its blob's digest), so the pages synced are those of a real collection.
 
 Every size also checks that both modes return identical (id, distance) lists for
 ``--check-queries`` queries. No Triton is needed (random codes); writes
@@ -86,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dlheir.benchmarks.common import cycle_index, latency_stats, parse_sizes, save_json, table, time_calls
     from dlheir.client.cloud import CloudClient
+    from dlheir.client.crypto import OwnerKeys
     from dlheir.client.private import LocalIndex, PageWriter
     from dlheir.contract import code_bytes, validate_bits
     from dlheir.errors import UserError
@@ -104,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
         mask = (0xFF << (8 - args.bits % 8)) & 0xFF
         codes[:, -1] &= mask
         queries[:, -1] &= mask
-    image_key = rng.bytes(32)
+    # the private collection's own keys, as an owner key file registers them (random uid, key version 1)
+    keys = OwnerKeys.generate().register("private", "private").for_collection("private")
+    image_key, binding = keys.image_key, keys.binding
     blob = rng.bytes(args.blob_bytes)
     rows: list[dict] = []
     checks: list[dict] = []
@@ -119,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         ranked = CloudClient(server.address, ranked_token)
         owner = CloudClient(server.address, private_token)
         reader = CloudClient(server.address, private_reader)
-        writer = PageWriter(owner, image_key, "private", args.bits)
+        writer = PageWriter(owner, image_key, "private", args.bits, binding=binding)
         have = 0
         for size in sizes:
             t0 = time.perf_counter()
@@ -130,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             for s in range(have, size, args.page_records):  # pages first, then the blobs they index
                 e = min(size, s + args.page_records)
-                writer.write(np.ones(e - s, np.uint8), np.arange(s, e), codes[s:e])
+                writer.put(np.arange(s, e), codes[s:e], [blob] * (e - s))  # each record names its blob's digest
             for _ in owner.upload("private", ((i, b"", blob, {}) for i in range(have, size)),
                                   batch_size=args.upload_batch):
                 pass
@@ -141,15 +150,15 @@ def run(args: argparse.Namespace) -> int:
             sync_s, report = [], None
             for rep in range(args.sync_repeats):
                 cache = Path(tmp) / f"cache-{size}-{rep}.pages"
-                local = LocalIndex(reader, "private", args.bits, image_key, cache)
+                local = LocalIndex(reader, "private", args.bits, image_key, cache, binding=binding)
                 report = local.sync()
                 sync_s.append(report.seconds)
-            warm = LocalIndex(reader, "private", args.bits, image_key, cache)
+            warm = LocalIndex(reader, "private", args.bits, image_key, cache, binding=binding)
             warm_report = warm.sync()
             assert warm_report.pages_fetched == 0 and len(warm) == size
             # one new page (replacing existing ids with their own codes: the collection stays the same)
             n_new = min(args.new_page_records, size)
-            writer.write(np.ones(n_new, np.uint8), np.arange(n_new), codes[:n_new])
+            writer.put(np.arange(n_new), codes[:n_new], [blob] * n_new)
             new_report = local.sync()
             assert new_report.pages_fetched == 1 and len(local) == size
 
@@ -166,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
             nxt = cycle_index(args.queries)
             loc_search = time_calls(lambda: local.search(single[nxt()][None, :], args.k), args.queries, 10)
             noop_sync = time_calls(local.sync, args.queries, 10)
-            # what `dlheir user search` asks first to learn the mode (both modes): CollectionStats
+            # CollectionStats, for reference (`dlheir user search` takes the mode from the grant)
             stats_ranked = time_calls(lambda: ranked.stats("ranked"), 20, 2)
             stats_private = time_calls(lambda: reader.stats("private"), 20, 2)
 
@@ -178,8 +187,8 @@ def run(args: argparse.Namespace) -> int:
             def private_e2e(q=iter(range(10**12))):
                 local.sync()
                 (ids, _), = local.search(single[next(q) % args.queries][None, :], args.k)
-                for _ in reader.fetch("private", ids):
-                    pass
+                for i, b, _ in reader.fetch("private", ids):
+                    local.check_blob(i, b)  # the blob the owner's latest page names
 
             srv_e2e = latency_stats(time_calls(server_e2e, args.queries, 10))
             prv_e2e = latency_stats(time_calls(private_e2e, args.queries, 10))

@@ -87,10 +87,13 @@ def issue_grant(keys: OwnerKeys, public_pem: bytes, collection: str, user: str, 
             raise UserError(f"user label {user!r} of collection {collection!r} was granted to another public key "
                             f"({kept}); give another --user label, or --replace to hand it to this key")
         replace = True
+    from dlheir.client.owner import collection_keys
+
     info = cloud.stats(collection)
-    version = keys.at(info.key_id or 1)
+    version = collection_keys(keys, collection, info)  # the mode and key version the key file recorded
     token = cloud.add_reader(collection, user, replace=replace)
-    grant = make_grant(version, public_pem, collection, token, server=server, bits=bits or info.bits, user=user)
+    grant = make_grant(keys, public_pem, collection, token, server=server, bits=bits or info.bits, user=user,
+                       key_id=version.key_id)
     paths.make_private_dirs(kept.parent)
     replace_private(kept, bytes(public_pem))
     return grant
@@ -183,8 +186,9 @@ def _server_key(cloud: CloudClient, collection: str) -> int | None:
 
 def _rekey(record: PendingRotation, keys: OwnerKeys, cloud: CloudClient, bits: int, report: RotationReport) -> None:
     """``RekeyCodes`` from the record's old key version to its new one (both in ``keys``)."""
-    old_t = CodeTransform(keys.at(record.from_key).transform_secret, bits)
-    new_t = CodeTransform(keys.at(record.to_key).transform_secret, bits)
+    ck = keys.for_collection(record.collection)
+    old_t = CodeTransform(ck.at(record.from_key).transform_secret, bits)
+    new_t = CodeTransform(ck.at(record.to_key).transform_secret, bits)
     perm, mask = rekey_map(old_t, new_t)
     _fault_point("rotate-before-rekey")
     try:
@@ -229,10 +233,11 @@ def _resume(record: PendingRotation, key_path: Path, cloud: CloudClient, server:
             out_dir: Path | str | None) -> RotationReport:
     """Finish the rotation ``record`` describes (see the module docstring)."""
     keys = OwnerKeys.load(key_path)
-    missing = [k for k in (record.from_key, record.to_key) if k not in keys.key_ids]
-    if missing:
-        raise UserError(f"{key_path} has no key version {missing[0]} (it holds {', '.join(map(str, keys.key_ids))}): "
-                        f"{record.describe()} added it to {record.key_file}: give --key {record.key_file}")
+    newest = keys.for_collection(record.collection, key_path).key_id
+    if newest < record.to_key:
+        raise UserError(f"{key_path} has no key version {record.to_key} of collection {record.collection!r} (it holds "
+                        f"1 to {newest}): {record.describe()} added it to {record.key_file}: give --key "
+                        f"{record.key_file}")
     done = sorted(drop & set(record.done))
     if done:
         raise UserError(f"--drop {done[0]!r}: {record.describe()} already re-granted that user; finish it without "
@@ -278,30 +283,32 @@ def rotate(key_path: Path | str, collection: str, cloud: CloudClient, server: st
     if resume:
         raise UserError(f"no interrupted rotation of collection {collection!r} to resume (no "
                         f"{paths.rotation_record(collection)}): 'dlheir owner rotate' without --resume starts one")
+    from dlheir.client.owner import collection_keys
+
     keys = OwnerKeys.load(key_path)
-    if keys.collection not in (None, collection) and len(keys.key_ids) > 1:
-        raise UserError(f"{key_path} was rotated for collection {keys.collection!r}; a rotated key file serves one "
-                        f"collection (its newer image keys go into that collection's grants): give --key")
+    ck = keys.for_collection(collection, key_path)  # one line if the key file does not know it
     info = cloud.stats(collection)
-    current = keys.at(info.key_id or 1)
+    at = info.key_id or 1
+    # the server behind the key file with no rotation pending: an earlier rotation's re-key was refused
+    # (the key file had moved first); rotate from where the server is, to a version never used
+    current = collection_keys(ck.at(at) if at < ck.key_id else ck, collection, info)
+    to_key = ck.key_id + 1
     before = cloud.list_readers(collection)
     active = [r.user for r in before.readers if not r.revoked]
     unknown = drop - {r.user for r in before.readers}
     if unknown:
         raise UserError(f"collection {collection!r} has no reader {sorted(unknown)[0]!r} (see 'dlheir owner grants')")
 
-    new = keys.rotated()
-    if new.collection is None:
-        new = OwnerKeys(new.image_key, new.transform_secret, collection, new.key_id, new.previous)
+    new = keys.rotated(collection)  # this collection's next version; the others' keys do not move
     keep = [u for u in active if u not in drop]
     has_key = {u: paths.kept_public_key(collection, u).is_file() for u in keep}
-    record = PendingRotation(collection, current.key_id, new.key_id, users=[u for u in keep if has_key[u]],
+    record = PendingRotation(collection, current.key_id, to_key, users=[u for u in keep if has_key[u]],
                              dropped=[u for u in active if u in drop], no_public_key=[u for u in keep if not has_key[u]],
                              out_dir=os.path.abspath(out_dir) if out_dir is not None else None,
                              key_file=os.path.abspath(key_path), started=time.time())
     new.replace_file(key_path)  # durable before the server moves: never codes without their key
     record.save()  # durable before the server moves: never revoked users nobody will re-grant
-    report = RotationReport(collection, current.key_id, new.key_id, dropped=list(record.dropped),
+    report = RotationReport(collection, current.key_id, to_key, dropped=list(record.dropped),
                             no_public_key=list(record.no_public_key))
     _rekey(record, new, cloud, info.bits, report)
     _regrant(record, new, cloud, server, info.bits, report)

@@ -181,7 +181,8 @@ def _server(cfg: "_config.Config", flag: str | None, recorded: str | None) -> st
 def _hasher(cfg: "_config.Config", triton: str | None, model: str | None, batch_size: int = 16):
     from dlheir.client.triton import TritonHasher
 
-    return TritonHasher(cfg.get("triton", triton), batch_size=batch_size, model=cfg.get("model", model))
+    return TritonHasher(cfg.get("triton", triton), batch_size=batch_size, model=cfg.get("model", model),
+                        tls_ca=cfg.get("triton_tls_ca"), insecure=cfg.insecure(None))
 
 
 def _cloud(client: "Owner | User", address: str, token: str | None):
@@ -257,6 +258,20 @@ class Owner:
         target = paths.resolve(out if out is not None else self.config.get("owner_key"), paths.OWNER_KEY, create=True)
         return OwnerKeys.generate(collection).save(target)
 
+    def migrate_keys(self) -> tuple[Path, Path, list[str]]:
+        """Convert the key file from format 1 or 2 to 3 (:func:`dlheir.client.crypto.migrate_key_file`):
+        (key file, backup of the old one, the collections whose tokens files are in the key folder,
+        each to be re-created and uploaded again)."""
+        from dlheir.client.crypto import migrate_key_file
+
+        _, backup = migrate_key_file(self.key_path)
+        names = sorted(p.name[: -len(paths.TOKENS_SUFFIX)] for p in paths.dlheir_home().glob("*" + paths.TOKENS_SUFFIX))
+        return self.key_path, backup, names
+
+    def fingerprint(self) -> str:
+        """The fingerprint of the owner's grant-signing key, to give users out of band."""
+        return self.keys().fingerprint
+
     def create_collection(self, name: str, bits: int | None = None, private: bool = False,
                           admin_token_file: str | os.PathLike | None = None,
                           tokens_out: str | os.PathLike | None = None) -> CollectionInfo:
@@ -272,6 +287,8 @@ class Owner:
         out = paths.resolve(tokens_out, paths.tokens_name(name), create=True)
         if out.exists():
             raise UserError(f"{out} already exists; refusing to overwrite")
+        keys = self.keys()  # the collection's keys are made with it: no key file, no collection
+        mode = "private" if private else "server-ranked"
         if bits is None:
             with _hasher(self.config, self._triton, self._model) as hasher:
                 binding = model_binding(hasher)
@@ -280,9 +297,12 @@ class Owner:
         server = self.server_for()
         with _cloud(self, server, None) as cloud:
             owner, reader = create_collection(cloud, name, admin_token, binding, private=private)
+            # a new uid and keys for the name, recorded only once the server created it (an existing
+            # collection of that name keeps its keys); a crash right here leaves a collection whose keys
+            # this key file lacks: 'owner upload' then says to re-create it
+            keys.register(name, mode).replace_file(self.key_path)
             cloud.token = owner
             info = CollectionInfo.from_pb(cloud.stats(name))
-        mode = "private" if private else "server-ranked"
         doc = {"collection": name, "server": server, "bits": binding.bits, "mode": mode, "owner_token": owner,
                "reader_token": reader}
         write_private(out, (json.dumps(doc, indent=2) + "\n").encode())
@@ -338,23 +358,25 @@ class Owner:
 
     # items
     def item_ids(self, files: Iterable[str | os.PathLike], id_from: str = "content",
-                 root: str | os.PathLike | None = None) -> list[int]:
-        """The ids ``upload`` gives these files (``id_from`` "content", or "path" relative to ``root``)."""
-        from dlheir.ids import content_id, item_id
+                 root: str | os.PathLike | None = None, collection: str | None = None) -> list[int]:
+        """The ids ``upload`` gives these files (``id_from`` "content", or "path" relative to
+        ``root``), keyed with the collection's id key (the server cannot compute them)."""
+        from dlheir.ids import keyed_content_id, keyed_path_id
 
+        id_key = self.keys().for_collection(self._collection(collection), self.key_path).id_key
         out = []
         for f in files:
             f = Path(f)
             if id_from == "content":
                 try:
-                    out.append(content_id(f.read_bytes()))
+                    out.append(keyed_content_id(id_key, f.read_bytes()))
                 except OSError as exc:
                     raise UserError(f"cannot read {f}: {exc.strerror or exc}") from None
             elif id_from == "path":
                 if root is None:
                     raise UserError("ids from paths need the folder they were uploaded from (--root)")
                 try:
-                    out.append(item_id(f.resolve().relative_to(Path(root).resolve())))
+                    out.append(keyed_path_id(id_key, f.resolve().relative_to(Path(root).resolve())))
                 except ValueError:
                     raise UserError(f"{f} is not inside --root {root}: path ids are relative to the uploaded "
                                     "folder") from None
@@ -371,12 +393,13 @@ class Owner:
         not sent unless ``replace``; files repeating an id of this upload are reported in
         ``duplicates``."""
         from dlheir.client.owner import image_files, upload_images
-        from dlheir.ids import ID_RULES, content_id, item_id
+        from dlheir.ids import ID_RULES, keyed_content_id, keyed_path_id
 
         if id_from not in ID_RULES:
             raise UserError(f"unknown id rule {id_from!r}: {' or '.join(ID_RULES)}")
         collection = self._collection(collection)
         keys = self.keys()
+        id_key = keys.for_collection(collection, self.key_path).id_key
         doc = self.tokens(collection, tokens)
         files = image_files(images_dir)
         if not files:
@@ -386,12 +409,12 @@ class Owner:
         for rel, path in files:
             if id_from == "content":
                 try:
-                    i = content_id(Path(path).read_bytes())
+                    i = keyed_content_id(id_key, Path(path).read_bytes())
                 except OSError as exc:
                     skipped.append((rel, exc.strerror or str(exc)))
                     continue
             else:
-                i = item_id(rel)
+                i = keyed_path_id(id_key, rel)
             if i in first:
                 duplicates.append((rel, first[i]))
                 continue
@@ -399,13 +422,19 @@ class Owner:
             kept.append((rel, path))
             ids.append(i)
         show = _config.show_progress() if progress is None else progress
-        with _cloud(self, self.server_for(doc), doc["owner_token"]) as cloud, \
-                _hasher(self.config, self._triton, self._model, batch_size) as hasher:
+        with _cloud(self, self.server_for(doc), doc["owner_token"]) as cloud:
             present = set()
             for start in range(0, len(ids), 50_000):
                 present |= cloud.contains(collection, ids[start:start + 50_000])
-            report = upload_images(kept, keys, collection, cloud, hasher, batch_size, progress=show, ids=ids,
-                                   replace=replace)
+            if present >= set(ids) and not replace:  # all stored: nothing to hash, Triton need not be up
+                from dlheir.client.owner import UploadReport, collection_keys
+
+                collection_keys(keys, collection, cloud.stats(collection))  # the key file's mode and version still
+                report = UploadReport(already_present=len(ids))
+            else:
+                with _hasher(self.config, self._triton, self._model, batch_size) as hasher:
+                    report = upload_images(kept, keys, collection, cloud, hasher, batch_size, progress=show, ids=ids,
+                                           replace=replace)
         return UploadSummary(collection, id_from, len(files), report.uploaded, report.replaced,
                              [] if replace else [rel for (rel, _), i in zip(kept, ids) if i in present],
                              duplicates, skipped + list(report.skipped), report.bytes_uploaded, report.seconds)
@@ -414,19 +443,21 @@ class Owner:
                      tokens: str | os.PathLike | None = None) -> int:
         """Delete items by id (owner token); in a private-ranking collection tombstone pages go
         first. Returns how many the server deleted (ids it did not hold are not counted)."""
-        from dlheir.client.private import delete_items, is_private
+        from dlheir.client.owner import collection_keys
+        from dlheir.client.private import delete_items
 
         collection = self._collection(collection)
         ids = [int(i) for i in ids]
+        keys = self.keys().for_collection(collection, self.key_path)
         with self._owner_cloud(collection, tokens) as cloud:
             info = cloud.stats(collection)
-            if is_private(info):
-                keys = self.keys().at(info.key_id or 1)
-                return delete_items(cloud, keys.image_key, collection, info.bits, ids, keys.key_id)
+            keys = collection_keys(keys, collection, info)  # the key file's mode, not the server's word
+            if keys.private:
+                return delete_items(cloud, keys.image_keys(), collection, info.bits, ids, keys.key_id, keys.binding)
             return cloud.delete(collection, ids)
 
     # access
-    def grant(self, user_pub: str | os.PathLike, collection: str | None = None, user: str | None = None,
+    def grant(self, user_pub: str | os.PathLike | None = None, collection: str | None = None, user: str | None = None,
               out: str | os.PathLike | None = None, replace: bool = False, reader_token: str | None = None,
               bits: int | None = None, tokens: str | os.PathLike | None = None) -> Path:
         """Seal a grant for the holder of ``user_pub``'s private key (see ``dlheir owner grant``);
@@ -434,7 +465,14 @@ class Owner:
         from dlheir.client.access import default_label, issue_grant
         from dlheir.client.crypto import make_grant, read_public_key_file, write_private
 
-        pub = Path(user_pub)
+        if user_pub is None:  # a user on this machine: the public key next to the configured private key
+            from dlheir.client.crypto import public_key_path
+
+            user_pub = public_key_path(paths.resolve(self.config.get("user_key"), paths.USER_KEY))
+            if not Path(user_pub).is_file():
+                raise UserError(f"give the user's public key with --user-pub FILE (none at {user_pub}, where "
+                                "'dlheir user keygen' on this machine puts it)")
+        pub = self.last_grant_user_pub = Path(user_pub)
         public_pem = read_public_key_file(pub)  # a private key stops here: never sealed, written or sent
         keys = self.keys()
         collection = self.config.get("collection", collection) or keys.collection
@@ -443,7 +481,9 @@ class Owner:
         user = paths.check_label(user) if user else None
         out = paths.resolve(self.config.get("grant", out), paths.GRANT)
         if out.exists():
-            raise UserError(f"{out} already exists; refusing to overwrite a grant")
+            suggestion = out.with_name(f"{collection}-{user or 'user'}.grant")
+            raise UserError(f"{out} already exists; refusing to overwrite a grant (a grant per collection or user: "
+                            f"give --out, e.g. --out {suggestion})")
         if reader_token is not None:  # offline: the caller's token (no per-user credential on the server)
             server = self._server_flag or (self.config.get("server") if self.config.given("server") else None)
             grant = make_grant(keys, public_pem, collection, reader_token, server=server, bits=bits, user=user)
@@ -528,6 +568,7 @@ class User:
         self.tls_ca = self.config.get("tls_ca", tls_ca)
         self.insecure = self.config.insecure(insecure)  # see Owner
         self._grant = None
+        self.trust_note: str | None = None  # set when opening the grant pinned its owner's key (first use)
 
     @staticmethod
     def keygen(out: str | os.PathLike | None = None, passphrase: str | None = None,
@@ -547,8 +588,12 @@ class User:
             for path, what in ((self.grant_path, "grant"), (self.key_path, "private key")):
                 if not Path(path).is_file():
                     raise UserError(f"{what} not found: {path}")
+            from dlheir.client.trust import check_owner
+
             private_pem = read_private_key_file(self.key_path)  # a public key, or one others can read, stops here
-            self._grant = open_grant(self.grant_path.read_bytes(), private_pem, self.passphrase)
+            grant = open_grant(self.grant_path.read_bytes(), private_pem, self.passphrase)
+            self.trust_note = check_owner(grant)  # an owner key not trusted stops here (the first is pinned)
+            self._grant = grant
         return self._grant
 
     @property
@@ -566,11 +611,18 @@ class User:
         if not Path(query).is_file():
             raise UserError(f"query image not found: {query}")
         grant = self.grant
-        with _cloud(self, self.server, grant.reader_token) as cloud, \
-                _hasher(self.config, self._triton, self._model) as hasher:
-            local = open_local(cloud, grant)  # one round trip: the mode, and (private mode) the new sealed pages
-            first_sync = local.last_sync if local is not None else None
-            hits, timings = search_image(query, grant, cloud, hasher, k, local=local)
+        try:
+            with _cloud(self, self.server, grant.reader_token) as cloud, \
+                    _hasher(self.config, self._triton, self._model) as hasher:
+                local = open_local(cloud, grant)  # one round trip: the mode, and (private mode) the new sealed pages
+                first_sync = local.last_sync if local is not None else None
+                hits, timings = search_image(query, grant, cloud, hasher, k, local=local)
+        except UserError as exc:
+            if getattr(exc, "code", None) is not None and exc.code.name == "UNAUTHENTICATED":
+                raise UserError(f"the server refused this grant's reader token for collection {grant.collection!r}: "
+                                "the owner revoked it, rotated the collection's keys or re-created the collection; "
+                                f"ask the owner for a new grant ({self.grant_path})") from None
+            raise
         out_dir = None
         files: dict[int, Path] = {}
         if write:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from dlheir import config as _config
 from dlheir import paths
@@ -39,6 +40,9 @@ def _triton_args(p) -> None:
                                                   "env DLHEIR_TRITON)")
     p.add_argument("--model", default=None, help=f"the Triton model to hash with ({CONFIGURED} > "
                                                  f"{_config.DEFAULTS['model']}; env DLHEIR_MODEL)")
+    p.add_argument("--triton-tls-ca", default=None, help="PEM CA of a Triton served with TLS (triton_tls_ca setting; "
+                                                         "env DLHEIR_TRITON_TLS_CA); needed for a Triton that is "
+                                                         "not on loopback, unless --insecure")
 
 
 def _json_arg(p) -> None:
@@ -70,16 +74,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     own = sub.add_parser("owner", help="data owner: keys, collection, encrypted upload, grants")
     osub = own.add_subparsers(dest="action", metavar="ACTION")
     p = osub.add_parser(
-        "init", help="KeyGen: create owner.key (AES-256 image key + separate code-transform secret), mode 0600",
-        description="KeyGen: create a new owner key file holding a random 256-bit AES key for the images and a "
-                    "separate random 256-bit secret for the keyed code transform. The file is created with mode "
-                    "0600 and never overwritten. Keep it secret and keep a backup: without it the uploaded "
-                    "images cannot be decrypted and new codes cannot be made comparable to the stored ones.")
+        "init", help="KeyGen: create owner.key (a master secret and a grant-signing key), mode 0600",
+        description="KeyGen: create a new owner key file (format 3) holding a random 256-bit master secret, from "
+                    "which every collection gets its own image key, transform secret and item-id key, and an "
+                    "Ed25519 key that signs grants (its fingerprint is printed: give it to your users). The file "
+                    "is created with mode 0600 and never overwritten; create-collection and rotate record each "
+                    "collection's uid and key version in it. Keep it secret and keep a backup: without it the "
+                    "uploaded images cannot be decrypted and new codes cannot be made comparable to the stored ones.")
     p.add_argument("--out", help=f"key file to create (default: owner_key setting, else {HOME}/{paths.OWNER_KEY}; "
                                  "must not exist)")
     p.add_argument("--collection", help="record the collection these keys are for (grant then defaults to it)")
     _json_arg(p)
     p.set_defaults(func=_owner_init)
+
+    p = osub.add_parser(
+        "migrate-keys", help="convert an owner key file of format 1 or 2 to format 3 (the old one is kept)",
+        description="Convert an owner key file of format 1 or 2 (one image key and transform secret shared by every "
+                    "collection, unsigned grants, item ids a server can confirm) to format 3: the old file is kept "
+                    "beside it as KEYFILE.vN.bak and the key file gets a new master secret and signing key. "
+                    "Collections made with the old keys are not converted (the new keys cannot open what the old "
+                    "ones sealed): re-create each one, upload its images again and send new grants.")
+    _key_arg(p)
+    _json_arg(p)
+    p.set_defaults(func=_owner_migrate_keys)
+
+    p = osub.add_parser(
+        "fingerprint", help="print the fingerprint of your grant-signing key, for your users to trust",
+        description="Print the fingerprint of the owner key file's Ed25519 grant-signing key. Give it to each user "
+                    "out of band (in person, a signed mail, a call): 'dlheir user trust-owner FINGERPRINT' makes "
+                    "their client accept grants signed by this key and refuse others'.")
+    _key_arg(p)
+    _json_arg(p)
+    p.set_defaults(func=_owner_fingerprint)
 
     p = osub.add_parser(
         "create-collection", help="create a collection on the cloud server (needs the admin token)",
@@ -99,6 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="server-ranked (default): the server keeps transformed codes and ranks; private: the server "
                         "keeps no code, only sealed code pages, and users rank on their own machine (fixed at creation)")
     p.add_argument("--private", dest="mode", action="store_const", const="private", help="same as --mode private")
+    _key_arg(p, "the collection's uid, mode and keys are recorded in it")
     _json_arg(p)
     p.set_defaults(func=_owner_create)
 
@@ -135,8 +162,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     f"--reader-token-file (or ${READER_TOKEN_ENV}) no server is contacted and the grant carries "
                     "that token (e.g. the shared one).")
     _key_arg(p)
-    p.add_argument("--user-pub", required=True, help="the user's public key (user.pub.pem from 'dlheir user keygen'); "
-                                                     "a private key is refused")
+    p.add_argument("--user-pub", default=None,
+                   help="the user's public key (user.pub.pem from 'dlheir user keygen'; a private key is refused). "
+                        f"Default: the one next to the user_key setting, else {HOME}/{paths.USER_KEY[:-4]}.pub.pem "
+                        "(a user on this machine)")
     _collection_arg(p)
     p.add_argument("--user", help="the user's label on the server (default: the public key's file name, "
                                   "alice.pub.pem -> alice)")
@@ -216,6 +245,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     _json_arg(p)
     p.set_defaults(func=_user_keygen)
 
+    p = usub.add_parser(
+        "trust-owner", help="trust grants signed by the owner key with this fingerprint",
+        description="Record FINGERPRINT (as the owner's 'dlheir owner fingerprint' prints it, given to you out of "
+                    f"band) in {HOME}/trusted-owners.json. Grants are signed by their owner; your client accepts "
+                    "grants only from owner keys you trust. With none trusted yet, the first grant you open is "
+                    "trusted on first use (said in one line with its fingerprint, to compare).")
+    p.add_argument("fingerprint", metavar="FINGERPRINT")
+    _json_arg(p)
+    p.set_defaults(func=_user_trust_owner)
+
     p = usub.add_parser("search", help="TrapGen via Triton, search, fetch and decrypt the top k")
     p.add_argument("query", metavar="QUERY_IMAGE")
     p.add_argument("--grant", help=f"grant file from the owner (default: grant setting, else {HOME}/{paths.GRANT})")
@@ -285,11 +324,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 # --- helpers --------------------------------------------------------------------------------
 def _cfg(args) -> "_config.Config":
     cfg = _config.load(getattr(args, "config", None))
-    if getattr(args, "insecure", None):  # --insecure (every command that reaches the cloud server has it)
-        import dataclasses
+    import dataclasses
 
-        cfg = dataclasses.replace(cfg, values={**cfg.values, "insecure": "true"},
-                                  sources={**cfg.sources, "insecure": "flag --insecure"})
+    flags = {"insecure": "true" if getattr(args, "insecure", None) else None,  # every command reaching a server has it
+             "triton_tls_ca": getattr(args, "triton_tls_ca", None)}
+    for key, value in flags.items():
+        if value is not None:
+            if key == "triton_tls_ca":
+                _config.read_tls_ca(value, "--triton-tls-ca")
+            cfg = dataclasses.replace(cfg, values={**cfg.values, key: value},
+                                      sources={**cfg.sources, key: f"flag --{key.replace('_', '-')}"})
     return cfg
 
 
@@ -340,9 +384,32 @@ def _collection_lines(cols) -> list[str]:
 
 # --- owner ----------------------------------------------------------------------------------
 def _owner_init(args):
+    from dlheir.client.crypto import OwnerKeys
+
     path = _owner(args).init_keys(args.collection, args.out)
-    if not _emit(args, {"owner_key": str(path)}):
+    fp = OwnerKeys.load(path).fingerprint
+    if not _emit(args, {"owner_key": str(path), "fingerprint": fp}):
         print(f"owner key written to {path} (mode 0600): keep it secret, keep a backup")
+        print(f"grant-signing key fingerprint: {fp} (give it to your users: 'dlheir user trust-owner {fp}')")
+
+
+def _owner_migrate_keys(args):
+    key, backup, names = _owner(args).migrate_keys()
+    if _emit(args, {"owner_key": str(key), "backup": str(backup), "collections_to_recreate": names}):
+        return 0
+    print(f"{key} converted to key format 3 (new master secret and grant-signing key); the old file is kept as "
+          f"{backup} (mode 0600)")
+    if names:
+        print(f"collections made with the old keys (re-create each, upload its images again, send new grants): "
+              f"{', '.join(names)}")
+    return 0
+
+
+def _owner_fingerprint(args):
+    fp = _owner(args).fingerprint()
+    if not _emit(args, {"fingerprint": fp}):
+        print(fp)
+    return 0
 
 
 def _owner_create(args):
@@ -357,13 +424,13 @@ def _owner_create(args):
 def _owner_upload(args):
     s = _owner(args).upload(args.images_dir, args.collection, id_from=args.id_from, replace=args.replace,
                             batch_size=args.batch_size)
-    code = 1 if s.skipped and not (s.uploaded or s.already_present or s.duplicates) else 0
+    code = 1 if s.skipped else 0  # 1: some files were not stored (listed below); the rest were
     if _emit(args, s):
         return code
     print(f"uploaded {s.uploaded} images ({s.bytes_uploaded / 1e6:.2f} MB) in {s.seconds:.1f}s: "
           f"{s.images_per_s:.1f} images/s, {s.mb_per_s:.2f} MB/s; {len(s.already_present)} already present"
-          f"{f', {s.replaced} replaced' if args.replace else ''}; {len(s.duplicates)} duplicates "
-          f"(ids from {s.id_from})")
+          f"{f', {s.replaced} replaced' if args.replace else ''}; {len(s.duplicates)} duplicates; "
+          f"{len(s.skipped)} skipped (ids from {s.id_from})")
     for name, same in s.duplicates:
         print(f"duplicate {name}: same {'content' if s.id_from == 'content' else 'id'} as {same}, not uploaded")
     if s.already_present:
@@ -399,7 +466,8 @@ def _owner_grant(args):
     if _emit(args, {"grant": str(out), "user": user, "own_reader_token": reader_token is None}):
         return 0
     who = f" (user {user!r}, own reader token)" if reader_token is None else ""
-    print(f"grant{who} written to {out}; only the holder of the private key matching {args.user_pub} can open it")
+    print(f"grant{who} written to {out}; only the holder of the private key matching {owner.last_grant_user_pub} "
+          "can open it")
     return 0
 
 
@@ -472,11 +540,23 @@ def _user_keygen(args):
     print(f"public key:  {public} (send this one to the data owner)")
 
 
+def _user_trust_owner(args):
+    from dlheir.client.trust import trust_fingerprint, trust_path
+
+    fp = trust_fingerprint(args.fingerprint)
+    if not _emit(args, {"trusted": fp, "file": str(trust_path())}):
+        print(f"grants signed by owner key {fp} are trusted (recorded in {trust_path()})")
+    return 0
+
+
 def _user_search(args):
     from dlheir.client.api import User
 
     user = User(args.grant, args.user_key, _passphrase(args.passphrase_env), server=args.server, triton=args.triton,
                 model=args.model, config=_cfg(args))
+    user.grant  # opened (and its owner's key checked) before anything else
+    if user.trust_note:
+        print(user.trust_note, file=sys.stderr)
     r = user.search(args.query, args.k, out=args.out)
     if _emit(args, r):
         return 0
@@ -535,7 +615,7 @@ def _collections_delete(args):
 
 def _items_delete(args):
     owner = _owner(args)
-    ids = list(args.ids) + owner.item_ids(args.file, args.id_from, args.root)
+    ids = list(args.ids) + (owner.item_ids(args.file, args.id_from, args.root, args.collection) if args.file else [])
     if not ids:
         raise UserError("give the ids to delete, or --file IMAGE")
     n = owner.delete_items(ids, args.collection, tokens=args.tokens)

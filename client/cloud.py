@@ -29,6 +29,8 @@ def unreachable_reason(details: str) -> str | None:
     """gRPC's UNAVAILABLE text -> a short cause when the connection itself failed (refused, name
     not resolved, TLS handshake); None when it came from a server that answered (e.g. its store)."""
     text = (details or "").lower()
+    if text.startswith(("postgresql at ", "object store ")):  # the server answered: its storage engine is down
+        return None
     if "refused" in text:
         return "connection refused"
     if "resolv" in text or "dns" in text or "domain name not found" in text:
@@ -53,15 +55,17 @@ CLEARTEXT_FIX = ("give the server's CA certificate as tls_ca in the config file 
                  "(or $DLHEIR_INSECURE=1) to send tokens in the clear")
 
 
-def check_cleartext(address: str, tls_ca: str | Path | None, insecure: bool = False) -> None:
+def check_cleartext(address: str, tls_ca: str | Path | None, insecure: bool = False,
+                    what: str = "the cloud server", fix: str | None = None) -> None:
     """Refuse (UserError naming ``address`` and the fix), before any connection, a channel
-    without TLS to an address that is not loopback, unless ``insecure``: its bearer tokens would
-    cross the network in the clear, and anyone on the path could answer as the server."""
+    without TLS to an address that is not loopback, unless ``insecure``: its bearer tokens (or,
+    for Triton, plaintext images) would cross the network in the clear, and anyone on the path
+    could answer as the server."""
     from dlheir.netaddr import is_loopback_target
 
     if not tls_ca and not insecure and not is_loopback_target(address):
-        raise UserError(f"refusing to connect to the cloud server at {address} without TLS (not a loopback "
-                        f"address): {CLEARTEXT_FIX}")
+        raise UserError(f"refusing to connect to {what} at {address} without TLS (not a loopback "
+                        f"address): {fix or CLEARTEXT_FIX}")
 
 
 class CloudError(UserError):

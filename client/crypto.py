@@ -2,28 +2,29 @@
 
 Four pieces, each with a versioned, documented format:
 
-1. **Owner key file** (KeyGen, ``dlheir owner init``): UTF-8 JSON, created with mode 0600
-   by ``os.open(O_CREAT | O_EXCL, 0o600)`` (never overwritten, never briefly readable by
-   others)::
+1. **Owner key file** (KeyGen, ``dlheir owner init``), format version 3: UTF-8 JSON, created
+   with mode 0600 by ``os.open(O_CREAT | O_EXCL, 0o600)`` (never overwritten by ``init``, never
+   briefly readable by others; rewritten atomically when a collection is created or rotated)::
 
-       {"format": "dlheir-owner-key", "version": 1,
-        "image_key": "<base64 of 32 random bytes>",         # AES-256 key for EncImg/Dec
-        "transform_secret": "<base64 of 32 random bytes>",  # separate secret for the code transform
-        "collection": "photos"}                             # optional, recorded for convenience
+       {"format": "dlheir-owner-key", "version": 3,
+        "master_secret": "<base64 of 32 random bytes>",   # every collection's keys come from it
+        "signing_key": "<base64 of a 32-byte Ed25519 seed>",  # signs grants
+        "collection": "photos",                            # optional default collection name
+        "collections": {"photos": {"uid": "<32 hex>", "mode": "server-ranked" | "private",
+                                   "key_id": 2}}}          # newest key version
 
-   After a key rotation (``dlheir owner rotate``) the file holds every key version, oldest
-   first, and is written as version 2 (a file with one key stays version 1; both are read)::
-
-       {"format": "dlheir-owner-key", "version": 2, "collection": "photos",
-        "keys": [{"id": 1, "image_key": ..., "transform_secret": ...},
-                 {"id": 2, "image_key": ..., "transform_secret": ...}]}
-
-   The server records which version a collection's codes are under (``CollectionInfo.key_id``);
-   uploads and grants use that version (:meth:`OwnerKeys.at`). A rotated key file serves the one
-   collection it was rotated for (``owner rotate`` refuses another).
-   ``OwnerKeys.load`` refuses a file that group/others can access, or that is malformed.
-   Every secret file (owner key, user private key, tokens files) is read through
-   :func:`read_secret`, which refuses it when group or others have any access to it.
+   A collection's keys, per key version v (HKDF-SHA256 from the master secret, salt
+   ``b"dlheir-collection-keys-v3"``, context ``b"uid=<uid hex>;purpose=P;version=v"``): the
+   image key (P = image), the transform secret (P = transform); and one id key without a
+   version (``b"uid=<uid hex>;purpose=item-ids"``, :func:`dlheir.ids.keyed_content_id`). The
+   uid is 16 random bytes made when the collection is created (``create-collection``): a
+   collection deleted and re-created under the same name gets new keys, and nothing of the old
+   one authenticates in it. Blobs and pages are bound to ``NAME#UIDHEX``
+   (:func:`collection_binding`). Files of format 1 and 2 (one image key and transform secret
+   for every collection) are refused with the one-line fix ``dlheir owner migrate-keys``
+   (:func:`migrate_key_file`). ``OwnerKeys.load`` refuses a file that group/others can access,
+   or that is malformed. Every secret file (owner key, user private key, tokens files) is read
+   through :func:`read_secret`, which refuses it when group or others have any access to it.
 
 2. **Encrypted image blob** (EncImg / Dec), AES-256-GCM, all integers big-endian; version 2
    (written) carries the owner's key version, so blobs stored before a rotation keep
@@ -60,25 +61,29 @@ Four pieces, each with a versioned, documented format:
    bytes give the mask (mask_j = byte_j & 1). ``apply``: out_bit[j] = in_bit[perm[j]] XOR
    mask[j], repacked MSB-first with zero padding (``dlheir.codes``).
 
-4. **Grant** (key delivery, ``dlheir owner grant``): a JSON payload (version 2, written) ::
+4. **Grant** (key delivery, ``dlheir owner grant``): a JSON payload (version 3) ::
 
-       {"format": "dlheir-grant", "version": 2, "collection": ..., "user": <label>|null,
-        "reader_token": ...,            # this user's own token (the server keeps its SHA-256)
+       {"format": "dlheir-grant", "version": 3, "collection": ..., "uid": <32 hex>,
+        "mode": "server-ranked" | "private",   # the client trusts this, never the server's word
+        "user": <label>|null, "reader_token": ...,   # this user's own token (the server keeps its SHA-256)
         "key_id": <int>,                # the key version the collection's codes are under
-        "image_keys": {"1": <base64>, ..., "<key_id>": <base64>},   # every version up to key_id
-        "transform_secret": <base64>,   # of version key_id
-        "server": str|null, "bits": int|null}
+        "image_keys": {"1": <base64>, ..., "<key_id>": <base64>},   # this collection's, every version up to key_id
+        "transform_secret": <base64>,   # this collection's, of version key_id
+        "server": str|null, "bits": int|null,
+        "recipient": <SHA-256 hex of the user's RSA public key, DER>,
+        "owner_key": <base64 of the owner's raw Ed25519 public key>,
+        "signature": <base64 Ed25519 (RFC 8032) signature by owner_key over
+                      b"dlheir-grant-v3\\x00" + the JSON of every other field, keys sorted, no spaces>}
 
-   Version 1 grants (still opened) hold ``image_key`` instead of ``image_keys`` (key version 1),
-   no ``user`` and no ``key_id``, and carry the collection's shared reader token; they work
-   until the owner revokes that token (``owner revoke --shared-token``) or rotates.
+   Grants of versions 1 and 2 (unsigned, keys shared by the key file's collections) are refused
+   with one line. Which owner keys a user accepts is :mod:`dlheir.client.trust`'s job.
 
    encrypted with a fresh AES-256-GCM key, which is wrapped with RSA-OAEP (SHA-256, MGF1
    SHA-256) for the user's RSA public key. Binary layout::
 
        offset      size  field
        0           4     magic b"DLHG"
-       4           1     version = 2 (or 1)
+       4           1     version = 3
        5           2     W = length of the wrapped key (384 for RSA-3072)
        7           W     RSA-OAEP(SHA-256) wrapped 32-byte session key
        7 + W       12    GCM nonce
@@ -103,7 +108,7 @@ import os
 import stat
 import struct
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, NamedTuple
 
@@ -111,15 +116,16 @@ import numpy as np
 from Crypto.Cipher import AES, PKCS1_OAEP
 from Crypto.Hash import SHA256
 from Crypto.Protocol.KDF import HKDF
-from Crypto.PublicKey import RSA
+from Crypto.PublicKey import ECC, RSA
 from Crypto.Random import get_random_bytes
+from Crypto.Signature import eddsa
 
 from dlheir.codes import pack_bits, unpack_bits
 from dlheir.contract import code_bytes, validate_bits
 from dlheir.paths import fsync_path
 from dlheir.errors import UserError
 
-KEY_FORMAT, KEY_VERSION = "dlheir-owner-key", 2  # version 1 (one key) is still written while there is one key
+KEY_FORMAT, KEY_VERSION = "dlheir-owner-key", 3  # versions 1 and 2 are refused with the migration to run
 MAX_KEY_ID = 2**32 - 1
 KEY_BYTES = 32  # AES-256 image key and transform secret
 
@@ -132,7 +138,8 @@ BLOB_V1_OVERHEAD = BLOB_V1_HEADER_BYTES + 2 + TAG_BYTES  # 35
 
 TRANSFORM_SALT = b"dlheir-code-transform-v1"
 
-GRANT_MAGIC, GRANT_VERSION = b"DLHG", 2  # written; version 1 grants are still opened
+GRANT_MAGIC, GRANT_VERSION = b"DLHG", 3  # versions 1 and 2 (unsigned, keys per key file) are refused
+GRANT_SIGNATURE_CONTEXT = b"dlheir-grant-v3\x00"
 GRANT_FORMAT = "dlheir-grant"
 RSA_BITS = 3072
 MIN_RSA_BITS = 2048
@@ -293,67 +300,179 @@ def _check_key(key: bytes, what: str = "image key") -> bytes:
 
 
 # --- KeyGen: the owner's keys ---------------------------------------------------------------
+MODES = ("server-ranked", "private")
+UID_BYTES = 16
+COLLECTION_KEYS_SALT = b"dlheir-collection-keys-v3"
+MIGRATE_HINT = "see the README, 'Key format 3 and migrating to it'"
+
+
+def fingerprint(public_key: bytes) -> str:
+    """A short printable form of an owner's Ed25519 public key (SHA-256, first 16 bytes, hex in
+    groups of 4), for the owner to give users out of band and users to compare."""
+    h = SHA256.new(bytes(public_key)).hexdigest()[:32]
+    return ":".join(h[i:i + 4] for i in range(0, 32, 4))
+
+
 @dataclass(frozen=True)
-class OwnerKeys:
-    """The owner's two independent secrets of key version ``key_id`` (never printed in a repr),
-    the older versions kept after rotations (``previous``: (id, image key, transform secret),
-    oldest first) and, optionally, the collection they were made for.
+class CollectionEntry:
+    """What the owner's key file records about one collection: its unique id (random, made when
+    the collection was created: a collection re-created under the same name gets a new one, so
+    none of the old one's blobs, pages or grants open in it), its mode and its newest key version."""
 
-    ``image_key``/``transform_secret`` are the newest version's; a collection's stored codes
-    are under the version the server records for it (:meth:`at` gives that version)."""
-
-    image_key: bytes = field(repr=False)
-    transform_secret: bytes = field(repr=False)
-    collection: str | None = None
+    uid: bytes
+    mode: str = "server-ranked"
     key_id: int = 1
-    previous: tuple[tuple[int, bytes, bytes], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
-        ids = [v[0] for v in self.previous] + [self.key_id]
-        if any(not isinstance(i, int) or not 1 <= i <= MAX_KEY_ID for i in ids) or ids != sorted(set(ids)):
-            raise UserError("key ids must be distinct integers from 1 to 2^32-1, oldest first")
-        for _, image_key, secret in (*self.previous, (self.key_id, self.image_key, self.transform_secret)):
-            _check_key(image_key, "image key")
-            _check_key(secret, "transform secret")
-            if image_key == secret:
-                raise UserError("the image key and the transform secret must be separate keys")
+        if not isinstance(self.uid, bytes) or len(self.uid) != UID_BYTES:
+            raise UserError(f"a collection uid is {UID_BYTES} bytes")
+        if self.mode not in MODES:
+            raise UserError(f"a collection's mode is one of {', '.join(MODES)}, not {self.mode!r}")
+        if not isinstance(self.key_id, int) or not 1 <= self.key_id <= MAX_KEY_ID:
+            raise UserError("key ids are integers from 1 to 2^32-1")
+
+
+@dataclass(frozen=True)
+class CollectionKeys:
+    """One collection's keys at key version ``key_id`` (never printed in a repr), all derived
+    from the owner's master secret and the collection's uid (HKDF-SHA256, see the module
+    docstring): nothing of one collection opens another, and a version's keys do not give the
+    next one's."""
+
+    name: str
+    uid: bytes
+    mode: str
+    key_id: int
+    master: bytes = field(repr=False)
+    newest: int = 0  # the newest version the key file holds (0: key_id)
+
+    def _derive(self, purpose: str, version: int | None = None) -> bytes:
+        context = b"uid=" + self.uid.hex().encode() + b";purpose=" + purpose.encode()
+        if version is not None:
+            context += b";version=%d" % version
+        return HKDF(self.master, KEY_BYTES, salt=COLLECTION_KEYS_SALT, hashmod=SHA256, context=context)
+
+    @property
+    def binding(self) -> str:
+        """What blobs and pages are bound to (associated data, page key): the name and the uid."""
+        return collection_binding(self.name, self.uid)
+
+    @property
+    def private(self) -> bool:
+        return self.mode == "private"
+
+    @property
+    def image_key(self) -> bytes:
+        return self._derive("image", self.key_id)
+
+    @property
+    def transform_secret(self) -> bytes:
+        return self._derive("transform", self.key_id)
+
+    @property
+    def id_key(self) -> bytes:
+        """The key item ids are computed with (:func:`dlheir.ids.keyed_content_id`); one per
+        collection, unchanged by rotation (ids stay the owner's to recompute)."""
+        return self._derive("item-ids")
+
+    def image_keys(self) -> dict[int, bytes]:
+        """Key id -> image key for every version up to ``key_id`` (what grants carry)."""
+        return {v: self._derive("image", v) for v in range(1, self.key_id + 1)}
+
+    def at(self, key_id: int) -> "CollectionKeys":
+        """The keys of version ``key_id`` (1 .. the newest the key file holds)."""
+        newest = self.newest or self.key_id
+        if not isinstance(key_id, int) or not 1 <= key_id <= newest:
+            raise UserError(f"collection {self.name!r} has key versions 1 to {newest} in this key file, not "
+                            f"{key_id}: the server names a version the owner never made (a server that lies, or "
+                            "another key file)")
+        return CollectionKeys(self.name, self.uid, self.mode, key_id, self.master, newest)
+
+
+def collection_binding(name: str, uid: bytes) -> str:
+    """``NAME#UIDHEX``: the string blobs' and pages' associated data and page keys are bound to."""
+    return f"{name}#{bytes(uid).hex()}"
+
+
+@dataclass(frozen=True)
+class OwnerKeys:
+    """The owner's key file, format version 3: a master secret every collection's keys are
+    derived from, an Ed25519 signing key grants are signed with, and per collection its uid,
+    mode and newest key version (:class:`CollectionEntry`). ``collection`` is a default
+    collection name (optional)."""
+
+    master_secret: bytes = field(repr=False)
+    signing_seed: bytes = field(repr=False)
+    collection: str | None = None
+    collections: Mapping[str, CollectionEntry] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_key(self.master_secret, "master secret")
+        _check_key(self.signing_seed, "signing key")
+        if self.master_secret == self.signing_seed:
+            raise UserError("the master secret and the signing key must be separate keys")
 
     @classmethod
     def generate(cls, collection: str | None = None) -> "OwnerKeys":
-        """Two fresh 256-bit keys from the OS CSPRNG (key version 1)."""
+        """A fresh master secret and signing key from the OS CSPRNG; no collection yet."""
         return cls(get_random_bytes(KEY_BYTES), get_random_bytes(KEY_BYTES), collection)
+
+    # collections
+    def register(self, name: str, mode: str = "server-ranked") -> "OwnerKeys":
+        """These keys with a new entry for ``name`` (a fresh random uid, key version 1), replacing
+        any entry of that name: what creating (or re-creating) a collection records."""
+        if not isinstance(name, str) or not name:
+            raise UserError("a collection needs a name")
+        entry = CollectionEntry(get_random_bytes(UID_BYTES), mode, 1)
+        return replace(self, collections={**self.collections, name: entry})
+
+    def for_collection(self, name: str, key_file: Path | str | None = None) -> CollectionKeys:
+        """``name``'s keys at its newest version; UserError (one line) if the key file does not know it."""
+        entry = self.collections.get(name)
+        if entry is None:
+            where = f"the owner key file {key_file}" if key_file else "this owner key file"
+            known = ", ".join(sorted(self.collections)) or "none"
+            raise UserError(f"{where} has no keys for collection {name!r} (it holds: {known}): a collection's keys "
+                            "are made when 'dlheir owner create-collection' creates it with this key file; a collection "
+                            f"created with another key file, or before key format 3, must be re-created ({MIGRATE_HINT})")
+        return CollectionKeys(name, entry.uid, entry.mode, entry.key_id, self.master_secret)
+
+    def rotated(self, name: str) -> "OwnerKeys":
+        """These keys with ``name``'s key version moved to the next one."""
+        entry = self.collections.get(name)
+        if entry is None:
+            self.for_collection(name)  # raises the one-line error
+        return replace(self, collections={**self.collections, name: replace(entry, key_id=entry.key_id + 1)})
 
     @property
     def key_ids(self) -> list[int]:
-        return [v[0] for v in self.previous] + [self.key_id]
+        """Key versions of the default collection (empty if there is none)."""
+        entry = self.collections.get(self.collection or "")
+        return list(range(1, entry.key_id + 1)) if entry else []
 
-    def image_keys(self) -> dict[int, bytes]:
-        """Key id -> image key, for every version up to this one (what grants carry)."""
-        return {**{i: k for i, k, _ in self.previous}, self.key_id: self.image_key}
+    # signing
+    @property
+    def signing_key(self):
+        return ECC.construct(curve="Ed25519", seed=self.signing_seed)
 
-    def at(self, key_id: int) -> "OwnerKeys":
-        """The keys as they were at version ``key_id`` (that version's secrets, the older ones kept)."""
-        if key_id == self.key_id:
-            return self
-        for n, (i, image_key, secret) in enumerate(self.previous):
-            if i == key_id:
-                return OwnerKeys(image_key, secret, self.collection, i, self.previous[:n])
-        raise UserError(f"this owner key file has no key version {key_id} (it holds versions "
-                        f"{', '.join(map(str, self.key_ids))}): use the key file the collection was rotated with")
+    @property
+    def public_key(self) -> bytes:
+        """The raw 32-byte Ed25519 public key users pin."""
+        return self.signing_key.public_key().export_key(format="raw")
 
-    def rotated(self) -> "OwnerKeys":
-        """A new version (id = newest + 1, two fresh random keys), every older version kept."""
-        return OwnerKeys(get_random_bytes(KEY_BYTES), get_random_bytes(KEY_BYTES), self.collection, self.key_id + 1,
-                         (*self.previous, (self.key_id, self.image_key, self.transform_secret)))
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.public_key)
 
+    def sign(self, message: bytes) -> bytes:
+        return eddsa.new(self.signing_key, "rfc8032").sign(message)
+
+    # the file
     def to_json(self) -> bytes:
-        if self.previous or self.key_id != 1:
-            doc = {"format": KEY_FORMAT, "version": KEY_VERSION,
-                   "keys": [{"id": i, "image_key": _b64(k), "transform_secret": _b64(s)}
-                            for i, k, s in (*self.previous, (self.key_id, self.image_key, self.transform_secret))]}
-        else:  # one key, version 1: the format every dlheir reads
-            doc = {"format": KEY_FORMAT, "version": 1,
-                   "image_key": _b64(self.image_key), "transform_secret": _b64(self.transform_secret)}
+        doc = {"format": KEY_FORMAT, "version": KEY_VERSION, "master_secret": _b64(self.master_secret),
+               "signing_key": _b64(self.signing_seed),
+               "collections": {n: {"uid": e.uid.hex(), "mode": e.mode, "key_id": e.key_id}
+                               for n, e in sorted(self.collections.items())}}
         if self.collection is not None:
             doc["collection"] = self.collection
         return (json.dumps(doc, indent=2) + "\n").encode()
@@ -363,12 +482,13 @@ class OwnerKeys:
         return write_private(path, self.to_json(), "a key")
 
     def replace_file(self, path: Path | str) -> Path:
-        """Rewrite an existing key file atomically (0600): rotation adds a version to it."""
+        """Rewrite an existing key file atomically and durably (0600): a new collection or a rotation."""
         return replace_private(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path | str) -> "OwnerKeys":
-        """Read a key file; a missing, group/world-accessible or malformed file raises UserError."""
+        """Read a key file; a missing, group/world-accessible or malformed file raises UserError,
+        and one of an older format a one-line message naming the migration."""
         path = Path(path)
         raw = read_secret(path, "owner key file", " (create one with 'dlheir owner init')")
         try:
@@ -376,27 +496,52 @@ class OwnerKeys:
             if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
                 raise ValueError("not a dlheir owner key file")
             version = doc.get("version")
-            if version == 1:
-                versions = [(1, doc)]
-            elif version == 2:
-                keys = doc.get("keys")
-                if not isinstance(keys, list) or not keys or not all(isinstance(k, dict) for k in keys):
-                    raise ValueError("keys must be a non-empty list")
-                versions = [(k.get("id"), k) for k in keys]
-            else:
-                raise ValueError(f"unsupported version {version!r} (this dlheir reads 1 and {KEY_VERSION})")
-            parsed = [(i, _unb64(k.get("image_key"), "image_key"), _unb64(k.get("transform_secret"), "transform_secret"))
-                      for i, k in versions]
+            if type(version) is int and version in (1, 2):
+                raise UserError(f"{path} is an owner key file of format version {version} (one image key and transform "
+                                "secret shared by every collection, grants unsigned, item ids a server can confirm): "
+                                f"convert it with 'dlheir owner migrate-keys --key {path}' ({MIGRATE_HINT})")
+            if version != KEY_VERSION:
+                raise ValueError(f"unsupported version {version!r} (this dlheir reads {KEY_VERSION})")
+            entries = doc.get("collections", {})
+            if not isinstance(entries, dict):
+                raise ValueError("collections must be an object")
+            collections = {}
+            for name, e in entries.items():
+                if not isinstance(e, dict) or not isinstance(e.get("uid"), str):
+                    raise ValueError(f"collection {name!r}: uid missing")
+                collections[name] = CollectionEntry(bytes.fromhex(e["uid"]), e.get("mode"), e.get("key_id"))
             collection = doc.get("collection")
             if collection is not None and not isinstance(collection, str):
                 raise ValueError("collection must be a string")
-        except ValueError as exc:  # includes JSON and UTF-8 decoding errors
+            return cls(_unb64(doc.get("master_secret"), "master_secret"), _unb64(doc.get("signing_key"), "signing_key"),
+                       collection, collections)
+        except (ValueError, UserError) as exc:  # includes JSON and UTF-8 decoding errors
+            if isinstance(exc, UserError) and "migrate-keys" in str(exc):
+                raise
             raise UserError(f"{path}: malformed owner key file: {exc}") from None
-        (key_id, image_key, secret), previous = parsed[-1], tuple(parsed[:-1])
-        try:
-            return cls(image_key, secret, collection, key_id, previous)
-        except UserError as exc:
-            raise UserError(f"{path}: malformed owner key file: {exc}") from None
+
+
+def migrate_key_file(path: Path | str) -> tuple[OwnerKeys, Path]:
+    """Convert an owner key file of format 1 or 2 to format 3: the old file is kept beside it
+    (``PATH.vN.bak``, 0600) and PATH gets a new master secret and signing key, no collection.
+    Collections made with the old file keep their old keys: they must be re-created and their
+    images uploaded again (the new keys cannot open what the old ones sealed, by design)."""
+    path = Path(path)
+    raw = read_secret(path, "owner key file", " (create one with 'dlheir owner init')")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+        version = doc.get("version") if isinstance(doc, dict) and doc.get("format") == KEY_FORMAT else None
+    except ValueError:
+        version = None
+    if version == KEY_VERSION:
+        raise UserError(f"{path} is already of key format {KEY_VERSION}: nothing to migrate")
+    if version not in (1, 2):
+        raise UserError(f"{path} is not a dlheir owner key file of format 1 or 2")
+    backup = path.with_name(f"{path.name}.v{version}.bak")
+    write_private(backup, raw, "a key backup")
+    keys = OwnerKeys.generate(doc.get("collection") if isinstance(doc.get("collection"), str) else None)
+    keys.replace_file(path)
+    return keys, backup
 
 
 # --- EncImg / Dec -------------------------------------------------------------------------
@@ -583,8 +728,9 @@ class Grant:
 
     ``image_key``/``transform_secret`` are those of key version ``key_id`` (the collection's
     current one when the grant was made); ``image_keys`` holds every version up to it, so blobs
-    uploaded before a rotation still decrypt. ``user`` is the label the owner's server knows
-    this grant's reader token by (None in version-1 grants, which carry the shared token)."""
+    uploaded before a rotation still decrypt. ``uid`` and ``mode`` are the collection's as the
+    owner recorded them (the client trusts these, never the server's word); ``owner_key`` is the
+    Ed25519 public key that signed the grant (see :mod:`dlheir.client.trust`)."""
 
     collection: str
     reader_token: str = field(repr=False)
@@ -596,10 +742,25 @@ class Grant:
     image_keys: dict[int, bytes] = field(default_factory=dict, repr=False)
     user: str | None = None
     version: int = GRANT_VERSION
+    uid: bytes = b""
+    mode: str = "server-ranked"
+    owner_key: bytes = b""
 
     def __post_init__(self) -> None:
         if not self.image_keys:
             object.__setattr__(self, "image_keys", {self.key_id: self.image_key})
+
+    @property
+    def binding(self) -> str:
+        return collection_binding(self.collection, self.uid)
+
+    @property
+    def private(self) -> bool:
+        return self.mode == "private"
+
+    @property
+    def owner_fingerprint(self) -> str:
+        return fingerprint(self.owner_key)
 
 
 def _import_public(pem: bytes):
@@ -615,31 +776,45 @@ def _import_public(pem: bytes):
     return key.public_key()
 
 
+def _recipient(public_rsa) -> str:
+    """The SHA-256 of the user's RSA public key (DER): the signed payload names its recipient, so
+    a user cannot pass a grant on re-sealed for someone else as the owner's."""
+    return SHA256.new(public_rsa.export_key("DER")).hexdigest()
+
+
+def _signed_message(payload: dict) -> bytes:
+    return GRANT_SIGNATURE_CONTEXT + json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+
+
 def make_grant(owner_keys: OwnerKeys, user_public_pem: bytes, collection: str, reader_token: str,
-               server: str | None = None, bits: int | None = None, user: str | None = None) -> bytes:
-    """Seal the collection's keys, name, reader token (and, for convenience, the server address
-    and code length) for the holder of ``user_public_pem``'s private key. ``owner_keys`` is the
-    version the collection is at (``OwnerKeys.at(key id)``): the grant carries its transform
-    secret and the image keys of it and every older version; ``user`` is the token's label."""
+               server: str | None = None, bits: int | None = None, user: str | None = None,
+               key_id: int | None = None) -> bytes:
+    """Seal ``collection``'s keys (of version ``key_id``, default its newest, and every older
+    image key), uid, mode, name and reader token (and, for convenience, the server address and
+    code length) for the holder of ``user_public_pem``'s private key, signed with the owner's
+    Ed25519 key. ``user`` is the token's label."""
     if not isinstance(collection, str) or not collection:
         raise UserError("a grant needs the collection name")
     if not isinstance(reader_token, str) or not reader_token:
         raise UserError("a grant needs the collection's reader token")
     if bits is not None:
         bits = validate_bits(bits)
+    keys = owner_keys.for_collection(collection)
+    keys = keys.at(keys.key_id if key_id is None else int(key_id))
     public = _import_public(user_public_pem)
-    payload = json.dumps({"format": GRANT_FORMAT, "version": GRANT_VERSION, "collection": collection,
-                          "user": user, "reader_token": reader_token, "key_id": owner_keys.key_id,
-                          "image_keys": {str(i): _b64(k) for i, k in owner_keys.image_keys().items()},
-                          "transform_secret": _b64(owner_keys.transform_secret),
-                          "server": server, "bits": bits}).encode()
+    payload = {"format": GRANT_FORMAT, "version": GRANT_VERSION, "collection": collection, "uid": keys.uid.hex(),
+               "mode": keys.mode, "user": user, "reader_token": reader_token, "key_id": keys.key_id,
+               "image_keys": {str(i): _b64(k) for i, k in keys.image_keys().items()},
+               "transform_secret": _b64(keys.transform_secret), "server": server, "bits": bits,
+               "recipient": _recipient(public), "owner_key": _b64(owner_keys.public_key)}
+    payload["signature"] = _b64(owner_keys.sign(_signed_message(payload)))
     session_key = get_random_bytes(KEY_BYTES)
     wrapped = PKCS1_OAEP.new(public, hashAlgo=SHA256).encrypt(session_key)
     header = GRANT_MAGIC + bytes([GRANT_VERSION]) + struct.pack(">H", len(wrapped)) + wrapped
     nonce = get_random_bytes(NONCE_BYTES)
     cipher = AES.new(session_key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
     cipher.update(header)
-    ciphertext, tag = cipher.encrypt_and_digest(payload)
+    ciphertext, tag = cipher.encrypt_and_digest(json.dumps(payload).encode())
     return header + nonce + tag + ciphertext
 
 
@@ -662,13 +837,19 @@ def _import_private(pem: bytes, passphrase: str | None):
 
 
 def open_grant(grant_bytes: bytes, user_private_pem: bytes, passphrase: str | None = None) -> Grant:
-    """Open a grant with the user's private key; :class:`GrantError` for anything else."""
+    """Open a grant with the user's private key and check the owner's signature over it;
+    :class:`GrantError` (one line) for anything else. Whether the signing owner key is one the
+    user trusts is :func:`dlheir.client.trust.check_owner`'s question."""
     data = bytes(grant_bytes)
     if len(data) < 7 or data[:4] != GRANT_MAGIC:
         raise GrantError("not a dlheir grant file (bad magic or truncated)")
     version = data[4]
-    if version not in (1, GRANT_VERSION):
-        raise GrantError(f"unsupported grant version {version} (this dlheir reads 1 and {GRANT_VERSION})")
+    if version in (1, 2):
+        raise GrantError(f"this grant is of format version {version}: not signed by the owner, and its keys are shared "
+                         "by every collection of the owner's key file; ask the owner for a new grant ('dlheir owner "
+                         "grant' after 'dlheir owner migrate-keys')")
+    if version != GRANT_VERSION:
+        raise GrantError(f"unsupported grant version {version} (this dlheir reads {GRANT_VERSION})")
     (w,) = struct.unpack(">H", data[5:7])
     body = 7 + w
     if len(data) < body + NONCE_BYTES + TAG_BYTES:
@@ -691,19 +872,33 @@ def open_grant(grant_bytes: bytes, user_private_pem: bytes, passphrase: str | No
     try:
         if not isinstance(doc, dict) or doc.get("format") != GRANT_FORMAT or doc.get("version") != version:
             raise ValueError("unknown payload format")
-        secret = _unb64(doc["transform_secret"], "transform_secret")
-        if version == 1:
-            grant = Grant(str(doc["collection"]), str(doc["reader_token"]), _unb64(doc["image_key"], "image_key"),
-                          secret, doc.get("server"), doc.get("bits"), version=1)
-        else:
-            key_id = doc["key_id"]
-            if not isinstance(key_id, int) or not isinstance(doc["image_keys"], dict):
-                raise ValueError("key_id must be an integer and image_keys an object")
-            image_keys = {int(i): _unb64(k, f"image key {i}") for i, k in doc["image_keys"].items()}
-            user = doc.get("user")
-            grant = Grant(str(doc["collection"]), str(doc["reader_token"]), image_keys[key_id], secret,
-                          doc.get("server"), doc.get("bits"), key_id, image_keys,
-                          None if user is None else str(user), version=2)
+        signature = _unb64(doc.pop("signature", None), "signature")
+        owner_key = _unb64(doc.get("owner_key"), "owner_key")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise GrantError(f"malformed grant payload: {exc}") from None
+    try:
+        eddsa.new(eddsa.import_public_key(owner_key), "rfc8032").verify(_signed_message(doc), signature)
+    except ValueError:
+        raise GrantError("the grant's owner signature does not verify: it was not made by the owner key it names "
+                         "(a forged or altered grant)") from None
+    if doc.get("recipient") != _recipient(private.public_key()):
+        raise GrantError("this grant was signed by its owner for another user's key, and re-sealed for yours: "
+                         "ask the owner for a grant of your own")
+    try:
+        key_id = doc["key_id"]
+        if not isinstance(key_id, int) or not isinstance(doc["image_keys"], dict):
+            raise ValueError("key_id must be an integer and image_keys an object")
+        if doc.get("mode") not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        image_keys = {int(i): _unb64(k, f"image key {i}") for i, k in doc["image_keys"].items()}
+        uid = bytes.fromhex(doc["uid"])
+        if len(uid) != UID_BYTES:
+            raise ValueError("uid must be 16 bytes")
+        user = doc.get("user")
+        grant = Grant(str(doc["collection"]), str(doc["reader_token"]), image_keys[key_id],
+                      _unb64(doc["transform_secret"], "transform_secret"), doc.get("server"), doc.get("bits"),
+                      key_id, image_keys, None if user is None else str(user), GRANT_VERSION, uid, doc["mode"],
+                      owner_key)
         for key in grant.image_keys.values():
             _check_key(key)
         _check_key(grant.transform_secret, "transform secret")

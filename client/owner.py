@@ -11,12 +11,12 @@ import numpy as np
 from tqdm import tqdm
 
 from dlheir.client.cloud import CloudClient, check_model
-from dlheir.client.crypto import CodeTransform, OwnerKeys, encrypt_image
+from dlheir.client.crypto import CodeTransform, CollectionKeys, OwnerKeys, encrypt_image
 from dlheir.client.private import PageWriter, is_private
 from dlheir.client.triton import HashError, TritonHasher
 from dlheir.contract import validate_bits
 from dlheir.errors import UserError
-from dlheir.ids import item_id
+from dlheir.ids import keyed_path_id
 
 
 class UploadRates:
@@ -108,27 +108,52 @@ def _hash_batch(hasher: TritonHasher, batch, report: UploadReport):
                 codes.append(hasher.hash_one(entry[2])[1])
                 good.append(entry)
             except HashError as exc:
-                report.skipped.append((entry[0], str(exc)))
+                report.skipped.append((entry[0], exc.reason or str(exc)))  # the cause; the file is named beside it
         return good, (np.stack(codes) if codes else None)
 
 
-def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys, collection: str, cloud: CloudClient,
-                  hasher: TritonHasher, batch_size: int = 32, progress: bool = True,
+def collection_keys(keys: OwnerKeys | CollectionKeys, collection: str, info) -> CollectionKeys:
+    """``collection``'s keys at the version its codes are under, after checking what the server
+    says (``info``, its CollectionStats) against what the owner's key file recorded: the mode, and
+    the key version (a server that names an older one would have new items sealed under keys a
+    revoked reader holds; a newer one, an unfinished rotation). UserError, one line, otherwise."""
+    ck = keys.for_collection(collection) if isinstance(keys, OwnerKeys) else keys
+    server_mode = "private" if is_private(info) else "server-ranked"
+    if server_mode != ck.mode:
+        raise UserError(f"the server reports collection {collection!r} as {server_mode}, but the owner key file "
+                        f"created it {ck.mode}: refusing (a server that lies about the mode, or a collection "
+                        "re-created by someone else)")
+    at = info.key_id or 1
+    if at != ck.key_id:
+        from dlheir import paths
+
+        behind = ("finish the rotation with 'dlheir owner rotate --resume'"
+                  if paths.rotation_record(collection).is_file() else
+                  "an earlier rotation did not reach the server: run 'dlheir owner rotate' again")
+        raise UserError(f"the server says collection {collection!r} is at key version {at}, the owner key file at "
+                        f"{ck.key_id}: " + (behind if at < ck.key_id else "a version this key file never made "
+                                            "(another key file, or a lying server)"))
+    return ck
+
+
+def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys | CollectionKeys, collection: str,
+                  cloud: CloudClient, hasher: TritonHasher, batch_size: int = 32, progress: bool = True,
                   ids: Sequence[int] | None = None, replace: bool = False) -> UploadReport:
     """Upload what the server does not hold yet (with ``replace``: everything, overwriting).
-    ``ids``: one per file, distinct (default: :func:`dlheir.ids.item_id` of the relative path)."""
+    ``ids``: one per file, distinct (default: :func:`dlheir.ids.keyed_path_id` of the relative
+    path under the collection's id key)."""
     info = cloud.stats(collection)
     check_model(collection, info, hasher.fingerprint)  # before hashing: a private collection is checked only here
     if info.bits != hasher.bits:
         raise UserError(f"collection {collection!r} holds {info.bits}-bit codes; the Triton model makes {hasher.bits}")
-    keys = keys.at(info.key_id or 1)  # the key version the collection's codes are under (rotation moves it)
+    keys = collection_keys(keys, collection, info)
     transform = CodeTransform(keys.transform_secret, hasher.bits)
     # private-ranking mode: the codes go in sealed pages (dlheir.client.private), the items carry none
-    pages = (PageWriter(cloud, keys.image_key, collection, hasher.bits, getattr(keys, "key_id", 1))
-             if is_private(info) else None)
+    pages = (PageWriter(cloud, keys.image_keys(), collection, hasher.bits, keys.key_id, keys.binding)
+             if keys.private else None)
     failed: list[UserError] = []  # a page append that failed inside the stream, raised once it has ended
     report = UploadReport()
-    ids = [item_id(rel) for rel, _ in files] if ids is None else [int(i) for i in ids]
+    ids = [keyed_path_id(keys.id_key, rel) for rel, _ in files] if ids is None else [int(i) for i in ids]
     present: set[int] = set()
     for start in range(0, len(ids), 50_000):
         present |= cloud.contains(collection, ids[start:start + 50_000])
@@ -149,17 +174,18 @@ def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys, collection
             batch, codes = _hash_batch(hasher, batch, report)
             if not batch:
                 continue
+            blobs = [encrypt_image(keys.image_key, data, keys.binding, i, name=Path(rel).name, key_id=keys.key_id)
+                     for rel, i, data in batch]
             if pages is not None:  # the page goes before its blobs: no blob is ever stored without its code
-                try:
-                    pages.put([i for _, i, _ in batch], codes)  # raw codes: sealed, the transform adds nothing
+                try:  # raw codes: sealed, the transform adds nothing; each record names its blob's digest
+                    pages.put([i for _, i, _ in batch], codes, blobs)
                 except UserError as exc:
                     failed.append(exc)
                     return
                 codes = np.zeros((len(batch), 0), np.uint8)  # items of a private collection carry no code
             else:
                 codes = transform.apply(codes)
-            for (rel, i, data), code in zip(batch, codes):
-                blob = encrypt_image(keys.image_key, data, collection, i, name=Path(rel).name, key_id=keys.key_id)
+            for (rel, i, data), code, blob in zip(batch, codes, blobs):
                 report.bytes_uploaded += len(blob)
                 yield i, code.tobytes(), blob, {}
 

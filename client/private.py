@@ -8,28 +8,41 @@ seen yet, opens them, ranks on its own machine with the server's own exact index
 fetches the top results by id. The server learns who syncs (and when, how many pages/bytes)
 and which ids are fetched; it sees no code and no distance.
 
-**Sealed page** (format version 1, integers big-endian)::
+**Sealed page** (format version 2, integers big-endian)::
 
     offset   size  field
     0        4     magic b"DLHS"
-    4        1     version = 1
-    5        4     key id: the version of the owner's image key the page key comes from
+    4        1     version = 2
+    5        4     key id: the collection's key version the page key comes from
     9        12    nonce: 96 random bits, fresh for every page
     21       L     ciphertext of the records
     21 + L   16    GCM tag
 
-    associated data = b"DLHS" | version | u32 key id | u16 len(collection) | collection (UTF-8)
-                      | u64 page number
-    page key        = HKDF-SHA256(image key of that key id, 32, salt=b"dlheir-code-pages-v1",
-                                  context=b"collection=" + collection)
+    associated data = b"DLHS" | version | u32 key id | u16 len(binding) | binding (UTF-8)
+                      | u64 page number | 32-byte chain value of the pages before it
+    binding         = NAME#UIDHEX (dlheir.client.crypto.collection_binding: the name and the
+                      collection's random uid, so a re-created collection shares nothing)
+    page key        = HKDF-SHA256(the collection's image key of that key id, 32,
+                                  salt=b"dlheir-code-pages-v1", context=b"collection=" + binding)
+    chain           = c_0 = SHA-256(b"dlheir-page-chain-start" | binding),
+                      c_{i+1} = SHA-256(b"dlheir-page-chain" | c_i | sealed page i)
     records         = u16 bits | u32 n | n x u8 op (1 put, 0 delete) | n x u64 id
+                      | n x 16-byte blob digest (SHA-256 of the item's encrypted blob, first 16
+                        bytes; zeros for a delete, or a put written without a blob)
                       | n x ceil(bits/8) code bytes (the network's raw codes; zeros for a delete)
 
-The associated data binds a page to its collection, its number and the format version: a
-page moved to another number or collection, altered, truncated or opened with another key
-raises :class:`PageAuthenticationError`. The page key reaches a user inside the grant: it is
-derived from the image key(s) the grant carries (a per-purpose key by HKDF, so the image key
-itself never seals a page).
+The associated data binds a page to its collection (name and uid), its number, the format
+version and every page before it: a page moved to another number or collection, altered,
+truncated, opened with another key, or taken from another history of the collection (a fork)
+raises :class:`PageAuthenticationError`. The page key reaches a user inside the grant.
+
+**What a lying server cannot do unseen.** The client keeps the highest page count and its
+chain value it has seen per collection (``*.head`` beside the page cache) and refuses a sync
+that announces fewer pages (a rollback), delivers fewer than it announced (withheld pages), or
+whose pages chain to another value at that count (a fork). A fetched blob must have the digest
+the latest put record of its id names: a deleted item's blob replayed, or an older blob of the
+id, does not decrypt as current. What remains: a client's *first* sync cannot tell that the
+newest pages were withheld (fork consistency, as with any single untrusted server).
 
 **Append-only.** Pages are numbered 0, 1, 2, ... without a gap; the server stores an append
 only under the next number. A delete or replacement is a later page (a delete record, a
@@ -44,6 +57,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import struct
 import time
@@ -78,10 +92,33 @@ class PageAuthenticationError(UserError):
     sealed with a key the grant does not hold, or of an unknown format version."""
 
 
+DIGEST_BYTES = 16  # of a blob's SHA-256, in a put record
+CHAIN_START, CHAIN_STEP = b"dlheir-page-chain-start", b"dlheir-page-chain"
+
+
+class RollbackError(PageAuthenticationError):
+    """The server announced or sent fewer pages than this client has seen, or another history."""
+
+
 class PageRecords(NamedTuple):
     ops: np.ndarray  # uint8 [n]: OP_PUT or OP_DELETE
     ids: np.ndarray  # int64 [n]
     codes: np.ndarray  # uint8 [n, ceil(bits/8)]
+    digests: np.ndarray | None = None  # uint8 [n, 16]: blob digests (None: zeros, no blob bound)
+
+
+def blob_digest(blob: bytes) -> bytes:
+    """What a put record names of its item's encrypted blob."""
+    return hashlib.sha256(bytes(blob)).digest()[:DIGEST_BYTES]
+
+
+def chain_start(binding: str) -> bytes:
+    return hashlib.sha256(CHAIN_START + binding.encode("utf-8")).digest()
+
+
+def next_chain(chain: bytes, sealed: bytes) -> bytes:
+    """The chain value after page ``sealed`` (see the module docstring)."""
+    return hashlib.sha256(CHAIN_STEP + chain + bytes(sealed)).digest()
 
 
 def is_private(info: pb.CollectionInfo) -> bool:
@@ -98,24 +135,28 @@ def page_key(image_key: bytes, collection: str) -> bytes:
                 context=b"collection=" + collection.encode("utf-8"))
 
 
-def _aad(collection: str, page: int, key_id: int) -> bytes:
+def _aad(collection: str, page: int, key_id: int, chain: bytes) -> bytes:
     name = collection.encode("utf-8")
     if len(name) > 0xFFFF:
         raise UserError("the collection name is too long")
+    if len(chain) != 32:
+        raise UserError("a page chain value is 32 bytes")
     return (PAGE_MAGIC + bytes([PAGE_VERSION]) + struct.pack(">I", key_id) + struct.pack(">H", len(name)) + name
-            + struct.pack(">Q", page))
+            + struct.pack(">Q", page) + bytes(chain))
 
 
 def encode_records(records: PageRecords, bits: int) -> bytes:
-    """The plaintext of a page: ``u16 bits | u32 n | ops | ids | codes``."""
+    """The plaintext of a page: ``u16 bits | u32 n | ops | ids | digests | codes``."""
     width = code_bytes(validate_bits(bits))
     ops = np.asarray(records.ops, dtype=np.uint8)
     ids = np.asarray(records.ids, dtype=np.int64)
     codes = np.asarray(records.codes, dtype=np.uint8).reshape(len(ids), width)
+    digests = (np.zeros((len(ids), DIGEST_BYTES), np.uint8) if records.digests is None
+               else np.asarray(records.digests, dtype=np.uint8).reshape(len(ids), DIGEST_BYTES))
     if len(ops) != len(ids) or (ids < 0).any() or not np.isin(ops, (OP_PUT, OP_DELETE)).all():
         raise UserError("page records: one op (put/delete) per id, ids >= 0")
     return (struct.pack(">HI", bits, len(ids)) + ops.tobytes() + ids.astype(">u8").tobytes()
-            + np.ascontiguousarray(codes).tobytes())
+            + np.ascontiguousarray(digests).tobytes() + np.ascontiguousarray(codes).tobytes())
 
 
 def decode_records(data: bytes, bits: int) -> PageRecords:
@@ -125,20 +166,26 @@ def decode_records(data: bytes, bits: int) -> PageRecords:
     got_bits, n = struct.unpack(">HI", data[:6])
     if got_bits != bits:
         raise PageAuthenticationError(f"code page holds {got_bits}-bit codes; the collection has {bits}-bit codes")
-    if len(data) != 6 + n * (1 + 8 + width):
-        raise PageAuthenticationError(f"code page: {len(data)} bytes of records, {6 + n * (9 + width)} expected")
+    per = 1 + 8 + DIGEST_BYTES + width
+    if len(data) != 6 + n * per:
+        raise PageAuthenticationError(f"code page: {len(data)} bytes of records, {6 + n * per} expected")
     buf = memoryview(data)
     ops = np.frombuffer(buf[6:6 + n], np.uint8)
     ids = np.frombuffer(buf[6 + n:6 + 9 * n], ">u8").astype(np.int64)
-    codes = np.frombuffer(buf[6 + 9 * n:], np.uint8).reshape(n, width)
-    return PageRecords(ops, ids, codes)
+    end = 6 + 9 * n + DIGEST_BYTES * n
+    digests = np.frombuffer(buf[6 + 9 * n:end], np.uint8).reshape(n, DIGEST_BYTES)
+    codes = np.frombuffer(buf[end:], np.uint8).reshape(n, width)
+    return PageRecords(ops, ids, codes, digests)
 
 
-def seal_page(key: bytes, collection: str, page: int, plaintext: bytes, key_id: int = 1) -> bytes:
-    """Seal one page's records under the page key ``key`` (fresh random nonce)."""
+def seal_page(key: bytes, collection: str, page: int, plaintext: bytes, key_id: int = 1,
+              chain: bytes | None = None) -> bytes:
+    """Seal one page's records under the page key ``key`` (fresh random nonce); ``collection``
+    is the binding (``NAME#UIDHEX``), ``chain`` the chain value of the pages before it (default:
+    the start value, right for page 0)."""
     nonce = get_random_bytes(NONCE_BYTES)
     cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
-    cipher.update(_aad(collection, page, key_id))
+    cipher.update(_aad(collection, page, key_id, chain_start(collection) if chain is None else chain))
     ciphertext, tag = cipher.encrypt_and_digest(plaintext)
     return PAGE_MAGIC + bytes([PAGE_VERSION]) + struct.pack(">I", key_id) + nonce + ciphertext + tag
 
@@ -152,22 +199,24 @@ def page_key_id(sealed: bytes) -> int:
     return struct.unpack(">I", bytes(sealed[5:9]))[0]
 
 
-def open_page(keys: Mapping[int, bytes], collection: str, page: int, sealed: bytes) -> bytes:
-    """The records of a sealed page; ``keys`` maps key id -> page key. Raises
-    :class:`PageAuthenticationError`, never returns garbage."""
+def open_page(keys: Mapping[int, bytes], collection: str, page: int, sealed: bytes,
+              chain: bytes | None = None) -> bytes:
+    """The records of a sealed page; ``keys`` maps key id -> page key, ``chain`` is the chain
+    value before it (default: the start value). Raises :class:`PageAuthenticationError`, never
+    returns garbage."""
     key_id = page_key_id(sealed)
     if key_id not in keys:
         raise PageAuthenticationError(f"code page {page} of {collection!r} is sealed with key version {key_id}, "
                                       f"which this grant does not hold")
     sealed = bytes(sealed)
     cipher = AES.new(keys[key_id], AES.MODE_GCM, nonce=sealed[9:PAGE_HEADER_BYTES], mac_len=TAG_BYTES)
-    cipher.update(_aad(collection, page, key_id))
+    cipher.update(_aad(collection, page, key_id, chain_start(collection) if chain is None else chain))
     try:
         return cipher.decrypt_and_verify(sealed[PAGE_HEADER_BYTES:-TAG_BYTES], sealed[-TAG_BYTES:])
     except ValueError:
         raise PageAuthenticationError(
             f"code page {page} of {collection!r}: authentication failed (altered or truncated, stored under "
-            "another number or collection, or the key is wrong)") from None
+            "another number or collection, from another history of it, or the key is wrong)") from None
 
 
 def page_keyring(image_keys: bytes | Mapping[int, bytes], collection: str, key_id: int = 1) -> dict[int, bytes]:
@@ -220,28 +269,35 @@ def sync_code_pages(cloud: CloudClient, collection: str, from_page: int,
 class PageWriter:
     """Appends sealed pages of put/delete records to a private-ranking collection (owner token).
 
-    The next page number is read from the server once and then followed; when another writer
-    took it (FAILED_PRECONDITION), the count is read again and the page re-sealed under the new
-    number."""
+    ``image_keys``: the collection's image key of version ``key_id``, or its keyring {id: key}
+    (needed to check pages sealed under older versions); ``binding``: ``NAME#UIDHEX`` (default
+    the name alone, for raw uses without an owner key file). The next page number and the chain
+    value are learnt once by syncing (and checking) the collection's pages, then followed; when
+    another writer took the number (FAILED_PRECONDITION), they are synced again and the page
+    re-sealed under the new number and chain."""
 
-    def __init__(self, cloud: CloudClient, image_key: bytes, collection: str, bits: int, key_id: int = 1) -> None:
+    def __init__(self, cloud: CloudClient, image_keys: bytes | Mapping[int, bytes], collection: str, bits: int,
+                 key_id: int = 1, binding: str | None = None) -> None:
         self.cloud, self.collection, self.bits, self.key_id = cloud, collection, validate_bits(bits), int(key_id)
-        self.key = page_key(image_key, collection)
+        self.binding = binding or collection
+        self.ring = image_keys if isinstance(image_keys, Mapping) else {self.key_id: image_keys}
+        self.key = page_key(self.ring[self.key_id], self.binding)
         self.next_page: int | None = None
+        self.chain = chain_start(self.binding)
         self.pages_written = 0
         self.bytes_written = 0
 
     def _refresh(self) -> int:
-        info = self.cloud.stats(self.collection)
-        if not is_private(info):
+        follower = LocalIndex(self.cloud, self.collection, self.bits, self.ring, binding=self.binding, rank=False)
+        if not follower.sync().private:
             raise UserError(f"collection {self.collection!r} is server-ranked: it has no code pages")
-        self.next_page = int(info.code_pages)
+        self.next_page, self.chain = follower.pages, follower.chain
         return self.next_page
 
     def _append(self, plaintext: bytes) -> int:
         for _ in range(16):
             page = self.next_page if self.next_page is not None else self._refresh()
-            sealed = seal_page(self.key, self.collection, page, plaintext, self.key_id)
+            sealed = seal_page(self.key, self.binding, page, plaintext, self.key_id, self.chain)
             try:
                 self.next_page = append_code_page(self.cloud, self.collection, page, sealed)
             except CloudError as exc:
@@ -249,25 +305,39 @@ class PageWriter:
                     raise
                 self._refresh()  # another writer took that number (or the mode is wrong: raises)
                 continue
+            if self.next_page != page + 1:  # another writer appended right after: learn its pages first
+                self._refresh()
+            else:
+                self.chain = next_chain(self.chain, sealed)
             self.pages_written += 1
             self.bytes_written += len(sealed)
             return page
         raise UserError(f"collection {self.collection!r}: could not append a code page (other writers kept taking "
                         "the next page number); try again")
 
-    def write(self, ops: np.ndarray, ids: Iterable[int], codes: np.ndarray) -> list[int]:
+    def write(self, ops: np.ndarray, ids: Iterable[int], codes: np.ndarray,
+              digests: np.ndarray | None = None) -> list[int]:
         """Append records (split into pages of at most MAX_PAGE_RECORDS); returns the page numbers."""
         ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)
         ops = np.asarray(ops, dtype=np.uint8)
         codes = np.asarray(codes, dtype=np.uint8).reshape(len(ids), code_bytes(self.bits))
+        digests = (np.zeros((len(ids), DIGEST_BYTES), np.uint8) if digests is None
+                   else np.asarray(digests, np.uint8).reshape(len(ids), DIGEST_BYTES))
         return [self._append(encode_records(PageRecords(ops[s:s + MAX_PAGE_RECORDS], ids[s:s + MAX_PAGE_RECORDS],
-                                                        codes[s:s + MAX_PAGE_RECORDS]), self.bits))
+                                                        codes[s:s + MAX_PAGE_RECORDS], digests[s:s + MAX_PAGE_RECORDS]),
+                                            self.bits))
                 for s in range(0, len(ids), MAX_PAGE_RECORDS)]
 
-    def put(self, ids: Iterable[int], codes: np.ndarray) -> list[int]:
-        """Records giving ``ids`` these (raw) codes: new items or replacements."""
+    def put(self, ids: Iterable[int], codes: np.ndarray, blobs: Iterable[bytes] | None = None) -> list[int]:
+        """Records giving ``ids`` these (raw) codes: new items or replacements; ``blobs``, the
+        items' encrypted blobs, bind each record to its blob (:func:`blob_digest`)."""
         ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)
-        return self.write(np.full(len(ids), OP_PUT, np.uint8), ids, codes)
+        digests = None
+        if blobs is not None:
+            digests = np.frombuffer(b"".join(blob_digest(b) for b in blobs), np.uint8).reshape(-1, DIGEST_BYTES)
+            if len(digests) != len(ids):
+                raise UserError("one blob per id")
+        return self.write(np.full(len(ids), OP_PUT, np.uint8), ids, codes, digests)
 
     def delete(self, ids: Iterable[int]) -> list[int]:
         """Tombstones: ``ids`` leave the ranking."""
@@ -276,22 +346,22 @@ class PageWriter:
                           np.zeros((len(ids), code_bytes(self.bits)), np.uint8))
 
 
-def delete_items(cloud: CloudClient, image_key: bytes, collection: str, bits: int, ids: Iterable[int],
-                 key_id: int = 1) -> int:
+def delete_items(cloud: CloudClient, image_keys: bytes | Mapping[int, bytes], collection: str, bits: int,
+                 ids: Iterable[int], key_id: int = 1, binding: str | None = None) -> int:
     """Delete items of a private-ranking collection: tombstones first (so no client ranks an id
     whose blob is gone), then the blobs. Returns the number of blobs the server deleted."""
     ids = [int(i) for i in ids]
-    PageWriter(cloud, image_key, collection, bits, key_id).delete(ids)
+    PageWriter(cloud, image_keys, collection, bits, key_id, binding).delete(ids)
     return cloud.delete(collection, ids)
 
 
 # --- the local cache of sealed pages ---------------------------------------------------------
-def default_cache_path(server: str, collection: str) -> Path:
-    """``$DLHEIR_HOME/page-cache/COLLECTION.<hash of the server address>.pages`` (the folder is
-    made, 0700, when the first page is cached)."""
+def default_cache_path(server: str, collection: str, uid: bytes = b"") -> Path:
+    """``$DLHEIR_HOME/page-cache/COLLECTION.<uid>.<hash of the server address>.pages`` (the folder
+    is made, 0700, when the first page is cached)."""
     paths.tokens_name(collection)  # a collection name that cannot be a file name stops here
     tag = hashlib.sha256(server.encode("utf-8")).hexdigest()[:16]
-    return paths.dlheir_home() / CACHE_DIR / f"{collection}.{tag}.pages"
+    return paths.dlheir_home() / CACHE_DIR / f"{collection}.{bytes(uid).hex() or 'nouid'}.{tag}.pages"
 
 
 class PageCache:
@@ -376,30 +446,69 @@ class LocalIndex:
 
     ``search`` answers exactly what the server's Search would (the same index class): per query
     the ids and distances of the top k by (distance, id). ``bits`` may be left out: the first
-    sync learns it (and the mode, ``private``) from the server's header."""
+    sync learns it (and the mode, ``private``) from the server's header. ``binding``: what pages
+    are bound to (``NAME#UIDHEX`` from the grant; default the name). ``rank=False`` only follows
+    and checks the pages (page count and chain value, for a writer) without building an index."""
 
     def __init__(self, cloud: CloudClient, collection: str, bits: int | None, image_keys: bytes | Mapping[int, bytes],
-                 cache: Path | str | None = None, key_id: int = 1) -> None:
+                 cache: Path | str | None = None, key_id: int = 1, binding: str | None = None,
+                 rank: bool = True) -> None:
         self.cloud, self.collection = cloud, collection
+        self.binding = binding or collection
         self.bits = validate_bits(bits) if bits is not None else None
-        self.keys = page_keyring(image_keys, collection, key_id)
+        self.keys = page_keyring(image_keys, self.binding, key_id)
         self.cache = PageCache(cache) if cache is not None else None
+        self.head_path = Path(str(cache) + ".head") if cache is not None else None
+        self.rank = rank
         self.private: bool | None = None  # known after the first sync
         self.model_fingerprint, self.image_size = "", 0  # the collection's model, from the sync header
         self.index = None
+        self.digests: dict[int, bytes] = {}  # id -> blob digest of its latest put record
         self.pages = 0  # pages applied
+        self.chain = chain_start(self.binding)  # the chain value after them
+        self.seen = self._load_head()  # (pages, chain value) the highest this client has seen
         self.last_sync: SyncReport | None = None
         self._loaded = False  # the cache is read by the first sync only
 
     def __len__(self) -> int:
         return len(self.index) if self.index is not None else 0
 
-    def _open_all(self, start: int, sealed_pages: list[bytes]) -> list[PageRecords]:
-        return [decode_records(open_page(self.keys, self.collection, start + i, s), self.bits)
-                for i, s in enumerate(sealed_pages)]
+    def _load_head(self) -> tuple[int, bytes]:
+        try:
+            doc = json.loads(self.head_path.read_text()) if self.head_path is not None else None
+            if isinstance(doc, dict) and doc.get("binding") == self.binding:
+                return int(doc["pages"]), bytes.fromhex(doc["chain"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return 0, chain_start(self.binding)
+
+    def _save_head(self) -> None:
+        if self.pages <= self.seen[0]:
+            return
+        self.seen = (self.pages, self.chain)
+        if self.head_path is not None:
+            from dlheir.client.crypto import replace_private
+
+            paths.make_private_dirs(self.head_path.parent, "the page cache folder")
+            replace_private(self.head_path, json.dumps({"binding": self.binding, "pages": self.pages,
+                                                        "chain": self.chain.hex()}).encode())
+
+    def _open_all(self, start: int, chain: bytes, sealed_pages: list[bytes]) -> tuple[list[PageRecords], bytes]:
+        """Open pages ``start``, ``start + 1``, ... following the chain from ``chain``; a page that
+        ends at the highest count seen must end at the chain value seen there (else: a fork)."""
+        out = []
+        for i, sealed in enumerate(sealed_pages):
+            out.append(decode_records(open_page(self.keys, self.binding, start + i, sealed, chain), self.bits))
+            chain = next_chain(chain, sealed)
+            if start + i + 1 == self.seen[0] and chain != self.seen[1]:
+                raise RollbackError(f"collection {self.collection!r}: the server's first {self.seen[0]} pages are not "
+                                    "the ones this client saw before (another history of the collection): refusing")
+        return out, chain
 
     def _apply(self, records: list[PageRecords]) -> None:
         """Apply records in page order: per id the last record wins (put: that code, delete: gone)."""
+        if not self.rank:
+            return
         if self.index is None:
             from dlheir.server.index import BinaryIndex
 
@@ -410,15 +519,34 @@ class LocalIndex:
         ops = np.concatenate([r.ops for r in records])
         ids = np.concatenate([r.ids for r in records])
         codes = np.concatenate([r.codes for r in records])
+        digests = np.concatenate([r.digests for r in records])
         _, first_from_end = np.unique(ids[::-1], return_index=True)
         last = len(ids) - 1 - first_from_end
         put = last[ops[last] == OP_PUT]
         # every id these records touch leaves the index first (replaced or deleted), atomically
         self.index.add(ids[put], codes[put], replace_ids=ids[last] if len(self.index) else None)
+        for i, op, d in zip(ids[last].tolist(), ops[last].tolist(), digests[last]):
+            if op == OP_PUT:
+                self.digests[i] = d.tobytes()
+            else:
+                self.digests.pop(i, None)
+
+    def check_blob(self, item_id: int, blob: bytes) -> None:
+        """PageAuthenticationError unless ``blob`` is the one the latest put record of ``item_id``
+        names (a record written without a blob binds none)."""
+        want = self.digests.get(int(item_id))
+        if want is None:
+            raise PageAuthenticationError(f"item {item_id} of {self.collection!r} is not in the collection's pages "
+                                          "(deleted, or never put): the server sent a blob for it anyway")
+        if any(want) and blob_digest(blob) != want:
+            raise PageAuthenticationError(f"item {item_id} of {self.collection!r}: the server sent a blob other than "
+                                          "the one the owner's page names (a replayed or substituted blob)")
 
     def _reset(self) -> None:
         self.index = None
+        self.digests = {}
         self.pages = 0
+        self.chain = chain_start(self.binding)
         if self.cache is not None:
             self.cache.reset()
 
@@ -433,7 +561,9 @@ class LocalIndex:
     def sync(self) -> SyncReport:
         """Fetch and apply the pages not seen yet; the first call also applies the cached pages
         (the server is then asked only for the pages after them). One round trip when nothing
-        is new. In a server-ranked collection it only learns the mode (``private`` False)."""
+        is new. In a server-ranked collection it only learns the mode (``private`` False).
+        :class:`RollbackError` when the server announces or sends fewer pages than this client
+        has seen, or pages of another history."""
         t0 = time.perf_counter()
         report = SyncReport()
         for attempt in range(2):
@@ -444,18 +574,23 @@ class LocalIndex:
             if not self.private:
                 self._loaded = True
                 break
-            if header.pages < start:  # fewer pages than this copy holds: a copy of another collection
-                self._reset()
-                self._loaded = True
-                continue
+            seen = max(start, self.seen[0])
+            if header.pages < seen:
+                raise RollbackError(f"collection {self.collection!r}: the server announces {header.pages} code pages, "
+                                    f"this client has seen {seen}: pages were withheld or rolled back (refusing)")
             new: list[bytes] = []
             for number, sealed in stream:
                 if number != start + len(new):
                     raise PageAuthenticationError(f"code page {number} arrived where page {start + len(new)} "
                                                   "was expected")
                 new.append(sealed)
+            if start + len(new) != header.pages:
+                raise RollbackError(f"collection {self.collection!r}: the server announced {header.pages} code pages "
+                                    f"and sent {start + len(new)}: pages were withheld (refusing)")
             try:  # every page authentic before any is applied or cached
-                records = self._open_all(self.pages, cached + new)
+                records, chain = self._open_all(self.pages, self.chain, cached + new)
+            except RollbackError:
+                raise
             except PageAuthenticationError:
                 if not cached or attempt:
                     raise
@@ -466,7 +601,8 @@ class LocalIndex:
                 self.cache.append(start, new)
             self._apply(records)
             self._loaded = True
-            self.pages = start + len(new)
+            self.pages, self.chain = start + len(new), chain
+            self._save_head()
             report.pages_cached, report.pages_fetched = len(cached), len(new)
             report.bytes_fetched = sum(len(s) for s in new)
             break
@@ -492,10 +628,22 @@ class LocalIndex:
 
 
 def open_local(cloud: CloudClient, grant, cache: Path | str | None | bool = True) -> LocalIndex | None:
-    """For ``grant``'s collection: a synced :class:`LocalIndex` if it is in private-ranking mode,
-    None if it is server-ranked. One round trip learns the mode and syncs (no CollectionStats,
-    whose cost grows with the collection). ``cache``: True for the default cache file under
+    """For ``grant``'s collection: a synced :class:`LocalIndex` if the grant says private-ranking
+    mode, None if it says server-ranked. The owner's signed grant decides the mode, never the
+    server: a server that reports another mode is refused with one line (a private query never
+    goes to a server-ranked Search). ``cache``: True for the default cache file under
     ``$DLHEIR_HOME/page-cache``, a path, or None/False for none."""
-    path = default_cache_path(cloud.address, grant.collection) if cache is True else (cache or None)
-    local = LocalIndex(cloud, grant.collection, grant.bits, grant_image_keys(grant), path)
-    return local if local.sync().private else None
+    private = getattr(grant, "private", None)
+    if private is False:
+        return None  # server-ranked: the server ranks; nothing to sync
+    binding = getattr(grant, "binding", None)
+    uid = getattr(grant, "uid", b"")
+    path = default_cache_path(cloud.address, grant.collection, uid) if cache is True else (cache or None)
+    local = LocalIndex(cloud, grant.collection, grant.bits, grant_image_keys(grant), path, binding=binding)
+    if not local.sync().private:
+        if private:
+            raise UserError(f"the server reports collection {grant.collection!r} as server-ranked, but the owner's "
+                            "grant says private-ranking mode: refusing to send the query's code to the server (a "
+                            "server that lies about the mode)")
+        return None
+    return local

@@ -62,6 +62,11 @@ def _read(source) -> bytes:
 START_HINT = "start it with 'dlheir triton start', or give --triton HOST:PORT"
 
 
+TRITON_CLEARTEXT_FIX = ("serve Triton with TLS ('dlheir triton start --tls-cert CERT --tls-key KEY') and give its CA "
+                        "(--triton-tls-ca, triton_tls_ca in the config file, or $DLHEIR_TRITON_TLS_CA), or run it on "
+                        "this machine; --insecure accepts images crossing the network in the clear")
+
+
 def connection_error(url: str, exc) -> UserError:
     """A failed first call to ``url`` -> one line: Triton not reachable (UNAVAILABLE), a gRPC
     server that is not Triton (UNIMPLEMENTED: e.g. the cloud server), or Triton's own message."""
@@ -88,13 +93,19 @@ class TritonHasher:
     """
 
     def __init__(self, url: str = "127.0.0.1:8001", batch_size: int = 16, max_in_flight: int = 4,
-                 model: str = PUBLIC_MODEL, pixel_model: str | None = None) -> None:
+                 model: str = PUBLIC_MODEL, pixel_model: str | None = None, tls_ca: str | None = None,
+                 insecure: bool = False) -> None:
         import tritonclient.grpc as grpcclient
 
+        from dlheir.client.cloud import check_cleartext
+
+        # Triton sees every plaintext image: never over a network in the clear unless asked to
+        check_cleartext(url, tls_ca, insecure, "Triton", TRITON_CLEARTEXT_FIX)
         self._grpc = grpcclient
         self.url, self.batch_size, self.max_in_flight = url, batch_size, max_in_flight
         self.model = model
-        self.client = grpcclient.InferenceServerClient(url)
+        self.client = (grpcclient.InferenceServerClient(url, ssl=True, root_certificates=str(tls_ca)) if tls_ca
+                       else grpcclient.InferenceServerClient(url))
         try:
             ready = self.client.is_model_ready(model)
         except grpcclient.InferenceServerException as exc:

@@ -51,6 +51,9 @@ def search_image(query, grant: Grant, cloud: CloudClient, hasher: TritonHasher, 
     mode): sync its new code pages and rank on this machine; the query's code never leaves it.
     Otherwise the server ranks the transformed code. Codes of a model other than the collection's
     are refused: by the server, or (private mode) here, before the query is hashed."""
+    if local is None and getattr(grant, "private", False):
+        raise UserError(f"the owner's grant says collection {grant.collection!r} is in private-ranking mode: the "
+                        "query is ranked on this machine, never sent to the server's Search")
     if local is not None:
         check_model(grant.collection, local, hasher.fingerprint)
     if grant.bits is not None and grant.bits != hasher.bits:
@@ -75,11 +78,14 @@ def search_image(query, grant: Grant, cloud: CloudClient, hasher: TritonHasher, 
     if local is not None:  # ask in id order: the server then learns which ids, not their rank order
         wanted = sorted(int(i) for i in wanted)
     blobs = {i: b for i, b, _ in cloud.fetch(grant.collection, wanted)}
+    binding = getattr(grant, "binding", grant.collection)
     hits = []
     for rank, (i, d) in enumerate(zip(ids, dists), start=1):
         name, image = ("", b"")
         if int(i) in blobs:
-            name, image = decrypt_image(grant.image_keys, blobs[int(i)], grant.collection, int(i))
+            if local is not None:  # the blob the owner's latest page names, not a replayed one
+                local.check_blob(int(i), blobs[int(i)])
+            name, image = decrypt_image(grant.image_keys, blobs[int(i)], binding, int(i))
         hits.append(Hit(rank, int(i), int(d), name, image))
     t3 = time.perf_counter()
     return hits, QueryTimings(t1 - t0, t2 - t1 - sync_s, t3 - t2, sync_s)

@@ -14,6 +14,7 @@ optional; an unknown key or a value of the wrong type is a one-line error naming
     user_key = "user.pem"             # default --user-key         env DLHEIR_USER_KEY
     grant = "grant.bin"               # default --grant            env DLHEIR_GRANT
     tls_ca = "ca.pem"                 # the server's CA (TLS)      env DLHEIR_TLS_CA
+    triton_tls_ca = "triton-ca.pem"   # Triton's CA (TLS)          env DLHEIR_TRITON_TLS_CA
     insecure = "false"                # "true": allow a non-loopback server without TLS (tokens in the
                                       # clear); flag --insecure    env DLHEIR_INSECURE
 
@@ -55,10 +56,11 @@ DEFAULTS: dict[str, Any] = {
     "user_key": None,  # None: paths.USER_KEY
     "grant": None,  # None: paths.GRANT
     "tls_ca": None,
+    "triton_tls_ca": None,  # Triton's CA: TLS to Triton (required for a non-loopback Triton unless insecure)
     "insecure": "false",  # "true" (1, yes, on): a non-loopback server without TLS is allowed (see client.cloud)
 }
 ENV: dict[str, str] = {key: f"DLHEIR_{key.upper()}" for key in DEFAULTS}
-PATH_KEYS = frozenset({"admin_token_file", "owner_key", "user_key", "grant", "tls_ca"})
+PATH_KEYS = frozenset({"admin_token_file", "owner_key", "user_key", "grant", "tls_ca", "triton_tls_ca"})
 BOOL_KEYS = frozenset({"insecure"})
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -257,9 +259,10 @@ def load(config_path: str | os.PathLike | None = None, env: Mapping[str, str] | 
             values[key], sources[key] = env[var], f"env {var}"
     if sources["insecure"].startswith("env"):  # a bad value is an error here, before any connection
         parse_bool("insecure", values["insecure"], f"${ENV['insecure']}")
-    if values["tls_ca"] is not None:  # checked here, where it is known where it came from, before any connection
-        where = f"${ENV['tls_ca']}" if sources["tls_ca"].startswith("env") else f"config file {path}"
-        read_tls_ca(values["tls_ca"], f"{where}: tls_ca")
+    for key in ("tls_ca", "triton_tls_ca"):  # checked here, where it is known where it came from, before any connection
+        if values[key] is not None:
+            where = f"${ENV[key]}" if sources[key].startswith("env") else f"config file {path}"
+            read_tls_ca(values[key], f"{where}: {key}")
     return Config(values, sources, path, env)
 
 

@@ -133,4 +133,4 @@ def rank(distances: "np.ndarray", ids: "np.ndarray") -> "np.ndarray":
 
 
 # --- private-ranking mode: sealed code pages -------------------------------------------
-PAGE_MAGIC, PAGE_VERSION = b"DLHS", 1
+PAGE_MAGIC, PAGE_VERSION = b"DLHS", 2  # version 1 (no hash chain, no blob digests) is refused

@@ -69,6 +69,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from dlheir.client.private import open_local
     from dlheir.client.triton import TritonHasher
     from dlheir.client.user import search_image
+    from dlheir.ids import keyed_path_id
     from dlheir.export import metrics
     from dlheir.export.checkpoint import load_checkpoint, read_checkpoint
     from dlheir.export.data import resolve_data, split_dataset
@@ -113,7 +114,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
     # 2. offline evaluation
     print("== 2. offline evaluation (PyTorch)")
-    offline = evaluate(ckpt, args.data, work / "eval.json")
+    collection, private_collection = "demo", "demo-private"
+    # KeyGen first: the key file records each collection's random uid and mode (their keys derive
+    # from them); item ids are keyed with the collection's id key (the server cannot compute them),
+    # and the offline ranking breaks ties by the same ids the server will hold
+    keys = OwnerKeys.generate().register(collection).register(private_collection, "private")
+    id_key = keys.for_collection(collection).id_key
+    offline = evaluate(ckpt, args.data, work / "eval.json", id_of=lambda rel: keyed_path_id(id_key, rel))
     root = resolve_data(args.data, cfg["image_size"])
     database, queries, class_names = split_dataset(root, seed=0)
 
@@ -145,26 +152,26 @@ def run_demo(args: argparse.Namespace) -> int:
               f"({time.perf_counter() - t0:.1f}s)")
 
         print("== 5. owner: KeyGen, collection, hashgen via Triton + EncImg + transform + upload")
-        keys = OwnerKeys.generate()
         keys.save(work / "owner.key")
-        collection = "demo"
+        # the private collection is given the same ids, so the two rankings compare id for id
+        ids = [keyed_path_id(id_key, r.relpath) for r in database]
         with CloudClient(cloud_proc.address) as admin, connect_triton() as hasher:
             model = model_binding(hasher)  # the collections record the served model: codes of another are refused
             owner_token, reader_token = create_collection(admin, collection, cloud_proc.admin_token, model)
         print(f"collection {collection!r} made for model {model.fingerprint} ({model.image_size} px, {model.bits} bits)")
         with CloudClient(cloud_proc.address, owner_token) as cloud, connect_triton() as hasher:
-            report = upload_images([(r.relpath, r.path) for r in database], keys, collection, cloud, hasher)
+            report = upload_images([(r.relpath, r.path) for r in database], keys, collection, cloud, hasher, ids=ids)
         print(f"uploaded {report.uploaded} images, {report.bytes_uploaded / 1e6:.2f} MB in {report.seconds:.1f}s "
               f"({report.images_per_s:.1f} images/s, {report.mb_per_s:.2f} MB/s)")
         summary["upload"] = {"images": report.uploaded, "mb": report.bytes_uploaded / 1e6,
                              "images_per_s": report.images_per_s, "mb_per_s": report.mb_per_s}
         # the same images in a second collection in private-ranking mode: no code on the server
-        private_collection = "demo-private"
         with CloudClient(cloud_proc.address) as admin:
             p_owner_token, p_reader_token = create_collection(admin, private_collection, cloud_proc.admin_token, model,
                                                               private=True)
         with CloudClient(cloud_proc.address, p_owner_token) as cloud, connect_triton() as hasher:
-            p_report = upload_images([(r.relpath, r.path) for r in database], keys, private_collection, cloud, hasher)
+            p_report = upload_images([(r.relpath, r.path) for r in database], keys, private_collection, cloud, hasher,
+                                     ids=ids)
         print(f"private-ranking collection {private_collection!r}: uploaded {p_report.uploaded} images, codes in "
               f"sealed pages only ({p_report.seconds:.1f}s)")
 
@@ -176,7 +183,7 @@ def run_demo(args: argparse.Namespace) -> int:
                                         cfg["bits"]), priv.read_bytes())
 
         print(f"== 7. search all {len(queries)} queries through Triton and the cloud server")
-        by_id = {r.id: r for r in database}
+        by_id = dict(zip(ids, database))
         with CloudClient(cloud_proc.address, grant.reader_token) as cloud, connect_triton() as hasher:
             # served ranking of the whole database for each query -> the same metrics as offline
             transform = CodeTransform(grant.transform_secret, hasher.bits)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 from typing import Sequence
 
 import numpy as np
@@ -168,8 +169,10 @@ def compute_codes(model: DLHEIR, images: np.ndarray | Sequence[Record | str | Pa
 
 
 def evaluate(checkpoint: Path | str, data: str | None = None, json_out: Path | str | None = None,
-             batch_size: int = 64) -> dict:
+             batch_size: int = 64, id_of: Callable[[str], int] | None = None) -> dict:
     """Offline retrieval evaluation: database = train split, queries = query split (same seed).
+    Equal distances are ordered by id: ``id_of(relative path)`` (default :func:`dlheir.ids.item_id`),
+    so that a served collection's ids (keyed ones) give the same order.
 
     ``data=None`` uses the data recorded in the checkpoint (``config["data"]``); a checkpoint that
     records none falls back to 'digits' with a one-line note.
@@ -195,7 +198,8 @@ def evaluate(checkpoint: Path | str, data: str | None = None, json_out: Path | s
     check_images(database + queries)
     _, db_codes = compute_codes(model, database, size, batch_size, desc="database")
     _, q_codes = compute_codes(model, queries, size, batch_size, desc="queries")
-    order, _ = metrics.rankings(q_codes, db_codes, np.array([r.id for r in database]))
+    ids = [r.id if id_of is None else id_of(r.relpath) for r in database]
+    order, _ = metrics.rankings(q_codes, db_codes, np.array(ids, dtype=np.int64))
     db_labels = np.array([r.label for r in database])
     rel = metrics.relevance(db_labels[order], np.array([r.label for r in queries]))
     result = {

@@ -7,6 +7,7 @@ tests/test_e2e.py. Everything else is real: the server subprocess, its store, th
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 
@@ -22,12 +23,14 @@ from dlheir.cli import main
 from dlheir.client import access
 from dlheir.client.cloud import CloudClient, CloudError
 from dlheir.client.crypto import (
-    BlobAuthenticationError, CodeTransform, OwnerKeys, apply_map, blob_key_id, decrypt_image, encrypt_image,
-    generate_user_keypair, open_grant, rekey_map,
+    BlobAuthenticationError, CodeTransform, GrantError, OwnerKeys, apply_map, blob_key_id, decrypt_image,
+    encrypt_image, generate_user_keypair, make_grant, open_grant, rekey_map,
 )
 from dlheir.client.owner import image_files, upload_images
 from dlheir.client.user import search_image
 from dlheir.codes import hamming, pack_bits
+from dlheir.errors import UserError
+from dlheir.ids import keyed_path_id
 from dlheir.server.testing import CloudServerProcess
 
 BITS = 48
@@ -77,7 +80,8 @@ def brute_force(raw_db: dict[int, np.ndarray], raw_queries: np.ndarray, k: int):
 
 
 def v1_blob(key: bytes, image: bytes, collection: str, item_id: int, name: str) -> bytes:
-    """A version-1 blob exactly as dlheir wrote them before key versions (crypto.py's documented layout)."""
+    """A version-1 blob exactly as dlheir wrote them before key versions (crypto.py's documented layout);
+    ``collection`` is what its associated data binds (a collection's ``binding`` since key format 3)."""
     aad = b"DLHB\x01" + struct.pack(">H", len(collection)) + collection.encode() + struct.pack(">Q", item_id)
     nonce = get_random_bytes(12)
     cipher = AES.new(key, AES.MODE_GCM, nonce=nonce)
@@ -86,15 +90,23 @@ def v1_blob(key: bytes, image: bytes, collection: str, item_id: int, name: str) 
     return b"DLHB\x01" + nonce + ct + tag
 
 
-def v1_grant(keys: OwnerKeys, public_pem: bytes, collection: str, token: str) -> bytes:
-    """A version-1 grant exactly as dlheir wrote them before per-user tokens."""
-    payload = json.dumps({"format": "dlheir-grant", "version": 1, "collection": collection, "reader_token": token,
-                          "image_key": __import__("base64").b64encode(keys.image_key).decode(),
-                          "transform_secret": __import__("base64").b64encode(keys.transform_secret).decode(),
-                          "server": None, "bits": BITS}).encode()
+def legacy_grant(version: int, image_key: bytes, transform_secret: bytes, public_pem: bytes, collection: str,
+                 token: str) -> bytes:
+    """A grant of format version 1 (before per-user tokens) or 2 (before signatures), exactly as dlheir
+    wrote them: unsigned, sealed for the user's RSA key like every grant."""
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    if version == 1:
+        doc = {"image_key": b64(image_key)}
+    else:
+        doc = {"user": "carol", "key_id": 1, "image_keys": {"1": b64(image_key)}}
+    doc = {"format": "dlheir-grant", "version": version, "collection": collection, "reader_token": token, **doc,
+           "transform_secret": b64(transform_secret), "server": None, "bits": BITS}
+    payload = json.dumps(doc).encode()
     session = get_random_bytes(32)
     wrapped = PKCS1_OAEP.new(RSA.import_key(public_pem), hashAlgo=SHA256).encrypt(session)
-    header = b"DLHG\x01" + struct.pack(">H", len(wrapped)) + wrapped
+    header = b"DLHG" + bytes([version]) + struct.pack(">H", len(wrapped)) + wrapped
     nonce = get_random_bytes(12)
     cipher = AES.new(session, AES.MODE_GCM, nonce=nonce)
     cipher.update(header)
@@ -142,17 +154,32 @@ def owner_client(w) -> CloudClient:
     return CloudClient(w["server"].address, w["tokens"]["owner_token"])
 
 
-def upload(w, files) -> None:
-    with owner_client(w) as owner:
-        report = upload_images(files, OwnerKeys.load(w["home"] / "owner.key"), COLLECTION, owner, w["hasher"],
+def upload(w, files, collection: str = COLLECTION, client: CloudClient | None = None) -> None:
+    with client or owner_client(w) as owner:
+        report = upload_images(files, OwnerKeys.load(w["home"] / "owner.key"), collection, owner, w["hasher"],
                                progress=False)
     assert report.uploaded == len(files) and not report.skipped
 
 
-def raw_db(w, files) -> dict[int, np.ndarray]:
-    from dlheir.ids import item_id
+def collection_keys(w, collection: str = COLLECTION):
+    """The collection's keys (newest version) as the owner's key file holds them."""
+    return OwnerKeys.load(w["home"] / "owner.key").for_collection(collection)
 
-    return {item_id(rel): w["raw"][w["data"][rel]] for rel, _ in files}
+
+def item_ids(w, collection: str = COLLECTION) -> dict[str, int]:
+    """Relative path -> the id upload_images gives it in ``collection`` (keyed with its id key)."""
+    id_key = collection_keys(w, collection).id_key
+    return {rel: keyed_path_id(id_key, rel) for rel, _ in w["files"]}
+
+
+def item_bytes(w, collection: str = COLLECTION) -> dict[int, bytes]:
+    """Item id in ``collection`` -> the image file's bytes."""
+    return {i: w["data"][rel] for rel, i in item_ids(w, collection).items()}
+
+
+def raw_db(w, files, collection: str = COLLECTION) -> dict[int, np.ndarray]:
+    ids = item_ids(w, collection)
+    return {ids[rel]: w["raw"][w["data"][rel]] for rel, _ in files}
 
 
 def grant_for(w, capsys, name: str, *extra, out_name: str | None = None) -> tuple:
@@ -174,8 +201,9 @@ def queries(w, n_random: int = 6) -> np.ndarray:
     return np.concatenate([np.stack(stored), rand])
 
 
-def served(client: CloudClient, transform: CodeTransform, raw_queries: np.ndarray, k: int):
-    return client.search(COLLECTION, transform.apply(raw_queries), k)
+def served(client: CloudClient, transform: CodeTransform, raw_queries: np.ndarray, k: int,
+           collection: str = COLLECTION):
+    return client.search(collection, transform.apply(raw_queries), k)
 
 
 def assert_same(results, expected) -> None:
@@ -194,7 +222,12 @@ def test_each_grant_carries_its_own_token_and_revoke_refuses_only_that_user(worl
     w = world
     alice, _ = grant_for(w, capsys, "alice")
     bob, _ = grant_for(w, capsys, "bob")
-    assert (alice.version, alice.user, bob.user) == (2, "alice", "bob")
+    assert (alice.version, alice.user, bob.user) == (3, "alice", "bob")
+    keys = OwnerKeys.load(w["home"] / "owner.key")
+    ck = keys.for_collection(COLLECTION)
+    for g in (alice, bob):  # signed by the owner, naming the collection's uid and mode (trusted over the server's)
+        assert (g.uid, g.mode, g.binding, g.owner_key) == (ck.uid, "server-ranked", ck.binding, keys.public_key)
+        assert (g.key_id, g.image_keys, g.transform_secret) == (1, {1: ck.image_key}, ck.transform_secret)
     assert len({alice.reader_token, bob.reader_token, w["tokens"]["reader_token"], w["tokens"]["owner_token"]}) == 4
     t = CodeTransform(alice.transform_secret, BITS)
     q = queries(w)
@@ -263,12 +296,22 @@ def test_each_grant_carries_its_own_token_and_revoke_refuses_only_that_user(worl
     assert code == 2 and "another public key" in err and not (w["home"] / "carol.grant").exists()
 
 
-def test_shared_token_and_version_1_grants_work_until_revoked(world, capsys):
+def test_shared_token_works_until_revoked_and_version_1_and_2_grants_are_refused(world, capsys):
     w = world
     keys = OwnerKeys.load(w["home"] / "owner.key")
+    ck = keys.for_collection(COLLECTION)
     pub, priv = w["people"]["carol"][1], w["people"]["carol"][0]
-    old = open_grant(v1_grant(keys, pub.read_bytes(), COLLECTION, w["tokens"]["reader_token"]), priv.read_bytes())
-    assert (old.version, old.user, old.key_id, set(old.image_keys)) == (1, None, 1, {1})
+    # grants of format 1 (shared token) and 2 (unsigned) no longer open, however valid: one line, no keys handed out
+    for version in (1, 2):
+        legacy = legacy_grant(version, ck.image_key, ck.transform_secret, pub.read_bytes(), COLLECTION,
+                              w["tokens"]["reader_token"])
+        with pytest.raises(GrantError, match=f"format version {version}") as info:
+            open_grant(legacy, priv.read_bytes())
+        assert "\n" not in str(info.value) and "ask the owner for a new grant" in str(info.value)
+    # the shared reader token, sealed in a grant of today's format, works until it is revoked
+    old = open_grant(make_grant(keys, pub.read_bytes(), COLLECTION, w["tokens"]["reader_token"], bits=BITS),
+                     priv.read_bytes())
+    assert (old.version, old.user, old.key_id, set(old.image_keys)) == (3, None, 1, {1})
     q = queries(w)
     with reader(w, old) as c:
         assert_same(served(c, CodeTransform(old.transform_secret, BITS), q, 5),
@@ -292,14 +335,13 @@ def test_rotation_keeps_every_item_and_exact_search_and_ends_old_grants(world, c
     assert cli(capsys, "owner", "revoke", "carol")[0] == 0  # revoked before: not re-granted
     # one item as a store from before key versions holds it: a version-1 blob
     legacy_rel, legacy_path = w["files"][5]
-    from dlheir.ids import item_id
-
-    legacy_id = item_id(legacy_rel)
     keys1 = OwnerKeys.load(w["home"] / "owner.key")
-    t1 = CodeTransform(keys1.transform_secret, BITS)
+    ck1 = keys1.for_collection(COLLECTION)
+    legacy_id = item_ids(w)[legacy_rel]
+    t1 = CodeTransform(ck1.transform_secret, BITS)
     code = t1.apply(w["raw"][w["data"][legacy_rel]][None, :])[0].tobytes()
     with owner_client(w) as owner:
-        list(owner.upload(COLLECTION, [(legacy_id, code, v1_blob(keys1.image_key, w["data"][legacy_rel], COLLECTION,
+        list(owner.upload(COLLECTION, [(legacy_id, code, v1_blob(ck1.image_key, w["data"][legacy_rel], ck1.binding,
                                                                  legacy_id, legacy_path.name), {})], replace=True))
     q = queries(w)
     db40 = raw_db(w, w["files"][:40])
@@ -317,10 +359,14 @@ def test_rotation_keeps_every_item_and_exact_search_and_ends_old_grants(world, c
     assert not (w["home"] / "grants" / COLLECTION / "carol.grant").exists()
     assert (new_path.stat().st_mode & 0o777) == 0o600
     keys = OwnerKeys.load(w["home"] / "owner.key")
-    assert keys.key_ids == [1, 2] and keys.at(1) == keys1 and keys.transform_secret != keys1.transform_secret
+    ck = keys.for_collection(COLLECTION)
+    assert keys.key_ids == [1, 2] and ck.key_id == 2 and (ck.uid, ck.mode) == (ck1.uid, ck1.mode)
+    assert (ck.at(1).image_key, ck.at(1).transform_secret) == (ck1.image_key, ck1.transform_secret)
+    assert ck.transform_secret != ck1.transform_secret and ck.image_key != ck1.image_key
     alice_new = open_grant(new_path.read_bytes(), w["people"]["alice"][0].read_bytes())
     assert (alice_new.key_id, sorted(alice_new.image_keys), alice_new.user) == (2, [1, 2], "alice")
-    assert alice_new.image_keys[1] == keys1.image_key and alice_new.image_key == keys.image_key
+    assert alice_new.image_keys[1] == ck1.image_key and alice_new.image_key == ck.image_key
+    assert alice_new.transform_secret == ck.transform_secret and alice_new.binding == ck1.binding
 
     # every old grant is refused, whatever the call
     for g in (alice, bob, carol):
@@ -340,9 +386,11 @@ def test_rotation_keeps_every_item_and_exact_search_and_ends_old_grants(world, c
         assert_same(served(c, t2, q, 12), expected)
         blobs = {i: b for i, b, _ in c.fetch(COLLECTION, sorted(db40))}
     assert len(blobs) == 40 and blob_key_id(blobs[legacy_id]) == 1 and blobs[legacy_id][4] == 1
-    by_id = {item_id(rel): w["data"][rel] for rel, _ in w["files"]}
+    by_id = item_bytes(w)
     for i, blob in blobs.items():
-        assert decrypt_image(alice_new.image_keys, blob, COLLECTION, i).data == by_id[i]
+        assert decrypt_image(alice_new.image_keys, blob, alice_new.binding, i).data == by_id[i]
+    with pytest.raises(BlobAuthenticationError, match="authentication failed"):  # bound to name and uid, not the name
+        decrypt_image(alice_new.image_keys, blobs[legacy_id], COLLECTION, legacy_id)
 
     # uploads after the rotation use key version 2; the search stays exact over old and new items
     upload(w, w["files"][40:])
@@ -354,9 +402,9 @@ def test_rotation_keeps_every_item_and_exact_search_and_ends_old_grants(world, c
         new_blobs = {i: b for i, b, _ in c.fetch(COLLECTION, new_ids)}
     assert {blob_key_id(b) for b in new_blobs.values()} == {2}
     for i, blob in new_blobs.items():
-        assert decrypt_image(alice_new.image_keys, blob, COLLECTION, i).data == by_id[i]
+        assert decrypt_image(alice_new.image_keys, blob, alice_new.binding, i).data == by_id[i]
         with pytest.raises(BlobAuthenticationError, match="key version 2"):
-            decrypt_image(alice.image_keys, blob, COLLECTION, i)  # an old grant's keys do not open new blobs
+            decrypt_image(alice.image_keys, blob, alice.binding, i)  # an old grant's keys do not open new blobs
     # with the user flow's own functions too (trapdoor -> search -> fetch -> decrypt)
     query_rel = w["files"][45][0]
     with reader(w, alice_new) as c:
@@ -398,10 +446,83 @@ def test_interrupted_rotation_leaves_a_consistent_state_and_can_be_run_again(wor
     assert g.key_id == 3 and sorted(g.image_keys) == [1, 2, 3]
     with reader(w, g) as c:
         assert_same(served(c, CodeTransform(g.transform_secret, BITS), q, 10), expected)
-    upload(w, w["files"][40:50])  # uploads pick the collection's key version (3), not just the newest
+    upload(w, w["files"][40:50])  # uploads use the collection's key version (3), as the server does
     with reader(w, g) as c:
         assert_same(served(c, CodeTransform(g.transform_secret, BITS), q, 10),
                     brute_force(raw_db(w, w["files"][:50]), q, 10))
+
+
+def test_two_collections_of_one_key_file_each_rotate_with_their_own_versions(world, capsys):
+    """One key file serves any number of collections and rotating one moves only its own key version (the
+    key file records each collection's newest); grants, codes, blobs and ids stay each collection's own."""
+    w = world
+    other = "albums"
+    assert cli(capsys, "owner", "create-collection", other, "--bits", BITS, "--server", w["server"].address,
+               "--admin-token-file", w["server"].data_dir / "admin.token")[0] == 0
+    other_owner = json.loads((w["home"] / f"{other}.tokens.json").read_text())["owner_token"]
+
+    def other_client() -> CloudClient:
+        return CloudClient(w["server"].address, other_owner)
+
+    upload(w, w["files"][:30], other, other_client())
+    grant_for(w, capsys, "alice")
+    grant_for(w, capsys, "alice", "--collection", other, out_name="alice-albums.grant")
+    keys1 = OwnerKeys.load(w["home"] / "owner.key")
+    p1, a1 = keys1.for_collection(COLLECTION), keys1.for_collection(other)
+    assert p1.uid != a1.uid and (p1.key_id, a1.key_id) == (1, 1)
+    assert len({p1.image_key, a1.image_key, p1.transform_secret, a1.transform_secret, p1.id_key, a1.id_key}) == 6
+    assert not set(item_ids(w).values()) & set(item_ids(w, other).values())  # the same files, other ids
+
+    code, out, err = cli(capsys, "owner", "rotate")  # the key file's default collection, photos
+    assert code == 0 and "key version 1 -> 2" in out, err
+    for n in (1, 2):  # then albums, twice: a key file rotated for one collection rotates others too
+        code, out, err = cli(capsys, "owner", "rotate", "--collection", other)
+        assert code == 0 and f"key version {n} -> {n + 1}" in out, err
+    doc = json.loads((w["home"] / "owner.key").read_text())
+    assert {name: e["key_id"] for name, e in doc["collections"].items()} == {COLLECTION: 2, other: 3}
+    keys = OwnerKeys.load(w["home"] / "owner.key")
+    pk, ak = keys.for_collection(COLLECTION), keys.for_collection(other)
+    assert (pk.uid, ak.uid, pk.key_id, ak.key_id, keys.key_ids) == (p1.uid, a1.uid, 2, 3, [1, 2])
+    assert (pk.at(1).image_key, ak.at(1).image_key) == (p1.image_key, a1.image_key)
+    assert (pk.id_key, ak.id_key) == (p1.id_key, a1.id_key)  # ids do not move with rotation
+    with owner_client(w) as c:
+        assert c.stats(COLLECTION).key_id == 2
+    with other_client() as c:
+        assert c.stats(other).key_id == 3
+    assert json.loads(cli(capsys, "owner", "grants", "--json")[1])["key_id"] == 2
+    assert json.loads(cli(capsys, "owner", "grants", "--collection", other, "--json")[1])["key_id"] == 3
+
+    alice_priv = w["people"]["alice"][0].read_bytes()
+    gp = open_grant((w["home"] / "grants" / COLLECTION / "alice.grant").read_bytes(), alice_priv)
+    ga = open_grant((w["home"] / "grants" / other / "alice.grant").read_bytes(), alice_priv)
+    assert (gp.collection, gp.key_id, gp.image_keys, gp.transform_secret, gp.binding) == \
+           (COLLECTION, 2, pk.image_keys(), pk.transform_secret, pk.binding)
+    assert (ga.collection, ga.key_id, ga.image_keys, ga.transform_secret, ga.binding) == \
+           (other, 3, ak.image_keys(), ak.transform_secret, ak.binding)
+    assert not set(gp.image_keys.values()) & set(ga.image_keys.values())
+
+    # each collection searches exactly with its own grant, before and after uploads made under its own version
+    q = queries(w)
+    upload(w, w["files"][40:45])
+    upload(w, w["files"][30:35], other, other_client())
+    for g, files in ((gp, w["files"][:45]), (ga, w["files"][:35])):
+        with reader(w, g) as c:
+            assert_same(served(c, CodeTransform(g.transform_secret, BITS), q, 12, g.collection),
+                        brute_force(raw_db(w, files, g.collection), q, 12))
+            ids = sorted(raw_db(w, files, g.collection))
+            blobs = {i: b for i, b, _ in c.fetch(g.collection, ids)}
+        assert len(blobs) == len(files)
+        by_id = item_bytes(w, g.collection)
+        new_ids = set(raw_db(w, files[-5:], g.collection))
+        assert {blob_key_id(b) for i, b in blobs.items() if i in new_ids} == {g.key_id}
+        assert {blob_key_id(b) for i, b in blobs.items() if i not in new_ids} == {1}
+        for i, blob in blobs.items():
+            assert decrypt_image(g.image_keys, blob, g.binding, i).data == by_id[i]
+        # the other collection's keys open none of them
+        foreign = ga if g is gp else gp
+        for i in (min(set(blobs) - new_ids), min(new_ids)):
+            with pytest.raises(BlobAuthenticationError):
+                decrypt_image(foreign.image_keys, blobs[i], g.binding, i)
 
 
 def test_rekey_codes_checks_its_input_and_caller(world, capsys):
@@ -439,28 +560,53 @@ def test_rekey_map_turns_codes_under_the_old_transform_into_codes_under_the_new(
     assert not np.array_equal(old.apply(raw), new.apply(raw))
 
 
-def test_key_file_keeps_every_version_and_old_formats_still_open(tmp_path, people):
-    keys = OwnerKeys.generate("c")
-    keys.save(tmp_path / "v1.key")
-    assert json.loads((tmp_path / "v1.key").read_text())["version"] == 1  # one key: still the version-1 format
-    rotated = keys.rotated().rotated()
-    rotated.save(tmp_path / "v2.key")
-    doc = json.loads((tmp_path / "v2.key").read_text())
-    assert doc["version"] == 2 and [k["id"] for k in doc["keys"]] == [1, 2, 3]
-    loaded = OwnerKeys.load(tmp_path / "v2.key")
-    assert loaded == rotated and loaded.at(1) == keys and loaded.at(2).image_keys().keys() == {1, 2}
-    with pytest.raises(Exception, match="no key version 7"):
-        loaded.at(7)
+def test_key_file_keeps_each_collections_version_and_old_formats_are_refused(tmp_path, people, monkeypatch, capsys):
+    keys = OwnerKeys.generate("c").register("c")
+    keys.save(tmp_path / "k1.key")
+    doc = json.loads((tmp_path / "k1.key").read_text())
+    assert (doc["version"], doc["collections"]["c"]["key_id"]) == (3, 1)
+    rotated = keys.rotated("c").rotated("c")
+    rotated.save(tmp_path / "k3.key")
+    doc = json.loads((tmp_path / "k3.key").read_text())
+    assert doc["version"] == 3 and doc["collections"]["c"]["key_id"] == 3  # the newest version is what is recorded
+    loaded = OwnerKeys.load(tmp_path / "k3.key")
+    ck = loaded.for_collection("c")
+    first = keys.for_collection("c")
+    assert loaded == rotated and ck.key_id == 3 and loaded.key_ids == [1, 2, 3]
+    assert (ck.at(1).image_key, ck.at(1).transform_secret) == (first.image_key, first.transform_secret)
+    assert ck.at(2).image_keys().keys() == {1, 2} and ck.image_keys().keys() == {1, 2, 3}
+    assert len({ck.at(v).image_key for v in (1, 2, 3)} | {ck.at(v).transform_secret for v in (1, 2, 3)}) == 6
+    with pytest.raises(UserError, match="not 7"):
+        ck.at(7)
+    with pytest.raises(UserError, match="no keys for collection 'd'"):
+        loaded.rotated("d")
     # blobs: version 1 (no key id) and version 2 of each key version decrypt from one keyring
-    ring = loaded.image_keys()
-    old = v1_blob(keys.image_key, b"old bytes", "c", 5, "old.png")
-    assert decrypt_image(ring, old, "c", 5) == ("old.png", b"old bytes")
-    assert decrypt_image(keys.image_key, old, "c", 5).data == b"old bytes"
+    ring = ck.image_keys()
+    old = v1_blob(first.image_key, b"old bytes", ck.binding, 5, "old.png")
+    assert decrypt_image(ring, old, ck.binding, 5) == ("old.png", b"old bytes")
+    assert decrypt_image(first.image_key, old, ck.binding, 5).data == b"old bytes"
     for v in (1, 2, 3):
-        blob = encrypt_image(ring[v], b"img %d" % v, "c", 9, key_id=v)
-        assert blob_key_id(blob) == v and decrypt_image(ring, blob, "c", 9).data == b"img %d" % v
+        blob = encrypt_image(ring[v], b"img %d" % v, ck.binding, 9, key_id=v)
+        assert blob_key_id(blob) == v and decrypt_image(ring, blob, ck.binding, 9).data == b"img %d" % v
     with pytest.raises(BlobAuthenticationError, match="authentication failed"):  # the key id is authenticated
-        blob = encrypt_image(ring[2], b"x", "c", 9, key_id=2)
-        decrypt_image(ring, blob[:5] + struct.pack(">I", 3) + blob[9:], "c", 9)
+        blob = encrypt_image(ring[2], b"x", ck.binding, 9, key_id=2)
+        decrypt_image(ring, blob[:5] + struct.pack(">I", 3) + blob[9:], ck.binding, 9)
+
+    # key files of format 1 (one key) and 2 (a keyring shared by every collection) are refused, in one line
+    # naming the migration: by the API and by every command that reads the key file
+    one = {"image_key": base64.b64encode(get_random_bytes(32)).decode(),
+           "transform_secret": base64.b64encode(get_random_bytes(32)).decode()}
+    monkeypatch.setenv("DLHEIR_HOME", str(tmp_path / "home"))
+    for version, body in ((1, one), (2, {"keys": [{"id": 1, **one}, {"id": 2, **one}]})):
+        old_file = tmp_path / f"format{version}.key"
+        old_file.write_text(json.dumps({"format": "dlheir-owner-key", "version": version, **body, "collection": "c"}))
+        old_file.chmod(0o600)
+        with pytest.raises(UserError, match=f"format version {version}") as info:
+            OwnerKeys.load(old_file)
+        assert "\n" not in str(info.value) and f"dlheir owner migrate-keys --key {old_file}" in str(info.value)
+        for argv in (["owner", "fingerprint"], ["owner", "grant", "--user-pub", people["alice"][1], "--collection", "c"]):
+            assert main([str(a) for a in (*argv, "--key", old_file)]) == 2
+            out, err = capsys.readouterr()
+            assert err.count("\n") == 1 and "dlheir owner migrate-keys" in err and "Traceback" not in out + err
     # access.default_label: the label a grant uses without --user
     assert access.default_label(people["alice"][1]) == "alice"

@@ -14,6 +14,7 @@ from dlheir import config
 from dlheir.cli import main
 from dlheir.client.api import to_json
 from dlheir.errors import UserError
+from dlheir.ids import content_id, keyed_content_id
 
 ENV_VARS = [*config.ENV.values(), config.CONFIG_ENV]
 
@@ -89,7 +90,9 @@ def test_collections_items_and_status_commands(setup, capsys):
     # items delete: by id and by file (the content rule gives the same id the upload gave)
     one, two = sorted(s["images"].rglob("*.png"))[:2]
     owner = dlheir.Owner()
-    [id_one] = owner.item_ids([one])
+    [id_one] = owner.item_ids([one], collection="photos")
+    id_key = owner.keys().for_collection("photos").id_key  # ids are keyed with the collection's id key
+    assert id_one == keyed_content_id(id_key, one.read_bytes()) != content_id(one.read_bytes())
     deleted = cli_json(capsys, "items", "delete", id_one, "--file", two, "--collection", "photos")
     assert deleted["deleted"] == 2
     assert cli_json(capsys, "collections", "describe", "photos")["items"] == n - 2
@@ -245,6 +248,7 @@ def test_without_the_admin_token_the_tokens_files_are_listed(setup, capsys):
     admin = s["cloud"].data_dir / "admin.token"
     (s["home"] / "config.toml").write_text(f'server = "{s["cloud"].address}"\ntriton = "{s["triton"].grpc_url}"\n')
     owner = dlheir.Owner()
+    owner.init_keys()  # creating a collection records its keys in the owner key file
     owner.create_collection("mine", bits=48, admin_token_file=admin)  # a raw-code collection, no Triton asked
     owner.create_collection("other", bits=48, admin_token_file=admin, tokens_out=s["home"].parent / "other.json")
     assert [c["name"] for c in cli_json(capsys, "collections", "list")] == ["mine"]  # the tokens file held here
@@ -296,5 +300,46 @@ def test_items_delete_by_path_outside_root_is_one_line(tmp_path, monkeypatch, ca
     (tmp_path / "root").mkdir()
     outside = tmp_path / "elsewhere.png"
     outside.write_bytes(b"x")
-    with pytest.raises(UserError, match="is not inside --root"):
-        dlheir.Owner().item_ids([outside], id_from="path", root=tmp_path / "root")
+    owner = dlheir.Owner()
+    owner.init_keys()
+    owner.keys().register("photos").replace_file(owner.key_path)  # path ids are keyed with the collection's id key
+    with pytest.raises(UserError, match="is not inside --root") as info:
+        owner.item_ids([outside], id_from="path", root=tmp_path / "root", collection="photos")
+    assert "\n" not in str(info.value)
+
+
+def test_a_revoked_user_and_a_second_grant_are_told_what_to_do(setup, capsys):
+    s = setup
+    owner = dlheir.Owner()
+    owner.init_keys()
+    owner.create_collection("own", bits=48)
+    owner.upload(s["images"], "own", progress=False)
+    dlheir.User.keygen()
+    owner.grant(s["home"] / "user.pub.pem", "own", user="me")
+    code, _, err = cli(capsys, "owner", "grant", "--user-pub", s["home"] / "user.pub.pem", "--collection", "own",
+                       "--user", "me2")
+    assert code != 0 and "already exists" in err and "--out" in err and len(err.strip().splitlines()) == 1
+    query = next(s["images"].glob("2/*.png"))
+    assert cli(capsys, "user", "search", query, "-k", 1)[0] == 0
+    owner.revoke("me", "own")
+    code, out, err = cli(capsys, "user", "search", query, "-k", 1)
+    assert code != 0 and "Traceback" not in out + err and len(err.strip().splitlines()) == 1
+    assert "refused this grant's reader token" in err and "ask the owner for a new grant" in err
+
+
+def test_grant_without_user_pub_takes_this_machines_key_or_says_what_to_give(tmp_path, monkeypatch, capsys):
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("DLHEIR_HOME", str(home))
+    code, out, err = cli(capsys, "owner", "grant", "--user", "me", "--collection", "c")
+    assert code != 0 and "--user-pub" in err and str(home / "user.pub.pem") in err and len(err.strip().splitlines()) == 1
+    assert cli(capsys, "user", "keygen")[0] == 0
+    from dlheir.client.crypto import OwnerKeys
+
+    OwnerKeys.generate().register("c").save(home / "owner.key")
+    monkeypatch.setenv("DLHEIR_READER_TOKEN", "offline-token")  # offline: no server needed
+    code, out, err = cli(capsys, "owner", "grant", "--user", "me", "--collection", "c")
+    assert code == 0, err
+    assert str(home / "user.pub.pem") in out and (home / "grant.bin").is_file()

@@ -67,16 +67,22 @@ def test_triton_client_against_the_cloud_servers_port_says_it_is_not_triton(clou
     assert "dlheir triton start" in message
 
 
-def test_cli_prints_one_line_naming_the_address(tmp_path, capsys):
+def test_cli_prints_one_line_naming_the_address(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DLHEIR_HOME", str(tmp_path / "home"))  # never the real ~/.config/dlheir
+    key = tmp_path / "owner.key"  # create-collection records the collection in the owner key file: it needs one
+    assert main(["owner", "init", "--out", str(key)]) == 0
+    capsys.readouterr()
+    before = key.read_bytes()
     token_file = tmp_path / "admin.token"
     token_file.write_text("admin-token\n")
     os.chmod(token_file, 0o600)
     address = f"127.0.0.1:{free_port()}"
     code = main(["owner", "create-collection", "x", "--bits", "48", "--server", address, "--admin-token-file",
-                 str(token_file), "--out", str(tmp_path / "x.tokens.json")])
+                 str(token_file), "--key", str(key), "--out", str(tmp_path / "x.tokens.json")])
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"dlheir: error: cannot reach the dlheir cloud server at {address} (connection refused)")
     assert "dlheir server start" in err
     assert not (tmp_path / "x.tokens.json").exists()
+    assert key.read_bytes() == before  # no collection the server never created is recorded in the key file

@@ -113,7 +113,10 @@ def test_keys_tokens_and_grants_go_to_the_home_folder_without_path_flags(home, c
     tokens = json.loads((home / "photos.tokens.json").read_text())
     assert (grant.collection, grant.user, grant.server, grant.bits) == ("photos", "user", cloud_server.address, 48)
     assert grant.reader_token not in (tokens["reader_token"], tokens["owner_token"])  # the user's own token
-    assert grant.image_key == OwnerKeys.load(home / "owner.key").image_key
+    # create-collection registered the collection (uid, mode) in the home's key file; the grant carries its keys
+    keys = OwnerKeys.load(home / "owner.key").for_collection("photos")
+    assert (grant.image_key, grant.transform_secret, grant.uid, grant.mode) == \
+        (keys.image_key, keys.transform_secret, keys.uid, "server-ranked")
     # the user's public key is kept (for 'owner rotate') in a 0700 folder of the home
     kept = home / "readers" / "photos" / "user.pub.pem"
     assert kept.read_bytes() == (home / "user.pub.pem").read_bytes()
@@ -144,7 +147,7 @@ def test_a_bad_collection_name_never_becomes_a_path(home, capsys):
 def test_user_private_key_others_can_access_is_refused_with_one_line(home, pair, tmp_path, capsys, mode):
     private, public = pair
     grant = tmp_path / "g.bin"
-    grant.write_bytes(make_grant(OwnerKeys.generate(), public.read_bytes(), "c", "t"))
+    grant.write_bytes(make_grant(OwnerKeys.generate().register("c"), public.read_bytes(), "c", "t"))
     (tmp_path / "q.png").write_bytes(b"query")
     loose = loose_copy(private, tmp_path / "user.pem", mode)
     code, _, err = run_cli(capsys, "user", "search", tmp_path / "q.png", "--grant", grant, "--user-key", loose,
@@ -157,7 +160,7 @@ def test_user_private_key_others_can_access_is_refused_with_one_line(home, pair,
 def test_tokens_admin_token_and_owner_key_others_can_read_are_refused(home, pair, tmp_path, capsys):
     _, public = pair
     key = tmp_path / "o.key"
-    OwnerKeys.generate("photos").save(key)
+    OwnerKeys.generate("photos").register("photos").save(key)  # a key file that could grant photos
     tokens = tmp_path / "photos.tokens.json"
     tokens.write_text(json.dumps({"owner_token": "own", "reader_token": "rd"}))
     os.chmod(tokens, 0o644)
@@ -193,7 +196,7 @@ def _private_forms(private_pem):
 def test_private_key_given_as_user_pub_is_refused_and_never_sealed(home, pair, tmp_path, capsys, monkeypatch):
     private, _ = pair
     key = tmp_path / "o.key"
-    OwnerKeys.generate("photos").save(key)
+    OwnerKeys.generate("photos").register("photos").save(key)  # a key file that could grant photos
     sealed = []
     real_make_grant = crypto.make_grant
     monkeypatch.setattr(crypto, "make_grant", lambda *a, **kw: sealed.append(a) or real_make_grant(*a, **kw))
@@ -207,9 +210,12 @@ def test_private_key_given_as_user_pub_is_refused_and_never_sealed(home, pair, t
         one_line_error(code, err, wrong, "is a private key")
         assert not out.exists() and not (home / "grant.bin").exists() and not sealed
     # the library refuses it too, whatever reaches it
-    for pem in _private_forms(private.read_bytes()).values():
-        with pytest.raises(UserError):
-            real_make_grant(OwnerKeys.generate(), pem, "c", "t")
+    # (with the collection registered, so that it is the key, not a missing collection, that stops it)
+    keys = OwnerKeys.generate().register("c")
+    for form, pem in _private_forms(private.read_bytes()).items():
+        with pytest.raises(UserError, match="private key, not a public one|not an RSA public key"):
+            real_make_grant(keys, pem, "c", "t")
+            pytest.fail(f"{form} was sealed")
     with pytest.raises(UserError, match="private key, not a public one"):
         crypto.read_public_key_file(private)
 
@@ -217,7 +223,7 @@ def test_private_key_given_as_user_pub_is_refused_and_never_sealed(home, pair, t
 def test_public_key_given_as_user_key_is_refused(home, pair, tmp_path, capsys):
     private, public = pair
     grant = tmp_path / "g.bin"
-    grant.write_bytes(make_grant(OwnerKeys.generate(), public.read_bytes(), "c", "t"))
+    grant.write_bytes(make_grant(OwnerKeys.generate().register("c"), public.read_bytes(), "c", "t"))
     (tmp_path / "q.png").write_bytes(b"query")
     code, _, err = run_cli(capsys, "user", "search", tmp_path / "q.png", "--grant", grant, "--user-key", public,
                            "--triton", "127.0.0.1:1", "--server", "127.0.0.1:1")

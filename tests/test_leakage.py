@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 from dlheir.benchmarks.leakage import (
-    known_pair_attack, pairs_needed, predict, prediction_scores, statistics_attack, synthetic_codes,
+    confirm_guess_attack, known_pair_attack, membership_scores, pairs_needed, predict, prediction_scores,
+    statistics_attack, synthetic_codes, tie_break_attack, tie_break_pairs_needed,
 )
 from dlheir.cli import main
 from dlheir.client.crypto import CodeTransform
 from dlheir.codes import pack_bits, unpack_bits
+from dlheir.ids import content_id, keyed_content_id
 
 
 def stored_of(raw_bits: np.ndarray, transform: CodeTransform) -> np.ndarray:
@@ -110,12 +112,85 @@ def test_statistics_attack_recovers_independent_bits_with_distinct_frequencies()
     np.testing.assert_array_equal(guess.mask, transform.mask)
 
 
+def test_tie_break_recovers_the_secret_transform_from_fewer_pairs_than_known_pairs_alone():
+    """Clustered codes: the pairs alone leave ties for many pairs; the stored codes' bit statistics
+    (un-masked through the first pair) break them. Never worse: always consistent with the pairs,
+    the same guess once the pairs determine T, and no fewer held-out codes predicted."""
+    bits = 48
+    raw, public = synthetic_codes(bits, 1200, 400, clusters=10, flip=0.1, seed=0)
+    transform = CodeTransform(os.urandom(32), bits)  # nothing below is told this secret
+    stored = stored_of(raw, transform)
+    pool, held = slice(0, 1000), slice(1000, None)
+
+    plain_needed, _ = pairs_needed(raw[pool], stored[pool], raw[held], stored[held])
+    needed = tie_break_pairs_needed(raw[pool], stored[pool], stored, public, transform.perm, transform.mask,
+                                    limit=plain_needed)
+
+    assert plain_needed is not None and needed is not None
+    assert needed < plain_needed
+    guess = tie_break_attack(raw[:needed], stored[:needed], stored, public)
+    np.testing.assert_array_equal(guess.perm, transform.perm)
+    np.testing.assert_array_equal(guess.mask, transform.mask)
+    assert not known_pair_attack(raw[:needed], stored[:needed]).exact  # the pairs alone do not pin T down yet
+    assert prediction_scores(guess, raw[held], stored[held]) == (1.0, 1.0)
+    for n in range(1, plain_needed + 1):
+        plain = known_pair_attack(raw[:n], stored[:n])
+        better = tie_break_attack(raw[:n], stored[:n], stored, public)
+        np.testing.assert_array_equal(predict(better, raw[:n]), stored[:n])
+        np.testing.assert_array_equal(better.candidates, plain.candidates)
+        if plain.exact:
+            np.testing.assert_array_equal(better.perm, plain.perm)
+        assert prediction_scores(better, raw[held], stored[held])[0] >= prediction_scores(plain, raw[held],
+                                                                                          stored[held])[0]
+
+
+def test_tie_break_with_one_pair_recovers_skewed_independent_bits():
+    """One pair leaves every position tied (and fixes the mask candidates); distinct bit frequencies
+    then give the permutation. The known-pair attack alone cannot."""
+    bits = 12
+    rng = np.random.default_rng(11)
+    p = rng.permutation(np.linspace(0.04, 0.37, bits))
+    draw = lambda n: (rng.random((n, bits)) < p).astype(np.uint8)
+    transform = CodeTransform(os.urandom(32), bits)
+    raw = draw(20000)
+    stored = stored_of(raw, transform)
+
+    guess = tie_break_attack(raw[:1], stored[:1], stored, draw(20000))
+
+    assert not known_pair_attack(raw[:1], stored[:1]).exact
+    np.testing.assert_array_equal(guess.perm, transform.perm)
+    np.testing.assert_array_equal(guess.mask, transform.mask)
+
+
+def test_confirm_a_guess_works_on_unkeyed_ids_and_not_on_keyed_ids():
+    """Random byte strings stand in for image files; a random half is uploaded."""
+    rng = np.random.default_rng(5)
+    files = [os.urandom(int(n)) for n in rng.integers(50, 500, 400)]
+    uploaded = np.zeros(len(files), bool)
+    uploaded[rng.permutation(len(files))[:200]] = True
+    id_key, attacker_key = os.urandom(32), os.urandom(32)
+
+    unkeyed = {content_id(f) for f, up in zip(files, uploaded) if up}
+    scores = membership_scores(confirm_guess_attack(unkeyed, files, guessed_keys=(attacker_key,)), uploaded)
+    assert scores["accuracy"] == 1.0
+    assert scores["true_positive_rate"] == 1.0 and scores["false_positive_rate"] == 0.0
+
+    keyed = {keyed_content_id(id_key, f) for f, up in zip(files, uploaded) if up}
+    said = confirm_guess_attack(keyed, files, guessed_keys=(attacker_key,))
+    scores = membership_scores(said, uploaded)
+    assert scores["true_positives"] == 0 and not said.any()
+    assert scores["accuracy"] == 0.5  # chance: the attacker says "not stored" to everything
+    # the same attack with the owner's key would confirm every upload: the key is what stops it
+    assert membership_scores(confirm_guess_attack(keyed, files, guessed_keys=(id_key,)), uploaded)["accuracy"] == 1.0
+
+
 def test_cli_bench_leakage_synthetic_writes_json_and_png(tmp_path, capsys):
     rc = main(["bench", "leakage", "--synthetic", "--bits", "48", "--items", "300", "--public", "100",
                "--trials", "2", "--known", "0,1,20,100", "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0
     assert "known pairs" in out and "pairs to recover T exactly" in out
+    assert "+ statistics" in out and "confirm-a-guess" in out
     doc = json.loads((tmp_path / "bench_leakage.json").read_text())
     (result,) = [r["result"] for r in doc["runs"]]
     assert result["bits"] == 48 and result["trials"] == 2
@@ -123,6 +198,13 @@ def test_cli_bench_leakage_synthetic_writes_json_and_png(tmp_path, capsys):
     assert result["known_pairs"][0]["codes_exact_median"] == 0.0
     assert result["known_pairs"][-1]["codes_exact_median"] == 1.0
     assert len(result["pairs_to_recover_transform"]["values"]) == 2
+    assert len(result["tie_break_pairs_to_recover_transform"]["values"]) == 2
+    for p in result["known_pairs"]:  # the tie-break recovers T whenever the pairs alone do
+        assert p["tie_break_transform_exact_trials"] >= p["transform_exact_trials"]
+    assert result["known_pairs"][-1]["tie_break_transform_exact_trials"] == 2
+    unkeyed, keyed = doc["confirm_guess"]
+    assert unkeyed["ids"].startswith("content_id") and unkeyed["accuracy"] == 1.0
+    assert keyed["ids"].startswith("keyed_content_id") and keyed["true_positives"] == 0
     png = tmp_path / "bench_leakage.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -177,7 +177,8 @@ def test_search_after_another_model_is_installed_is_refused_not_answered(tmp_pat
                       state_dir=tmp_path / "triton")
     files = image_files(digits_small)
     query = next(digits_small.glob("1/*.png"))
-    keys = OwnerKeys.generate()
+    # the key file records each collection (uid, mode) before its keys exist
+    keys = OwnerKeys.generate().register("photos").register("sealed", "private")
     alice, alice_pub = generate_user_keypair(tmp_path / "alice.pem")
     tokens, grants = {}, {}
 

@@ -27,12 +27,12 @@ import grpc
 from dlheir.client.access import FAULT_ENV, PendingRotation
 from dlheir.client.cloud import CloudClient, CloudError
 from dlheir.client.crypto import CodeTransform, OwnerKeys, decrypt_image, open_grant
-from dlheir.ids import item_id
 from dlheir.server.testing import CloudServerProcess
 
 import test_access
 from test_access import (
-    BITS, COLLECTION, assert_same, brute_force, cli, grant_for, owner_client, queries, raw_db, reader, served, status_of,
+    BITS, COLLECTION, assert_same, brute_force, cli, collection_keys, grant_for, item_bytes, owner_client, queries, raw_db,
+    reader, served, status_of,
 )
 
 people, world = test_access.people, test_access.world  # test_access.py's fixtures: the owner's world
@@ -77,15 +77,16 @@ def assert_refused(w, *grants) -> None:
 def assert_works(w, g, key_id: int) -> None:
     """``g`` (an opened grant) is at ``key_id``, searches exactly, fetches and decrypts its hits."""
     assert g.key_id == key_id and sorted(g.image_keys) == list(range(1, key_id + 1))
+    assert g.image_keys == collection_keys(w).at(key_id).image_keys()  # the key file's keys of that version
     q = queries(w)
     expected = brute_force(raw_db(w, w["files"][:40]), q, 10)
-    by_id = {item_id(rel): w["data"][rel] for rel, _ in w["files"]}
+    by_id = item_bytes(w)
     with reader(w, g) as c:
         assert_same(served(c, CodeTransform(g.transform_secret, BITS), q, 10), expected)
         blobs = list(c.fetch(COLLECTION, expected[0][0][:3]))
     assert len(blobs) == 3
     for i, blob, _ in blobs:
-        assert decrypt_image(g.image_keys, blob, COLLECTION, i).data == by_id[i]
+        assert decrypt_image(g.image_keys, blob, g.binding, i).data == by_id[i]
 
 
 def killed(result: subprocess.CompletedProcess) -> None:
@@ -197,7 +198,7 @@ def test_resume_without_a_pending_rotation_and_records_that_cannot_be_finished(w
     # a record the server's key version matches neither end of: one line, nothing changed
     key_file = w["home"] / "owner.key"
     original = key_file.read_bytes()
-    OwnerKeys.load(key_file).rotated().rotated().replace_file(key_file)
+    OwnerKeys.load(key_file).rotated(COLLECTION).rotated(COLLECTION).replace_file(key_file)
     PendingRotation(COLLECTION, 2, 3, ["alice"], [], [], None, str(key_file)).save()
     code, out, err = cli(capsys, "owner", "rotate")
     assert code == 2 and err.count("\n") == 1 and "cannot finish the interrupted rotation" in err

@@ -166,7 +166,7 @@ def offline_grant(tmp_path):
     home = tmp_path / "h"
     (home / "keys").mkdir(parents=True)
     key = tmp_path / "o.key"
-    OwnerKeys.generate("photos").save(key)
+    OwnerKeys.generate("photos").register("photos").save(key)  # photos registered, as create-collection does
     private, public = generate_user_keypair(tmp_path / "alice.pem")
     return _env(home), key, public, private
 

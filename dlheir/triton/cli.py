@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--tls-cert", default=None, help="PEM certificate: serve gRPC over TLS only (HTTP is then off); "
+                                                    "clients give its CA with --triton-tls-ca")
+    p.add_argument("--tls-key", default=None, help="the certificate's PEM private key (with --tls-cert)")
     p.set_defaults(func=_start)
     p = tsub.add_parser("prepare", help="generate the model repository for a backend without starting Triton",
                         description="Writes the repository (e.g. for NVIDIA's Triton container on a GPU host) "
@@ -112,7 +115,7 @@ def _start(args: argparse.Namespace) -> int:
         repo = _generate(args, default_repository())
     print(repo.describe())
     server = TritonServer(repo.path, args.host, args.grpc_port, args.http_port, args.metrics_port,
-                          models=repo.models)
+                          models=repo.models, tls_cert=args.tls_cert, tls_key=args.tls_key)
     server.start(detach=True)  # refuses a backend this host's tritonserver lacks (launcher.missing_backend)
     pid_file.write_text(json.dumps({"pid": server.process.pid, "grpc": server.grpc_url, "backend": repo.backend,
                                     "repository": str(Path(repo.path).resolve())}))

@@ -105,6 +105,8 @@ class TritonServer:
     models: tuple[str, ...] | None = None
     startup_timeout: float = 180.0
     log_path: Path | None = None
+    tls_cert: Path | str | None = None  # with tls_key: gRPC over TLS only (HTTP, which has no TLS, is off)
+    tls_key: Path | str | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -123,6 +125,11 @@ class TritonServer:
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0",
         ]
+        if self.tls_cert or self.tls_key:
+            if not (self.tls_cert and self.tls_key and Path(self.tls_cert).is_file() and Path(self.tls_key).is_file()):
+                raise UserError("Triton TLS needs both --tls-cert and --tls-key, existing PEM files")
+            cmd += ["--grpc-use-ssl=true", f"--grpc-server-cert={Path(self.tls_cert).resolve()}",
+                    f"--grpc-server-key={Path(self.tls_key).resolve()}", "--allow-http=false"]
         return cmd
 
     def start(self, detach: bool = False) -> "TritonServer":
@@ -168,7 +175,8 @@ class TritonServer:
         import tritonclient.grpc as grpcclient
 
         deadline = time.monotonic() + self.startup_timeout
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+        client = (grpcclient.InferenceServerClient(self.grpc_url, ssl=True, root_certificates=str(self.tls_cert))
+                  if self.tls_cert else grpcclient.InferenceServerClient(self.grpc_url))
         try:
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
