@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[train,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -74,3 +74,9 @@ engines:
 	echo "make engines: installing$$missing"; \
 	apt-get update -qq && \
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing
+
+# Size and time of the base install (serve and query, no torch) and the full one ('.[train]'), each
+# into a fresh virtualenv: prints a table, writes results/install_sizes.json.
+.PHONY: install-sizes
+install-sizes:
+	python3 benchmarks/install_sizes.py

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from dlheir.contract import PUBLIC_MODEL
+from dlheir.extras import needs
 
 # Table 3, DLHEIR 48 bits, units not stated in the paper; Figure 6 (ms) as printed.
 PAPER_RETRIEVAL_48 = {2000: 0.58, 4000: 0.742, 6000: 0.908, 8000: 1.073, 10000: 1.249}
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", default="results/bench_e2e",
                    help="where bench_e2e.json and .png go (default results/bench_e2e/)")
     p.set_defaults(func=run)
+    needs(p, "train")
 
 
 def plot(size: int, trap: dict, extraction: list[dict], retrieval: list[dict], path: Path) -> Path:

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dlheir.contract import CODE, IMAGE, IMAGE_BYTES, PUBLIC_MODEL
+from dlheir.extras import needs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", default="results/bench_hash",
                    help="where bench_hash.json and .png go (default results/bench_hash/)")
     p.set_defaults(func=run)
+    needs(p, "train")
 
 
 def _triton_run(client_url: str, images: list[bytes], batch: int, concurrency: int, model: str = PUBLIC_MODEL) -> dict:

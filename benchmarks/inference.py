@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from dlheir.contract import IMAGE
+from dlheir.extras import needs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", default="results/bench_inference",
                    help="where bench_inference.json and .png go (default results/bench_inference/)")
     p.set_defaults(func=run)
+    needs(p, "train")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -259,6 +259,10 @@ def digits_png_files() -> list[bytes]:
     import io
 
     from PIL import Image
+
+    from dlheir.extras import require
+
+    require("train", "the confirm-a-guess attack (scikit-learn's digits)")
     from sklearn.datasets import load_digits
 
     files = []
@@ -332,6 +336,9 @@ def model_codes(checkpoint: str) -> tuple[np.ndarray, np.ndarray, dict]:
     if not Path(checkpoint).is_file():
         raise UserError(f"no checkpoint at {checkpoint}: run 'make demo' to train one, give --checkpoint PATH, "
                         "or use --synthetic")
+    from dlheir.extras import require
+
+    require("train", f"'dlheir bench leakage --checkpoint {checkpoint}' (use --synthetic without it)")
     from dlheir.export.checkpoint import load_checkpoint
     from dlheir.export.data import resolve_data, split_dataset
     from dlheir.export.train import compute_codes

@@ -24,6 +24,7 @@ from typing import Callable
 
 from dlheir.contract import CODE, IMAGE
 from dlheir.errors import UserError
+from dlheir.extras import needs
 
 OUT_DIR = "results/check_gpu"
 NO_GPU = ("no CUDA GPU visible here (torch.cuda.is_available() is False); "
@@ -54,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--triton-model", default="dlheir_trt", help="that Triton's TensorRT model (default dlheir_trt)")
     g.add_argument("--out-dir", default=OUT_DIR, help=f"check_gpu.json, check_gpu.png, engines (default {OUT_DIR}/)")
     g.set_defaults(func=run)
+    needs(g, "train")
 
 
 def cuda_available() -> bool:

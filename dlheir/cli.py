@@ -74,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "--help"])
         return 2
     try:
+        if getattr(args, "needs_extra", None):
+            from dlheir import extras
+
+            extras.require(args.needs_extra, f"'{args.needs_what}'")
         code = args.func(args)
         sys.stdout.flush()  # a reader gone early (``| head``) shows here, not at interpreter exit
     except BrokenPipeError:

@@ -88,6 +88,16 @@ def signature_from_shapes(shapes: Mapping[str, Sequence[int]]) -> tuple[int, int
     return int(image[0]), validate_bits(int(probs[0]))
 
 
+def onnx_signature(path: "str | os.PathLike") -> tuple[int, int]:
+    """(image size S, bits N) read from an exported ONNX graph's static shapes (onnx, not torch:
+    Triton's host reads it without the training extra)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
+    return signature_from_shapes(dims)
+
+
 # --- model identity -------------------------------------------------------------------
 FINGERPRINT_PARAM = "fingerprint"  # Triton config parameter naming the network's fingerprint
 IMAGE_SIZE_PARAM = "image_size"  # Triton config parameter: S, on models whose inputs do not show it

@@ -20,6 +20,7 @@ from dlheir.contract import PUBLIC_MODEL
 from dlheir.errors import UserError
 
 from dlheir.export.defaults import DIGITS_DEMO as DIGITS_DEFAULTS, PAPER as PAPER_DEFAULTS  # noqa: E402
+from dlheir.extras import needs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"Triton model the demo calls (default {PUBLIC_MODEL}, the public ensemble)")
     p.add_argument("--retrain", action="store_true", help="train again even if the work dir has a finished checkpoint")
     p.set_defaults(func=run_demo)
+    needs(p, "train")
 
 
 def pick_settings(data: str, given: dict, cuda: bool) -> tuple[dict, str | None]:
@@ -63,6 +65,9 @@ def _pct(values, q) -> float:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from dlheir.export.data import check_data_spec
+
+    check_data_spec(args.data)  # before torch loads: a wrong --data answers at once
     from dlheir.client.cloud import CloudClient
     from dlheir.client.crypto import OwnerKeys, generate_user_keypair, make_grant, open_grant, CodeTransform
     from dlheir.client.owner import create_collection, model_binding, upload_images

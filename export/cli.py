@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from dlheir.errors import UserError
+from dlheir.extras import needs
 from dlheir.export.defaults import add_train_arguments, config_from_args
 
 STATE = "the state folder ($DLHEIR_STATE, else $XDG_STATE_HOME/dlheir, else ~/.local/state/dlheir)"
@@ -18,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "Defaults: the digits demo; the paper's values are shown beside them.")
     add_train_arguments(p)
     p.set_defaults(func=_train)
+    needs(p, "train")
 
     p = sub.add_parser("evaluate", help="precision@k and mAP of a checkpoint (Hamming ranking)",
                        description="Database = train split, queries = query split; ties broken by (distance, id).")
@@ -28,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json-out", default=None, metavar="FILE", help="write the metrics here (default RUN_DIR/eval.json)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
     p.set_defaults(func=_evaluate)
+    needs(p, "train")
 
     p = sub.add_parser("model-stats", help="parameters and FLOPs of DLHEIR vs the baseline, beside Table 2",
                        description="Counts parameters and FLOPs (torch.utils.flop_counter, FLOPs = 2 x MACs) of "
@@ -39,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json-out", default=None, metavar="FILE", help="also write the rows as JSON here")
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     p.set_defaults(func=_model_stats)
+    needs(p, "train")
 
     exp = sub.add_parser("export", help="export a checkpoint to ONNX or an ONNX graph to TensorRT")
     esub = exp.add_subparsers(dest="format", metavar="FORMAT")
@@ -52,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="install into this repository (default STATE/model_repository)")
     p.add_argument("--opset", type=int, default=17)
     p.set_defaults(func=_export_onnx)
+    needs(p, "train")
     p = esub.add_parser("tensorrt", help="TensorRT engine (needs a CUDA GPU and the tensorrt package)",
                         description="Builds an engine from the ONNX graph; ENGINE.json beside it records the "
                                     "fingerprint of that graph, which the engine's Triton model then carries.")
@@ -63,17 +68,33 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="after building, compare the engine's codes with the ONNX (FP32) codes on DATA "
                         "('digits' or an image folder): fraction of differing bits and P@20 of both")
     p.set_defaults(func=_export_tensorrt)
+    needs(p, "train")
+
+
+def _check_file(path: str, what: str) -> None:
+    """The cheap checks of a path argument, before torch loads (a typo answers at once)."""
+    if not Path(path).is_file():
+        raise UserError(f"{what} not found: {path}")
 
 
 def _train(args: argparse.Namespace) -> int:
+    from dlheir.export.data import check_data_spec
+
+    cfg = config_from_args(args).validate()
+    check_data_spec(cfg.data)  # before torch loads: a wrong --data answers at once
     from dlheir.export.train import train
 
-    path = train(config_from_args(args))  # train() validates the settings
+    path = train(cfg)
     print(f"checkpoint: {path}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    _check_file(args.checkpoint, "checkpoint")
+    if args.data is not None:
+        from dlheir.export.data import check_data_spec
+
+        check_data_spec(args.data)
     from dlheir.export.train import evaluate, format_metrics
 
     out = args.json_out or str(Path(args.checkpoint).parent / "eval.json")
@@ -103,6 +124,7 @@ def _model_stats(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
+    _check_file(args.checkpoint, "checkpoint")
     from dlheir.export.checkpoint import load_checkpoint
     from dlheir.export.onnx_export import export_onnx
     from dlheir.triton.repository import default_repository, exports_dir, prepare_repository, record_export

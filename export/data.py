@@ -69,10 +69,14 @@ def resolve_data(spec: str | Path, size: int = 64, cache_dir: Path | str = DEFAU
     """'digits' -> the materialized digits folder; anything else must be an image folder."""
     if str(spec) == "digits":
         return materialize_digits(size, cache_dir)
-    root = Path(spec)
-    if not root.is_dir():
-        raise UserError(f"data folder not found: {root} (give an image folder with one sub-folder per class, or 'digits')")
-    return root
+    check_data_spec(spec)
+    return Path(spec)
+
+
+def check_data_spec(spec: str | Path) -> None:
+    """UserError unless ``spec`` is 'digits' or an existing folder (checked before anything heavy loads)."""
+    if str(spec) != "digits" and not Path(spec).is_dir():
+        raise UserError(f"data folder not found: {spec} (give an image folder with one sub-folder per class, or 'digits')")
 
 
 def list_images(root: Path | str) -> list[tuple[str, Path]]:

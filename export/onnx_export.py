@@ -21,7 +21,7 @@ from dlheir.codes import THRESHOLD
 from dlheir.contract import CODE as OUTPUT_CODE
 from dlheir.contract import IMAGE as INPUT_NAME
 from dlheir.contract import PROBS as OUTPUT_PROBS
-from dlheir.contract import code_bytes, signature_from_shapes
+from dlheir.contract import code_bytes, onnx_signature  # noqa: F401  (onnx_signature: re-exported)
 from dlheir.export.model import DLHEIR, to_input
 
 
@@ -67,12 +67,3 @@ def export_onnx(model: DLHEIR, out_path: Path | str, image_size: int, opset: int
     onnx.checker.check_model(str(tmp))
     tmp.replace(out_path)
     return out_path
-
-
-def onnx_signature(path: Path | str) -> tuple[int, int]:
-    """(image size S, bits N) read from an exported graph's static shapes."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
-    return signature_from_shapes(dims)

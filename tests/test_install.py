@@ -7,7 +7,7 @@
   editable ``dlheir`` is not on its path.
 * The ``triton-models`` extra is enough for Triton's python-backend models: their code and the
   dlheir modules they import load in a virtualenv that holds only that extra's packages.
-* The README's container command installs exactly that extra.
+* The container command of the README and docs/ installs exactly that extra.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from docs_pages import doc_text
 from helpers import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -95,22 +96,25 @@ def _extra_requirements() -> list[str]:
 
 
 def _closure(requirements: list[str]) -> set[str]:
-    """The installed distributions these requirements pull in, transitively (no extras of theirs)."""
+    """The installed distributions these requirements pull in, transitively, with the extras they
+    name (``tritonclient[grpc,http]`` brings what its http extra needs, as pip would)."""
     from packaging.requirements import Requirement
 
-    seen: set[str] = set()
-    todo = [Requirement(r).name for r in requirements]
+    seen: set[tuple[str, str]] = set()
+    todo = [(r.name, extra) for r in map(Requirement, requirements) for extra in ("", *r.extras)]
     while todo:
-        name = todo.pop()
+        name, extra = todo.pop()
         key = name.lower().replace("_", "-")
-        if key in seen:
+        if (key, extra) in seen:
             continue
-        seen.add(key)
+        seen.add((key, extra))
         for req in md.requires(name) or []:
             r = Requirement(req)
-            if r.marker is None or r.marker.evaluate({"extra": ""}):
-                todo.append(r.name)
-    return seen
+            if r.marker is None or r.marker.evaluate({"extra": extra}):
+                if extra and r.marker is None:
+                    continue  # the base requirements: followed under extra ""
+                todo.extend((r.name, e) for e in ("", *r.extras))
+    return {key for key, _ in seen}
 
 
 def _link_distributions(names: set[str], dest: Path) -> None:
@@ -174,9 +178,81 @@ def test_triton_models_extra_is_enough_for_the_python_backend_models(wheel, tmp_
 
 
 def test_readme_container_command_installs_exactly_the_extra():
-    readme = (REPO_ROOT / "README.md").read_text()
-    lines = [ln for ln in readme.splitlines() if "pip install --no-deps" in ln and "onnxruntime" in ln]
-    assert lines, "README has no container command installing the triton-models extra"
+    lines = [ln for ln in doc_text().splitlines() if "pip install --no-deps" in ln and "onnxruntime" in ln]
+    assert lines, "neither the README nor docs/ has a container command installing the triton-models extra"
     for line in lines:
         quoted = re.findall(r"'([^']+)'", line.split("pip install --no-deps", 1)[1])
         assert sorted(quoted) == sorted(_extra_requirements()), line
+
+
+# --- the light (base) install: serve and query without PyTorch --------------------------------------
+TRAIN_ONLY = {"torch", "torchvision", "scikit-learn"}
+
+
+def _base_requirements() -> list[str]:
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def test_base_install_serves_and_queries_without_torch(wheel, tmp_path, served_model, digits_small):
+    """A virtualenv holding the wheel and only the base dependencies (no torch, torchvision or
+    scikit-learn, not even transitively) runs the whole serving flow with the real binaries:
+    Triton from an existing export, the cloud server, owner init / create-collection / upload,
+    user keygen, grant and search; a training command answers with one line naming the extra."""
+    closure = _closure(_base_requirements())
+    assert not closure & TRAIN_ONLY, sorted(closure & TRAIN_ONLY)
+    python, site = _venv(tmp_path / "venv")
+    _pip("--python", str(python), "install", "--no-deps", "--no-index", str(wheel))
+    _link_distributions(closure, tmp_path / "deps")
+    (site / "zz_base_deps.pth").write_text(str(tmp_path / "deps") + "\n")
+    from dlheir.procs import free_port
+
+    home, state, work = tmp_path / "home", tmp_path / "state", tmp_path / "work"
+    work.mkdir()
+    home.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("DLHEIR_")}
+    grpc_port, server_port = free_port(), free_port()
+    env.update(DLHEIR_HOME=str(home), DLHEIR_STATE=str(state), PATH=f"{python.parent}:{env.get('PATH', '')}",
+               DLHEIR_SERVER=f"127.0.0.1:{server_port}", DLHEIR_TRITON=f"127.0.0.1:{grpc_port}",
+               DLHEIR_ADMIN_TOKEN_FILE=str(tmp_path / "cloud" / "admin.token"), DLHEIR_COLLECTION="digits")
+    dlheir = str(python.parent / "dlheir")
+
+    def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+        out = subprocess.run([dlheir, *args], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        if ok:
+            assert out.returncode == 0, (args, out.stdout[-2000:], out.stderr[-2000:])
+        return out
+
+    probe = subprocess.run([str(python), "-c", "import importlib.util as u; import dlheir; "
+                            "print(dlheir.__file__); print([m for m in ('torch', 'torchvision', 'sklearn') if u.find_spec(m)])"],
+                           cwd=work, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert Path(probe[0]).is_relative_to(tmp_path / "venv") and probe[1] == "[]", probe
+
+    # the training side says what to install, in one line, without a traceback
+    for args in (["train"], ["export", "onnx", "--checkpoint", str(served_model["checkpoint"])], ["demo"]):
+        out = run(*args, ok=False)
+        assert out.returncode == 2 and "pip install 'dlheir[train]'" in out.stderr, (args, out.stderr)
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+    run("triton", "start", "--onnx", str(served_model["onnx"]), "--grpc-port", str(grpc_port),
+        "--http-port", str(free_port()), "--metrics-port", str(free_port()))
+    try:
+        run("server", "start", "--data-dir", str(tmp_path / "cloud"), "--port", str(server_port))
+        try:
+            run("owner", "init")
+            run("owner", "create-collection", "digits")
+            upload = run("owner", "upload", str(digits_small))
+            run("user", "keygen")
+            run("owner", "grant", "--user", "alice")
+            query = sorted(digits_small.rglob("*.png"))[0]
+            found = run("user", "search", str(query), "-k", "3", "--out", str(work / "found"), "--json")
+            import json
+
+            hits = json.loads(found.stdout)["results"]
+            assert hits and hits[0]["distance"] == 0, (upload.stdout, found.stdout)
+            originals = {p.read_bytes() for p in digits_small.rglob("*.png")}
+            for hit in hits:  # every result decrypts to one of the uploaded files, byte for byte
+                assert (work / "found" / Path(hit["file"]).name).read_bytes() in originals, hit
+        finally:
+            run("server", "stop", "--data-dir", str(tmp_path / "cloud"), ok=False)
+    finally:
+        run("triton", "stop", ok=False)

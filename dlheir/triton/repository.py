@@ -204,7 +204,7 @@ def prepare_repository(dest: Path | str, onnx_path: Path | str, backend: str = "
     ``onnx_path``. ``max_pixels``, ``preprocess_instances`` and ``dynamic_batching`` change
     ``dlheir_preprocess``'s settings (None keeps the template's or the existing config's).
     """
-    from dlheir.export.onnx_export import onnx_signature
+    from dlheir.contract import onnx_signature
 
     spec = backend_spec(backend)
     onnx_path = Path(onnx_path)
@@ -293,7 +293,7 @@ def check_repository(repo: Path | str) -> Repository:
                         "generate the repository again ('dlheir export onnx' or 'dlheir triton start')") from None
     fingerprint = _param(config, FINGERPRINT_PARAM) or ""
     if spec.filename == "model.onnx":
-        from dlheir.export.onnx_export import onnx_signature
+        from dlheir.contract import onnx_signature
 
         if onnx_signature(model_file) != (size, bits) or model_fingerprint(model_file) != fingerprint:
             raise UserError(f"{repo / network / 'config.pbtxt'} does not describe {model_file}: generate the "
