@@ -1,5 +1,7 @@
-"""Every block of the README's flow section marked ``<!-- readme-flow: KIND -->`` runs, in order,
-against a real cloud server and Triton: the config file (its addresses and admin token file
+"""Every block of the README's flow section (the tour) marked ``<!-- readme-flow: KIND -->`` runs,
+in order, against a real cloud server and Triton, and then every such block of the docs/ pages
+(``docs/*.md``, in name order: each page continues where the tour and the pages before it ended,
+in the same folder and ``$DLHEIR_HOME``): the config file (its addresses and admin token file
 replaced by the test servers'), each shell line as its own ``dlheir`` process, the Python block
 as a script. Bounded: each command has a time limit."""
 
@@ -15,21 +17,44 @@ from pathlib import Path
 import pytest
 
 from dlheir import config
+from docs_pages import DOCS, README
 
-REPO = Path(__file__).resolve().parent.parent
 MARK = re.compile(r"<!-- readme-flow: (config|shell|python) -->\n```[a-z]*\n(.*?)```", re.S)
+ANY_MARK = "<!-- readme-flow:"
 COMMAND_TIMEOUT = 180  # seconds per command: a hung command fails the test instead of blocking it
 
 
-def flow_blocks() -> list[tuple[str, str]]:
-    text = (REPO / "README.md").read_text()
+def readme_blocks() -> list[tuple[str, str]]:
+    text = README.read_text()
     section = text[text.index("<!-- section: flows"):text.index("<!-- end section: flows -->")]
     return MARK.findall(section)
 
 
+def docs_blocks() -> list[tuple[Path, list[tuple[str, str]]]]:
+    """Each docs page that has marked blocks, in name order, with its blocks."""
+    pages = [(page, MARK.findall(page.read_text())) for page in sorted(DOCS.glob("*.md"))]
+    return [(page, blocks) for page, blocks in pages if blocks]
+
+
+def flow_blocks() -> list[tuple[str, str]]:
+    """The tour's blocks, then each docs page's: the order they run in."""
+    return readme_blocks() + [block for _, blocks in docs_blocks() for block in blocks]
+
+
 def test_the_flow_section_has_its_blocks():
+    tour = [kind for kind, _ in readme_blocks()]
+    assert tour[0] == "config" and "shell" in tour  # the README's tour starts from its config file
     kinds = [kind for kind, _ in flow_blocks()]
-    assert kinds[0] == "config" and kinds.count("python") == 1 and kinds.count("shell") >= 2
+    assert kinds.count("config") == 1 and kinds.count("python") == 1 and kinds.count("shell") >= 2
+
+
+def test_every_marked_block_is_one_that_runs():
+    """A marker with a typo, or a README block outside the flow section, would silently not run."""
+    readme = README.read_text()
+    assert readme.count(ANY_MARK) == len(readme_blocks()), "a README block is marked outside the flows section"
+    for page in sorted(DOCS.glob("*.md")):
+        text = page.read_text()
+        assert text.count(ANY_MARK) == len(MARK.findall(text)), f"{page.name}: a marked block the test cannot read"
 
 
 @pytest.mark.slow
