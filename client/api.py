@@ -13,13 +13,23 @@ JSON), so the CLI and the API give the same results.
     owner.grant("alice.pub.pem", "photos")      # -> $DLHEIR_HOME/grant.bin
     print(owner.collections())                  # [CollectionInfo(...)]
 
-    user = dlheir.User()                        # grant and private key from the key folder
-    result = user.search("query.jpg", k=10)     # SearchResult: .hits (rank, id, distance, name, image)
+    owner.upload({7: numpy_array, 8: pil_image, 9: jpeg_bytes}, "photos")  # in memory, with ids
+
+    with dlheir.User() as user:                 # grant and private key from the key folder
+        result = user.search("query.jpg", k=10)  # SearchResult: .results, each Hit (rank, id, distance, name, image)
+        results = user.search([path, jpeg_bytes, numpy_array, pil_image], k=10)  # one SearchResult per query
+
+    from dlheir.client.api import hash_images
+    codes = hash_images(images, onnx="model.onnx")  # uint8 [B, L] in-process; triton=... for Triton's (the same)
+
+Images: wherever the API takes one it takes a path, encoded bytes, a numpy uint8 array (HxW or
+HxWxC) or a PIL image; a list of them is a batch (:mod:`dlheir.client.images`). Nothing is
+written to disk unless asked (``search(..., out=FOLDER)``).
 
 Settings: every constructor argument left as None comes from :mod:`dlheir.config` (flag >
 environment > config file > built-in default; for the server, a tokens file's or grant's
-recorded address comes before the built-in default). Connections are opened on first use and
-closed by :meth:`close` (or a ``with`` block).
+recorded address comes before the built-in default). Connections are opened on first use, kept
+open between calls and closed by :meth:`close` (or at the end of a ``with`` block).
 
 **Errors.** Everything a caller can fix raises :class:`dlheir.errors.UserError` (one line,
 what the CLI prints after ``dlheir: error:``); subclasses say more:
@@ -32,6 +42,7 @@ decrypt). Invalid code lengths raise :class:`dlheir.contract.ContractError` (a `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -44,7 +55,7 @@ from dlheir import paths
 from dlheir.errors import UserError
 from dlheir.client.owner import UploadRates
 
-__all__ = ["Owner", "User", "status", "CollectionInfo", "UploadSummary", "Hit", "SearchResult", "Readers",
+__all__ = ["Owner", "User", "status", "hash_images", "CollectionInfo", "UploadSummary", "Hit", "SearchResult", "Readers",
            "ServiceStatus", "Status", "to_json"]
 
 MODES = {0: "server-ranked", 1: "private"}
@@ -115,11 +126,21 @@ class Hit:
     distance: int
     name: str  # the original file name (from the decrypted blob)
     file: Path | None = None  # where it was written (None if not written)
-    image: bytes = field(default=b"", repr=False)
+    image: bytes = field(default=b"", repr=False)  # the decrypted image, as the owner uploaded it
+
+    def to_pil(self):
+        """The decrypted image as a PIL image."""
+        import io
+
+        from PIL import Image
+
+        return Image.open(io.BytesIO(self.image))
 
 
 @dataclass
 class SearchResult:
+    """One query's top k. ``query``: its path, or what it was (e.g. "array 32x32x3")."""
+
     query: str
     collection: str
     ranking: str  # "server" or "local (private mode)"
@@ -178,7 +199,13 @@ def _server(cfg: "_config.Config", flag: str | None, recorded: str | None) -> st
     return cfg.get("server", flag) if cfg.given("server", flag) else (recorded or cfg.get("server"))
 
 
-def _hasher(cfg: "_config.Config", triton: str | None, model: str | None, batch_size: int = 16):
+def _hasher(cfg: "_config.Config", triton: str | None, model: str | None, batch_size: int = 16,
+            onnx: str | os.PathLike | None = None):
+    """A TritonHasher (the configured Triton, or ``triton``), or with ``onnx`` an in-process OnnxHasher."""
+    if onnx is not None:
+        from dlheir.client.onnx_hasher import OnnxHasher
+
+        return OnnxHasher(onnx, batch_size=batch_size)
     from dlheir.client.triton import TritonHasher
 
     return TritonHasher(cfg.get("triton", triton), batch_size=batch_size, model=cfg.get("model", model),
@@ -186,27 +213,134 @@ def _hasher(cfg: "_config.Config", triton: str | None, model: str | None, batch_
 
 
 def _cloud(client: "Owner | User", address: str, token: str | None):
-    """A CloudClient to ``address`` with ``client``'s TLS CA and cleartext setting."""
-    from dlheir.client.cloud import CloudClient
+    """``client``'s open connection to ``address`` with ``token`` (made on first use, with its TLS CA
+    and cleartext setting), as a context manager that leaves it open: :meth:`_Connections.close`
+    closes it."""
+    return contextlib.nullcontext(client._cloud_client(address, token))
 
-    return CloudClient(address, token, tls_ca=client.tls_ca, insecure=client.insecure)
+
+class _Connections:
+    """The gRPC connections an Owner or User keeps open between calls (one per server address and
+    token, and one hasher), closed by :meth:`close` or at the end of a ``with`` block. A call
+    after ``close`` opens new ones."""
+
+    tls_ca: str | None
+    insecure: bool
+    config: "_config.Config"
+    _triton: str | None
+    _model: str | None
+    _onnx: str | os.PathLike | None
+
+    def _init_connections(self) -> None:
+        self._clouds: dict[tuple[str, str | None], Any] = {}
+        self._hash_client: Any = None
+
+    def _cloud_client(self, address: str, token: str | None):
+        key = (address, token)
+        if key not in self._clouds:
+            from dlheir.client.cloud import CloudClient
+
+            self._clouds[key] = CloudClient(address, token, tls_ca=self.tls_ca, insecure=self.insecure)
+        return self._clouds[key]
+
+    def _hashing(self, batch_size: int = 16):
+        """The open hasher (Triton, or ONNX Runtime with ``onnx``) as a context manager that leaves it open."""
+        if self._hash_client is None:
+            self._hash_client = _hasher(self.config, self._triton, self._model, batch_size, self._onnx)
+        self._hash_client.batch_size = batch_size
+        return contextlib.nullcontext(self._hash_client)
+
+    @property
+    def connections(self) -> list:
+        """The connections open now: CloudClients (``.channel``), then the hasher if one is open."""
+        return [*self._clouds.values(), *([self._hash_client] if self._hash_client is not None else [])]
+
+    def close(self) -> None:
+        """Close every open connection (the object stays usable: a later call opens new ones)."""
+        clients, self._clouds, hasher, self._hash_client = list(self._clouds.values()), {}, self._hash_client, None
+        for c in [*clients, *([hasher] if hasher is not None else [])]:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - closing one must not keep the others open
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _images():
+    from dlheir.client import images
+
+    return images
+
+
+MAX_ID = 2 ** 63 - 1
+
+
+def _item_id(value: Any, where: str) -> int:
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) <= MAX_ID:
+        raise _images().ImageTypeError(f"{where}: an item id is an int from 0 to 2**63 - 1, got {value!r:.60}")
+    return int(value)
+
+
+def _upload_entries(images: Any) -> list[tuple[str, Any, int | None]]:
+    """What ``Owner.upload`` was given -> (name, Path or encoded bytes, given id or None) per image."""
+    from dlheir.client.owner import image_files
+
+    im = _images()
+    if isinstance(images, (str, os.PathLike)):
+        return [(rel, path, None) for rel, path in image_files(images)]
+    if isinstance(images, dict):
+        pairs = list(images.items())
+    elif isinstance(images, (list, tuple)) and images and all(isinstance(x, tuple) and len(x) == 2 for x in images):
+        pairs = list(images)
+    else:
+        batch, _ = im.as_batch(images, "images")
+        out: list[tuple[str, Any, int | None]] = []
+        for n, x in enumerate(batch):
+            if im.is_path(x):
+                out += [(rel, path, None) for rel, path in image_files(x)]
+            else:
+                out.append((f"image-{n}", im.encode(x, im.label(x, n)), None))
+        return out
+    out = []
+    for n, (given, x) in enumerate(pairs):
+        i = _item_id(given, f"images[{n}] id")
+        if not im.is_image(x):
+            raise im.ImageTypeError(f"image of id {i} is {im.describe(x)}; expected {im.ACCEPTED}")
+        if im.is_path(x):
+            if not Path(x).is_file():
+                raise UserError(f"image of id {i}: file not found: {x}")
+            out.append((Path(x).name, Path(x), i))
+        else:
+            out.append((str(i), im.encode(x, f"image of id {i}"), i))
+    return out
 
 
 # --- the data owner ---------------------------------------------------------------------------
-class Owner:
+class Owner(_Connections):
     """The data owner: keys, collections, encrypted uploads, grants.
 
     ``key``: the owner key file (default ``owner_key`` setting, else ``$DLHEIR_HOME/owner.key``);
     ``server``, ``triton``, ``model``, ``tls_ca``, ``insecure``: override the configured ones
     (``insecure``: allow a server that is not loopback without TLS, tokens in the clear); ``config``: a
-    :class:`dlheir.config.Config` or a config file path. A collection's owner token is read from
-    its tokens file (``$DLHEIR_HOME/COLLECTION.tokens.json``, or ``tokens=``)."""
+    :class:`dlheir.config.Config` or a config file path; ``onnx``: an exported ONNX file to hash with
+    in this process (ONNX Runtime) instead of Triton. A collection's owner token is read from
+    its tokens file (``$DLHEIR_HOME/COLLECTION.tokens.json``, or ``tokens=``). Connections stay
+    open between calls: ``with Owner() as owner:`` or :meth:`close` closes them."""
 
     def __init__(self, server: str | None = None, triton: str | None = None, model: str | None = None,
                  key: str | os.PathLike | None = None, tls_ca: str | None = None,
-                 config: "_config.Config | str | os.PathLike | None" = None, insecure: bool | None = None) -> None:
+                 config: "_config.Config | str | os.PathLike | None" = None, insecure: bool | None = None,
+                 onnx: str | os.PathLike | None = None) -> None:
+        self._init_connections()
         self.config = _cfg(config)
-        self._server_flag, self._triton, self._model = server, triton, model
+        self._server_flag, self._triton, self._model, self._onnx = server, triton, model, onnx
         self.key_path = paths.resolve(self.config.get("owner_key", key), paths.OWNER_KEY)
         self.tls_ca = self.config.get("tls_ca", tls_ca)
         self.insecure = self.config.insecure(insecure)
@@ -290,7 +424,7 @@ class Owner:
         keys = self.keys()  # the collection's keys are made with it: no key file, no collection
         mode = "private" if private else "server-ranked"
         if bits is None:
-            with _hasher(self.config, self._triton, self._model) as hasher:
+            with self._hashing() as hasher:
                 binding = model_binding(hasher)
         else:
             binding = model_binding(None, bits)
@@ -301,7 +435,7 @@ class Owner:
             # collection of that name keeps its keys); a crash right here leaves a collection whose keys
             # this key file lacks: 'owner upload' then says to re-create it
             keys.register(name, mode).replace_file(self.key_path)
-            cloud.token = owner
+        with _cloud(self, server, owner) as cloud:
             info = CollectionInfo.from_pb(cloud.stats(name))
         doc = {"collection": name, "server": server, "bits": binding.bits, "mode": mode, "owner_token": owner,
                "reader_token": reader}
@@ -384,42 +518,55 @@ class Owner:
                 raise UserError(f"unknown id rule {id_from!r} (content or path)")
         return out
 
-    def upload(self, images_dir: str | os.PathLike, collection: str | None = None, id_from: str = "content",
+    def upload(self, images: Any, collection: str | None = None, id_from: str = "content",
                replace: bool = False, batch_size: int = 32, progress: bool | None = None,
                tokens: str | os.PathLike | None = None) -> UploadSummary:
-        """Hash (Triton), encrypt and upload every image under ``images_dir``. Ids follow
-        ``id_from``: "content" (default: a hash of the file's bytes; the same image twice is one
-        item) or "path" (the path relative to ``images_dir``). Files whose id the server holds are
-        not sent unless ``replace``; files repeating an id of this upload are reported in
-        ``duplicates``."""
-        from dlheir.client.owner import image_files, upload_images
+        """Hash, encrypt and upload images. ``images``: a folder (every image under it) or an image
+        file; a list of files, folders or in-memory images; or in-memory images with their ids, as a
+        dict ``{id: image}`` or a list of ``(id, image)``. An image is a path, encoded bytes, a numpy
+        uint8 array (HxW or HxWxC) or a PIL image (arrays and PIL images are stored as PNG).
+
+        Ids given are used as they are (ints from 0 to 2**63 - 1); the others follow ``id_from``:
+        "content" (default: a keyed hash of the encoded bytes; the same image twice is one item) or
+        "path" (files only: the path relative to the folder given, a file's name for a file). Items
+        whose id the server holds are not sent unless ``replace``; items repeating an id of this
+        upload are reported in ``duplicates``."""
+        from dlheir.client.owner import upload_images
         from dlheir.ids import ID_RULES, keyed_content_id, keyed_path_id
 
         if id_from not in ID_RULES:
             raise UserError(f"unknown id rule {id_from!r}: {' or '.join(ID_RULES)}")
+        entries = _upload_entries(images)  # (name, path or bytes, given id or None)
         collection = self._collection(collection)
         keys = self.keys()
         id_key = keys.for_collection(collection, self.key_path).id_key
         doc = self.tokens(collection, tokens)
-        files = image_files(images_dir)
-        if not files:
-            raise UserError(f"no images found under {images_dir}")
+        if not entries:
+            raise UserError(f"no images found under {images}" if isinstance(images, (str, os.PathLike))
+                            else "no images given")
         first: dict[int, str] = {}
         kept, ids, duplicates, skipped = [], [], [], []
-        for rel, path in files:
-            if id_from == "content":
+        for rel, source, given in entries:
+            if given is not None:
+                i = given
+            elif id_from == "content":
                 try:
-                    i = keyed_content_id(id_key, Path(path).read_bytes())
+                    i = keyed_content_id(id_key, source if isinstance(source, bytes) else Path(source).read_bytes())
                 except OSError as exc:
                     skipped.append((rel, exc.strerror or str(exc)))
                     continue
+            elif isinstance(source, bytes):
+                raise UserError(f"{rel}: an in-memory image has no path for --id-from path ids: give its id "
+                                "({id: image} or [(id, image)]) or use content ids")
             else:
                 i = keyed_path_id(id_key, rel)
+            if isinstance(source, bytes) and not Path(rel).suffix:
+                rel = f"{rel if given is not None else i}{_images().extension(source)}"  # the name stored in the blob
             if i in first:
                 duplicates.append((rel, first[i]))
                 continue
             first[i] = rel
-            kept.append((rel, path))
+            kept.append((rel, source))
             ids.append(i)
         show = _config.show_progress() if progress is None else progress
         with _cloud(self, self.server_for(doc), doc["owner_token"]) as cloud:
@@ -432,10 +579,10 @@ class Owner:
                 collection_keys(keys, collection, cloud.stats(collection))  # the key file's mode and version still
                 report = UploadReport(already_present=len(ids))
             else:
-                with _hasher(self.config, self._triton, self._model, batch_size) as hasher:
+                with self._hashing(batch_size) as hasher:
                     report = upload_images(kept, keys, collection, cloud, hasher, batch_size, progress=show, ids=ids,
                                            replace=replace)
-        return UploadSummary(collection, id_from, len(files), report.uploaded, report.replaced,
+        return UploadSummary(collection, id_from, len(entries), report.uploaded, report.replaced,
                              [] if replace else [rel for (rel, _), i in zip(kept, ids) if i in present],
                              duplicates, skipped + list(report.skipped), report.bytes_uploaded, report.seconds)
 
@@ -536,7 +683,7 @@ def default_search_dir(query: str | os.PathLike, base: str | os.PathLike = "resu
     """A new, empty folder (made here, mode 0700) for one search's results:
     ``results/search/YYYYmmdd-HHMMSS-<query name>`` (``-2``, ``-3``, ... when taken), so searches
     never mix their files."""
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(query).stem)[:40] or "query"
+    stem = _safe_stem(query)
     base = Path(base)
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
     base.mkdir(parents=True, exist_ok=True)
@@ -550,16 +697,22 @@ def default_search_dir(query: str | os.PathLike, base: str | os.PathLike = "resu
     raise UserError(f"cannot find a free folder name for {name} under {base}")
 
 
-class User:
+class User(_Connections):
     """A query user: opens the owner's grant with the user's RSA private key and searches.
 
     ``grant``/``user_key``: files (default ``grant``/``user_key`` settings, else
-    ``$DLHEIR_HOME/grant.bin`` and ``user.pem``); ``passphrase``: the private key's, if it has one."""
+    ``$DLHEIR_HOME/grant.bin`` and ``user.pem``); ``passphrase``: the private key's, if it has one;
+    ``onnx``: an exported ONNX file to hash queries with in this process instead of Triton.
+    Connections stay open between searches: ``with User() as user:`` or :meth:`close` closes them."""
 
     def __init__(self, grant: str | os.PathLike | None = None, user_key: str | os.PathLike | None = None,
                  passphrase: str | None = None, server: str | None = None, triton: str | None = None,
                  model: str | None = None, tls_ca: str | None = None,
-                 config: "_config.Config | str | os.PathLike | None" = None, insecure: bool | None = None) -> None:
+                 config: "_config.Config | str | os.PathLike | None" = None, insecure: bool | None = None,
+                 onnx: str | os.PathLike | None = None) -> None:
+        self._init_connections()
+        self._onnx = onnx
+        self._local: Any = None  # private mode: the synced LocalIndex, kept between searches
         self.config = _cfg(config)
         self.grant_path = paths.resolve(self.config.get("grant", grant), paths.GRANT)
         self.key_path = paths.resolve(self.config.get("user_key", user_key), paths.USER_KEY)
@@ -600,43 +753,107 @@ class User:
     def server(self) -> str:
         return _server(self.config, self._server_flag, self.grant.server)
 
-    def search(self, query: str | os.PathLike, k: int = 20, out: str | os.PathLike | None = None,
-               write: bool = True) -> SearchResult:
-        """TrapGen (Triton), search (server-ranked, or locally in private mode), fetch and decrypt
-        the top ``k``. With ``write``, the images go into ``out`` (default: a new folder from
-        :func:`default_search_dir`), created 0700, each file 0600."""
-        from dlheir.client.private import open_local
-        from dlheir.client.user import search_image, write_results
+    def search(self, images: Any, k: int = 20, out: str | os.PathLike | None = None,
+               write: bool | None = None) -> "SearchResult | list[SearchResult]":
+        """TrapGen (hash), search (server-ranked, or locally in private mode), fetch and decrypt the
+        top ``k`` of each query. ``images``: one image (a path, encoded bytes, a numpy uint8 array
+        HxW or HxWxC, a PIL image) -> one :class:`SearchResult`; a list of them (or a 4-D array)
+        -> a list of SearchResults, one per query in order, searched together (one hashing call,
+        one search, one fetch; ``seconds`` are the batch's). Each hit carries the decrypted
+        ``image`` bytes, its ``id`` and ``distance``.
 
-        if not Path(query).is_file():
-            raise UserError(f"query image not found: {query}")
+        Nothing is written unless ``out`` is given (or ``write=True``): then the images go into
+        ``out`` (a list: one subfolder per query, ``out/000-NAME``; ``write=True`` without ``out``:
+        a new folder per query from :func:`default_search_dir`), created 0700, each file 0600."""
+        from dlheir.client.user import search_images, write_results
+
+        im = _images()
+        batch, single = im.as_batch(images, "images")
+        for x in batch:
+            if im.is_path(x) and not Path(x).is_file():
+                raise UserError(f"query image not found: {x}")
+        write = out is not None if write is None else write
+        labels = [str(x) if im.is_path(x) else im.label(x, None if single else n) for n, x in enumerate(batch)]
         grant = self.grant
         try:
-            with _cloud(self, self.server, grant.reader_token) as cloud, \
-                    _hasher(self.config, self._triton, self._model) as hasher:
-                local = open_local(cloud, grant)  # one round trip: the mode, and (private mode) the new sealed pages
-                first_sync = local.last_sync if local is not None else None
-                hits, timings = search_image(query, grant, cloud, hasher, k, local=local)
+            with _cloud(self, self.server, grant.reader_token) as cloud, self._hashing() as hasher:
+                if self._local is None or (self._local and self._local.cloud is not cloud):
+                    from dlheir.client.private import open_local
+
+                    # one round trip: the mode, and (private mode) the new sealed pages
+                    self._local = open_local(cloud, grant) or False
+                    first_sync = self._local.last_sync if self._local else None
+                else:  # kept from an earlier search: only the pages added since
+                    first_sync = self._local.sync() if self._local else None
+                local = self._local or None
+                found, timings = search_images(im.for_hashing(batch), grant, cloud, hasher, k, local=local)
         except UserError as exc:
             if getattr(exc, "code", None) is not None and exc.code.name == "UNAUTHENTICATED":
                 raise UserError(f"the server refused this grant's reader token for collection {grant.collection!r}: "
                                 "the owner revoked it, rotated the collection's keys or re-created the collection; "
                                 f"ask the owner for a new grant ({self.grant_path})") from None
             raise
-        out_dir = None
-        files: dict[int, Path] = {}
-        if write:
-            out_dir = Path(out) if out is not None else default_search_dir(query)
-            written = write_results(hits, out_dir)
-            files = dict(zip([h.rank for h in hits if h.image], written))
         sync = None if first_sync is None else {
             "codes": len(local), "pages": local.pages, "pages_cached": first_sync.pages_cached,
             "pages_fetched": first_sync.pages_fetched, "bytes_fetched": first_sync.bytes_fetched,
             "seconds": first_sync.seconds}
-        return SearchResult(str(query), grant.collection, "server" if local is None else "local (private mode)",
-                            [Hit(h.rank, h.id, h.distance, h.name, files.get(h.rank), h.image) for h in hits],
-                            out_dir, {"trapdoor": timings.trapdoor_s, "sync": timings.sync_s,
-                                      "search": timings.search_s, "fetch_decrypt": timings.fetch_decrypt_s}, sync)
+        seconds = {"trapdoor": timings.trapdoor_s, "sync": timings.sync_s, "search": timings.search_s,
+                   "fetch_decrypt": timings.fetch_decrypt_s}
+        results = []
+        for n, (query, hits) in enumerate(zip(labels, found)):
+            out_dir, files = None, {}
+            if write:
+                stem = query if im.is_path(batch[n]) else "query"
+                if out is None:
+                    out_dir = default_search_dir(stem)
+                else:
+                    out_dir = Path(out) if single else Path(out) / f"{n:03d}-{_safe_stem(stem)}"
+                written = write_results(hits, out_dir)
+                files = dict(zip([h.rank for h in hits if h.image], written))
+            results.append(SearchResult(query, grant.collection, "server" if local is None else "local (private mode)",
+                                        [Hit(h.rank, h.id, h.distance, h.name, files.get(h.rank), h.image)
+                                         for h in hits], out_dir, dict(seconds), sync))
+        return results[0] if single else results
+
+    def codes(self, images: Any) -> Any:
+        """The raw (untransformed) codes of ``images`` from this user's hasher: see :func:`hash_images`."""
+        im = _images()
+        batch, single = im.as_batch(images, "images")
+        with self._hashing() as hasher:
+            codes = hasher.hash_images(im.for_hashing(batch))[1]
+        return codes[0] if single else codes
+
+    def close(self) -> None:
+        """Close the connections (and forget the private-mode index synced over them)."""
+        self._local = None
+        super().close()
+
+
+def _safe_stem(query: str | os.PathLike) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(query).stem)[:40] or "query"
+
+
+def hash_images(images: Any, triton: str | None = None, onnx: str | os.PathLike | None = None,
+                model: str | None = None, batch_size: int = 16,
+                config: "_config.Config | str | os.PathLike | None" = None, insecure: bool | None = None) -> Any:
+    """The packed hash codes of ``images`` (one image: a path, encoded bytes, a numpy uint8 array
+    HxW or HxWxC, or a PIL image -> uint8 [L]; a list of them -> uint8 [B, L], in order; L =
+    ceil(N/8)). Through Triton (``triton``, else the configured address) unless ``onnx`` is given
+    without ``triton``: then in this process with ONNX Runtime from that exported ONNX file, no
+    server needed. Both run :mod:`dlheir.preprocess` and the same graph: the same codes."""
+    im = _images()
+    batch, single = im.as_batch(images, "images")
+    cfg = _cfg(config)
+    if onnx is not None and triton is None:
+        hasher = _hasher(cfg, None, None, batch_size, onnx)
+    else:
+        from dlheir.client.triton import TritonHasher
+
+        hasher = TritonHasher(cfg.get("triton", triton), batch_size=batch_size, model=cfg.get("model", model),
+                              tls_ca=cfg.get("triton_tls_ca"), insecure=cfg.insecure(insecure))
+    with hasher:
+        codes = hasher.hash_images(im.for_hashing(batch))[1]
+    return codes[0] if single else codes
 
 
 # --- services ---------------------------------------------------------------------------------
@@ -716,7 +933,8 @@ def status(server: str | None = None, triton: str | None = None, model: str | No
         except UserError:
             srv.info["admin"] = False
         try:
-            collections = Owner(server=address, tls_ca=ca, config=cfg, insecure=insecure).collections(admin_token_file)
+            with Owner(server=address, tls_ca=ca, config=cfg, insecure=insecure) as owner:
+                collections = owner.collections(admin_token_file)
         except UserError as exc:
             srv.info["collections_error"] = str(exc)
     return Status(str(cfg.path) if cfg.path else None, srv, tri, collections, cfg.as_dict()["settings"])

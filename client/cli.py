@@ -557,7 +557,7 @@ def _user_search(args):
     user.grant  # opened (and its owner's key checked) before anything else
     if user.trust_note:
         print(user.trust_note, file=sys.stderr)
-    r = user.search(args.query, args.k, out=args.out)
+    r = user.search(args.query, args.k, out=args.out, write=True)  # the CLI writes (default: a new folder)
     if _emit(args, r):
         return 0
     print(f"{'rank':>4} {'dist':>4}  {'id':>20}  file")

@@ -136,12 +136,12 @@ def collection_keys(keys: OwnerKeys | CollectionKeys, collection: str, info) -> 
     return ck
 
 
-def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys | CollectionKeys, collection: str,
+def upload_images(files: Sequence[tuple[str, Path | bytes]], keys: OwnerKeys | CollectionKeys, collection: str,
                   cloud: CloudClient, hasher: TritonHasher, batch_size: int = 32, progress: bool = True,
                   ids: Sequence[int] | None = None, replace: bool = False) -> UploadReport:
     """Upload what the server does not hold yet (with ``replace``: everything, overwriting).
-    ``ids``: one per file, distinct (default: :func:`dlheir.ids.keyed_path_id` of the relative
-    path under the collection's id key)."""
+    ``files``: (name, path or encoded image bytes). ``ids``: one per file, distinct (default:
+    :func:`dlheir.ids.keyed_path_id` of the relative path under the collection's id key)."""
     info = cloud.stats(collection)
     check_model(collection, info, hasher.fingerprint)  # before hashing: a private collection is checked only here
     if info.bits != hasher.bits:
@@ -167,8 +167,9 @@ def upload_images(files: Sequence[tuple[str, Path]], keys: OwnerKeys | Collectio
         for start in range(0, len(todo), batch_size):
             batch = []
             for rel, path, i in todo[start:start + batch_size]:
-                try:
-                    batch.append((rel, i, Path(path).read_bytes()))
+                try:  # a file, or an in-memory image's encoded bytes
+                    data = bytes(path) if isinstance(path, (bytes, bytearray)) else Path(path).read_bytes()
+                    batch.append((rel, i, data))
                 except OSError as exc:
                     report.skipped.append((rel, exc.strerror or str(exc)))
             batch, codes = _hash_batch(hasher, batch, report)

@@ -11,6 +11,7 @@ backend runs it.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from os import PathLike
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
@@ -52,6 +53,10 @@ def _reason(message: str) -> str:
 def _read(source) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
+    if not isinstance(source, (str, PathLike)):  # a numpy array or PIL image: a PNG of its RGB pixels
+        from dlheir.client.images import encode
+
+        return encode(source)
     path = Path(source)
     try:
         return path.read_bytes()
@@ -168,9 +173,11 @@ class TritonHasher:
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     def hash_images(self, sources: Iterable) -> tuple[np.ndarray, np.ndarray]:
-        """Encoded images (paths or bytes) -> (probs float32 [B, N], codes uint8 [B, L])."""
+        """Images (paths, encoded bytes, numpy arrays or PIL images) -> (probs float32 [B, N], codes uint8 [B, L])."""
+        from dlheir.client.images import is_path, label
+
         sources = list(sources)
-        labels = [str(s) if not isinstance(s, (bytes, bytearray)) else f"image #{i}" for i, s in enumerate(sources)]
+        labels = [str(s) if is_path(s) else label(s, i) for i, s in enumerate(sources)]
         data = [_read(s) for s in sources]
         chunks = [(i, np.array([[d] for d in data[i:i + self.batch_size]], dtype=object))
                   for i in range(0, len(data), self.batch_size)]
@@ -183,7 +190,7 @@ class TritonHasher:
         def one(source) -> HashResult:
             try:
                 probs, codes = self._infer(self.model, IMAGE_BYTES, np.array([[_read(source)]], dtype=object),
-                                           "BYTES", [str(source) if not isinstance(source, bytes) else "image"])
+                                           "BYTES", [str(source) if isinstance(source, (str, PathLike)) else "image"])
             except HashError as exc:
                 return HashResult(None, None, exc.reason)
             return HashResult(probs[0], codes[0], None)

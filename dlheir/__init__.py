@@ -8,7 +8,7 @@ server in ``dlheir.server`` (``server/``), the clients in ``dlheir.client``
 __version__ = "0.1.0"
 
 # The Python API (dlheir.client.api), imported on first use so that ``import dlheir`` stays light.
-_API = ("Owner", "User", "status")
+_API = ("Owner", "User", "status", "hash_images")
 __all__ = ["__version__", *_API]
 
 
