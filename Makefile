@@ -13,7 +13,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The first run: the whole pipeline on the bundled digits with smaller images and fewer epochs
+# (dlheir demo --quick, a few minutes); then the full one (64 px, 6 epochs) with make demo-full.
 demo: $(STAMP)
+	$(VENV)/bin/dlheir demo --quick
+
+.PHONY: demo-full
+demo-full: $(STAMP)
 	$(VENV)/bin/dlheir demo
 
 lint: $(STAMP)

@@ -568,7 +568,7 @@ class Owner(_Connections):
             first[i] = rel
             kept.append((rel, source))
             ids.append(i)
-        show = _config.show_progress() if progress is None else progress
+        show = not _config.quiet() if progress is None else progress  # a bar, or timed lines in a log
         with _cloud(self, self.server_for(doc), doc["owner_token"]) as cloud:
             present = set()
             for start in range(0, len(ids), 50_000):

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from dlheir.client.cloud import CloudClient, check_model
 from dlheir.client.crypto import CodeTransform, CollectionKeys, OwnerKeys, encrypt_image
@@ -17,6 +16,7 @@ from dlheir.client.triton import HashError, TritonHasher
 from dlheir.contract import validate_bits
 from dlheir.errors import UserError
 from dlheir.ids import keyed_path_id
+from dlheir.progress import progress as progress_bar
 
 
 class UploadRates:
@@ -160,7 +160,7 @@ def upload_images(files: Sequence[tuple[str, Path | bytes]], keys: OwnerKeys | C
     todo = [(rel, path, i) for (rel, path), i in zip(files, ids) if replace or i not in present]
     report.already_present = len(files) - len(todo)
     report.replaced = len(present) if replace else 0
-    bar = tqdm(total=len(todo), unit="img", desc=f"upload to {collection}", disable=not progress)
+    bar = progress_bar(total=len(todo), unit="img", desc=f"upload to {collection}", disable=not progress)
     t0 = time.perf_counter()
 
     def items():

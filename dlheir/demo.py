@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline end to end (what `make demo` runs)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="digits", help="'digits' (bundled, default) or an image folder (e.g. Corel10K)")
-    p.add_argument("--work-dir", default="runs/demo", help="where the demo keeps its files (default runs/demo)")
+    p.add_argument("--work-dir", default=None,
+                   help="where the demo keeps its files (default runs/demo, with --quick runs/demo-quick)")
     for key in DIGITS_DEFAULTS:
         p.add_argument(f"--{key.replace('_', '-')}", type=type(DIGITS_DEFAULTS[key]), default=None,
                        help=f"digits: {DIGITS_DEFAULTS[key]}, image folder: {PAPER_DEFAULTS[key]} with CUDA, "
@@ -35,8 +36,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=PUBLIC_MODEL,
                    help=f"Triton model the demo calls (default {PUBLIC_MODEL}, the public ensemble)")
     p.add_argument("--retrain", action="store_true", help="train again even if the work dir has a finished checkpoint")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a first run in a few minutes: the same pipeline with {QUICK['image_size']} px images and "
+                        f"{QUICK['epochs']} epochs (flags given still win); the full run is the default")
     p.set_defaults(func=run_demo)
     needs(p, "train")
+
+
+# `dlheir demo --quick` (make demo's first run): smaller images and fewer epochs, the rest unchanged
+QUICK = {"image_size": 32, "epochs": 2}
+SHEET_QUERIES, SHEET_K = 6, 5  # the contact sheet: one query per class (up to 6), its top 5
 
 
 def pick_settings(data: str, given: dict, cuda: bool) -> tuple[dict, str | None]:
@@ -84,33 +93,44 @@ def run_demo(args: argparse.Namespace) -> int:
     from dlheir.procs import free_port
     from dlheir.triton.launcher import TritonServer
     from dlheir.triton.repository import prepare_repository
+    from dlheir.contact_sheet import SheetHit, SheetRow, contact_sheet
+    from dlheir.progress import progress
 
     t_start = time.perf_counter()
     import torch
 
-    cfg, warning = pick_settings(args.data, {k: getattr(args, k) for k in DIGITS_DEFAULTS}, torch.cuda.is_available())
+    given = {k: getattr(args, k) for k in DIGITS_DEFAULTS}
+    if args.quick:
+        given.update({k: v for k, v in QUICK.items() if given.get(k) is None})
+    cfg, warning = pick_settings(args.data, given, torch.cuda.is_available())
     if warning:
         print(warning)
-    work = Path(args.work_dir)
+    work = Path(args.work_dir or ("runs/demo-quick" if args.quick else "runs/demo"))
     work.mkdir(parents=True, exist_ok=True)
     summary: dict = {"data": args.data, **cfg}
 
-    # 1. train (reuse a finished checkpoint of the same settings)
+    # 1. train (reuse a finished checkpoint of the same settings, resume an interrupted one)
     ckpt = work / "model.pt"
-    reuse = False
+    done_epochs = None  # epochs of a checkpoint of these same settings
     if ckpt.exists() and not args.retrain:
         try:
             old = read_checkpoint(ckpt)
             load_checkpoint(ckpt)  # same layout as this version of the model?
-            reuse = all(old["config"].get(k) == v for k, v in cfg.items()) \
-                and old["config"].get("data") in (args.data, data_spec(args.data)) \
-                and old["epoch"] >= cfg["epochs"]
+            # the config records the run's target epochs, "epoch" the finished ones
+            same = all(old["config"].get(k) == v for k, v in cfg.items()) \
+                and old["config"].get("data") in (args.data, data_spec(args.data))
+            done_epochs = min(old["epoch"], cfg["epochs"]) if same else None
         except UserError:
-            reuse = False
-    print(f"== 1. train DLHEIR ({cfg['bits']} bits, {cfg['image_size']}px, {cfg['epochs']} epochs) on {args.data}")
+            done_epochs = None
+    print(f"== 1. train DLHEIR ({cfg['bits']} bits, {cfg['image_size']}px, {cfg['epochs']} epochs) on {args.data}"
+          f"{' (quick run)' if args.quick else ''}; Ctrl-C is safe: run the same command again to resume "
+          "from the last finished epoch")
     t0 = time.perf_counter()
-    if reuse:
+    if done_epochs == cfg["epochs"]:
         print(f"reusing {ckpt} (same settings; --retrain to train again)")
+    elif done_epochs is not None:
+        print(f"resuming {ckpt} after epoch {done_epochs}/{cfg['epochs']} (same settings; --retrain to start over)")
+        train(TrainConfig(data=args.data, out=str(work), resume=True, **cfg))
     else:
         if ckpt.exists():
             print(f"replacing {ckpt} (other settings, or --retrain)")
@@ -198,14 +218,17 @@ def run_demo(args: argparse.Namespace) -> int:
             ranked_labels = np.array([[by_id[int(i)].label for i in ids] for ids, _ in results])
             served = metrics.summarize(metrics.relevance(ranked_labels, np.array([r.label for r in queries])))
             # the user flow, one query at a time: trapdoor, search top 20, fetch, decrypt, verify
-            timings, mismatches, served_top = [], 0, []
-            for rec in queries:
+            timings, mismatches, served_top, sheet = [], 0, [], {}
+            for rec in progress(queries, desc="user searches (top 20, fetched, decrypted)", unit="query"):
                 hits, t = search_image(rec.path, grant, cloud, hasher, k=20)
                 timings.append(t)
                 served_top.append([(h.id, h.distance) for h in hits])
                 for h in hits:
                     if h.image != by_id[h.id].path.read_bytes():
                         mismatches += 1
+                if rec.label not in sheet and len(sheet) < SHEET_QUERIES:  # the first query of each class
+                    sheet[rec.label] = SheetRow(rec.path.read_bytes(), class_names[rec.label], [
+                        SheetHit(h.image, class_names[by_id[h.id].label], h.distance) for h in hits[:SHEET_K]])
 
         print(f"== 7b. private-ranking mode: sync the sealed code pages, rank all {len(queries)} queries locally")
         with CloudClient(cloud_proc.address, p_grant.reader_token) as cloud, connect_triton() as hasher:
@@ -267,4 +290,20 @@ def run_demo(args: argparse.Namespace) -> int:
           f"per query: sync p50 {pv['sync_p50_ms']:.2f} ms | local search p50 {pv['local_search_p50_ms']:.3f} ms | "
           f"end-to-end p50 {pv['end_to_end_p50_ms']:.1f} p99 {pv['end_to_end_p99_ms']:.1f}")
     print(f"wall time {summary['wall_seconds']:.0f}s (training {summary['train_seconds']:.0f}s); written {work / 'demo.json'}")
+    picture = contact_sheet(
+        work / "demo.png", list(sheet.values()),
+        {"offline (PyTorch)": {k: offline[k] for k in keys_m}, "served (Triton + cloud)": {k: served[k] for k in keys_m}},
+        {"trapdoor": {"p50": lat["trapdoor_p50"], "p99": lat["trapdoor_p99"]},
+         "search": {"p50": lat["search_p50"], "p99": lat["search_p99"]},
+         "end to end": {"p50": lat["end_to_end_p50"], "p99": lat["end_to_end_p99"]}},
+        f"DLHEIR demo on {args.data}: {cfg['bits']} bits, {cfg['image_size']} px, {cfg['epochs']} epochs; "
+        f"top {SHEET_K} decrypted results (green: same class, red: other)")
+    print(f"picture: {picture} (queries and their decrypted top {SHEET_K}, right class green, wrong red; "
+          "P@k/mAP and latency under them)")
+    if args.quick:
+        print("next: the full demo (64 px, 6 epochs; its training is most of its time): make demo-full, "
+              "or your own photos: the five-minute tour in README.md")
+    else:
+        print("next: your own photos: the five-minute tour in README.md (dlheir owner upload my_images, "
+              "dlheir user search query.jpg)")
     return 0 if equal and pv["equals_server_ranked"] and mismatches == 0 else 1

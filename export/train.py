@@ -11,11 +11,11 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from dlheir.codes import probs_to_codes
-from dlheir.config import quiet, show_progress
+from dlheir.config import quiet
 from dlheir.errors import UserError
+from dlheir.progress import progress
 from dlheir.export import metrics
 from dlheir.export.checkpoint import load_checkpoint, load_weights, read_checkpoint, save_checkpoint
 from dlheir.export.defaults import TrainConfig
@@ -41,7 +41,7 @@ def _path_of(item: Record | str | Path) -> Path:
 def load_pixels(records: Sequence[Record | str | Path], image_size: int, desc: str | None = None) -> np.ndarray:
     """Preprocess files (records or paths) to uint8 [N, S, S, 3]; an unreadable file is a UserError naming it."""
     out = np.empty((len(records), image_size, image_size, 3), dtype=np.uint8)
-    for i, rec in enumerate(tqdm(records, desc=desc, leave=False, disable=desc is None or not show_progress())):
+    for i, rec in enumerate(progress(records, desc=desc or "", leave=False, unit="img", disable=desc is None)):
         path = _path_of(rec)
         try:
             out[i] = preprocess(path, image_size)
@@ -113,7 +113,7 @@ def train(cfg: TrainConfig) -> Path:
     history = []
     for epoch in range(start_epoch, cfg.epochs):
         perm = torch.randperm(len(database), generator=gen)
-        bar = tqdm(range(0, len(perm), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
+        bar = progress(range(0, len(perm), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
         tot_loss = tot_acc = seen = 0.0
         t0 = time.time()
         for start in bar:
@@ -125,12 +125,9 @@ def train(cfg: TrainConfig) -> Path:
             tot_loss += loss * len(idx)
             tot_acc += acc * len(idx)
             seen += len(idx)
-            bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{tot_acc / seen:.3f}")
+            bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{tot_acc / seen:.3f}", refresh=False)
         scheduler.step()
         history.append({"epoch": epoch + 1, "loss": tot_loss / seen, "acc": tot_acc / seen, "seconds": time.time() - t0})
-        if bar.disable and not quiet():  # no bar (not a terminal): one line per epoch instead of silence
-            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {tot_loss / seen:.3f}, accuracy {tot_acc / seen:.3f}, "
-                  f"{history[-1]['seconds']:.0f} s", flush=True)
         meta = {
             "image_size": cfg.image_size,
             "class_names": class_names,
@@ -141,6 +138,9 @@ def train(cfg: TrainConfig) -> Path:
             "scheduler": scheduler.state_dict(),
         }
         save_checkpoint(ckpt_path, model, meta)
+        if not quiet():  # the epoch's result, also in a log file; said once saved (an interrupt resumes after it)
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {tot_loss / seen:.3f}, accuracy {tot_acc / seen:.3f}, "
+                  f"{history[-1]['seconds']:.0f} s, saved {ckpt_path}", flush=True)
     return ckpt_path
 
 
@@ -160,7 +160,7 @@ def compute_codes(model: DLHEIR, images: np.ndarray | Sequence[Record | str | Pa
         raise ValueError("compute_codes: image_size is required when images are paths")
     probs = []
     starts = range(0, len(images), batch_size)
-    for i in tqdm(starts, desc=desc, leave=False, disable=desc is None or not show_progress(), unit="batch"):
+    for i in progress(starts, desc=desc or "", leave=False, disable=desc is None, unit="batch"):
         chunk = images[i : i + batch_size]
         pixels = chunk if is_pixels else load_pixels(chunk, image_size)
         probs.append(model(to_input(pixels))[0].numpy())

@@ -16,6 +16,7 @@ import importlib.metadata as md
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -81,13 +82,32 @@ def test_wheel_installed_non_editable_runs_the_demo_from_elsewhere(wheel, tmp_pa
                            capture_output=True, text=True, check=True).stdout.strip()
     assert Path(where).is_relative_to(tmp_path / "venv"), f"dlheir imported from {where}, not the new venv"
 
-    # the whole demo pipeline at its smallest: 36 real digit images in 3 classes, 32 px, one epoch
-    # (the bundled digits' 1797 images take over 20 minutes on a busy 2-core machine)
-    demo = subprocess.run([str(python.parent / "dlheir"), "demo", "--data", str(digits_small), "--epochs", "1",
-                           "--image-size", "32", "--work-dir", str(run_dir / "demo")],
-                          cwd=run_dir, env=env, capture_output=True, text=True, timeout=900)
+    # the whole demo pipeline at its smallest: 36 real digit images in 3 classes, 32 px, two epochs
+    # (the bundled digits' 1797 images take minutes on a busy 2-core machine). Interrupted (Ctrl-C)
+    # once its first epoch is saved, then run again: it resumes there and ends with its picture.
+    command = [str(python.parent / "dlheir"), "demo", "--data", str(digits_small), "--epochs", "2",
+               "--image-size", "32", "--work-dir", str(run_dir / "demo")]
+    first = subprocess.Popen(command, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)
+    try:
+        said = []
+        for line in first.stdout:  # ends when the demo does
+            said.append(line)
+            if line.startswith("epoch 1/2:"):
+                first.send_signal(signal.SIGINT)
+                break
+        assert first.wait(timeout=120) == 130, said
+    finally:
+        first.kill()
+    assert any("Ctrl-C is safe" in line for line in said), said
+    demo = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True, timeout=900)
     assert demo.returncode == 0, (demo.stdout[-3000:], demo.stderr[-3000:])
-    assert list((run_dir / "demo").rglob("model.pt")), sorted(p.name for p in (run_dir / "demo").rglob("*"))
+    assert "resuming" in demo.stdout and "after epoch 1/2" in demo.stdout, demo.stdout[:2000]
+    assert "epoch 1/2:" not in demo.stdout and "epoch 2/2:" in demo.stdout, demo.stdout[:2000]
+    assert "about" in demo.stderr and "left" in demo.stderr  # progress, timed lines without a terminal
+    picture = run_dir / "demo" / "demo.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"picture: {picture}" in demo.stdout
+    assert "next:" in demo.stdout.splitlines()[-1], demo.stdout[-500:]
 
 
 def _extra_requirements() -> list[str]:
