@@ -608,14 +608,20 @@ class Owner(_Connections):
               out: str | os.PathLike | None = None, replace: bool = False, reader_token: str | None = None,
               bits: int | None = None, tokens: str | os.PathLike | None = None) -> Path:
         """Seal a grant for the holder of ``user_pub``'s private key (see ``dlheir owner grant``);
-        returns the grant file (default ``grant`` setting, else ``$DLHEIR_HOME/grant.bin``)."""
+        returns the grant file: ``out`` (or the ``grant`` setting), which must not exist; else, for
+        this machine's own user (no ``user_pub``), installed where ``user search`` finds it,
+        ``$DLHEIR_HOME/user-grants/COLLECTION.grant``; else ``$DLHEIR_HOME/grants/COLLECTION/USER.grant``,
+        to send. A default file is replaced: granting a user again makes their older grant useless.
+        ``last_grant_installed`` says which of the last two it was."""
         from dlheir.client.access import default_label, issue_grant
-        from dlheir.client.crypto import make_grant, read_public_key_file, write_private
+        from dlheir.client.crypto import make_grant, read_public_key_file, replace_private, write_private
 
+        from dlheir.client.crypto import public_key_path
+
+        own_pub = public_key_path(paths.resolve(self.config.get("user_key"), paths.USER_KEY))
+        own_user = user_pub is None or Path(user_pub).resolve() == own_pub.resolve()  # this machine's user
         if user_pub is None:  # a user on this machine: the public key next to the configured private key
-            from dlheir.client.crypto import public_key_path
-
-            user_pub = public_key_path(paths.resolve(self.config.get("user_key"), paths.USER_KEY))
+            user_pub = own_pub
             if not Path(user_pub).is_file():
                 raise UserError(f"give the user's public key with --user-pub FILE (none at {user_pub}, where "
                                 "'dlheir user keygen' on this machine puts it)")
@@ -626,11 +632,12 @@ class Owner(_Connections):
         if not collection:
             raise UserError(f"give --collection ({self.key_path} records no collection name)")
         user = paths.check_label(user) if user else None
-        out = paths.resolve(self.config.get("grant", out), paths.GRANT)
-        if out.exists():
-            suggestion = out.with_name(f"{collection}-{user or 'user'}.grant")
-            raise UserError(f"{out} already exists; refusing to overwrite a grant (a grant per collection or user: "
-                            f"give --out, e.g. --out {suggestion})")
+        out = self.config.get("grant", out)
+        out = Path(out) if out is not None else None
+        if out is not None and out.exists():
+            suggestion = paths.rotated_grant(collection, user or "user")
+            raise UserError(f"{out} already exists; refusing to overwrite a grant (without --out a grant goes to "
+                            f"a file per collection and user, e.g. {suggestion})")
         if reader_token is not None:  # offline: the caller's token (no per-user credential on the server)
             server = self._server_flag or (self.config.get("server") if self.config.given("server") else None)
             grant = make_grant(keys, public_pem, collection, reader_token, server=server, bits=bits, user=user)
@@ -641,10 +648,13 @@ class Owner(_Connections):
             with _cloud(self, server, doc["owner_token"]) as cloud:
                 grant = issue_grant(keys, public_pem, collection, user, cloud, server=server,
                                     bits=bits or doc.get("bits"), replace=replace)
-        out = paths.resolve(out, paths.GRANT, create=True)
-        write_private(out, grant, "a grant")
-        self.last_grant_user = user
-        return out
+        self.last_grant_user, self.last_grant_installed = user, out is None and own_user
+        if out is not None:
+            return write_private(out, grant, "a grant")
+        paths.ensure_home()
+        out = paths.held_grant(collection) if own_user else paths.rotated_grant(collection, user or "user")
+        out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return replace_private(out, grant)
 
     def grants(self, collection: str | None = None, tokens: str | os.PathLike | None = None) -> Readers:
         collection = self._collection(collection)
@@ -700,8 +710,9 @@ def default_search_dir(query: str | os.PathLike, base: str | os.PathLike = "resu
 class User(_Connections):
     """A query user: opens the owner's grant with the user's RSA private key and searches.
 
-    ``grant``/``user_key``: files (default ``grant``/``user_key`` settings, else
-    ``$DLHEIR_HOME/grant.bin`` and ``user.pem``); ``passphrase``: the private key's, if it has one;
+    ``grant``/``user_key``: files (default ``grant``/``user_key`` settings, else the grant held for
+    ``collection`` (default the ``collection`` setting) in ``$DLHEIR_HOME/user-grants/``, or the only
+    one held, and ``user.pem``); ``passphrase``: the private key's, if it has one;
     ``onnx``: an exported ONNX file to hash queries with in this process instead of Triton.
     Connections stay open between searches: ``with User() as user:`` or :meth:`close` closes them."""
 
@@ -709,12 +720,16 @@ class User(_Connections):
                  passphrase: str | None = None, server: str | None = None, triton: str | None = None,
                  model: str | None = None, tls_ca: str | None = None,
                  config: "_config.Config | str | os.PathLike | None" = None, insecure: bool | None = None,
-                 onnx: str | os.PathLike | None = None) -> None:
+                 onnx: str | os.PathLike | None = None, collection: str | None = None) -> None:
         self._init_connections()
         self._onnx = onnx
         self._local: Any = None  # private mode: the synced LocalIndex, kept between searches
         self.config = _cfg(config)
-        self.grant_path = paths.resolve(self.config.get("grant", grant), paths.GRANT)
+        # a collection asked for (flag or argument) must be the grant's; the setting only helps find it
+        self._asked_collection = collection
+        self.collection = collection or self.config.get("collection")
+        self._grant_given = self.config.get("grant", grant)
+        self._grant_path: Path | None = None
         self.key_path = paths.resolve(self.config.get("user_key", user_key), paths.USER_KEY)
         self.passphrase = passphrase
         self._server_flag, self._triton, self._model = server, triton, model
@@ -722,6 +737,84 @@ class User(_Connections):
         self.insecure = self.config.insecure(insecure)  # see Owner
         self._grant = None
         self.trust_note: str | None = None  # set when opening the grant pinned its owner's key (first use)
+
+    @property
+    def grant_path(self) -> Path:
+        """The grant file this user opens (resolved on first use, see :meth:`_grant_file`)."""
+        if self._grant_path is None:
+            self._grant_path = self._grant_file(self._grant_given)
+        return self._grant_path
+
+    def _grant_file(self, given: str | os.PathLike | None) -> Path:
+        """The grant to open: the one given; else the one held for ``self.collection``; else the
+        legacy ``grant.bin``; else the only one held. UserError naming what is held when it is not clear."""
+        if given is not None:
+            return Path(given)
+        legacy = paths.default_path(paths.GRANT)
+        held = paths.held_grants()
+        names = ", ".join(repr(p.stem) for p in held) or "none"
+        if self.collection:
+            path = paths.held_grant(self.collection)
+            if path.is_file():
+                return path
+        if self._asked_collection:
+            if legacy.is_file():
+                return legacy  # its collection is checked when it is opened
+            raise UserError(f"no grant for collection {self.collection!r} on this machine ({path}; held: {names}): "
+                            "ask its owner for one and install it with 'dlheir user add-grant FILE'")
+        if legacy.is_file() or not held:
+            return legacy  # none at all: 'grant not found' when opened
+        if len(held) == 1:
+            return held[0]
+        raise UserError(f"this machine holds grants for several collections ({names}): name one with --collection")
+
+    def add_grant(self, grant_file: str | os.PathLike) -> tuple[Path, "Any", bool]:
+        """Install a grant received from an owner as this machine's grant for its collection
+        (``$DLHEIR_HOME/user-grants/COLLECTION.grant``, 0600), after opening it with the private key and
+        checking its owner's signing key is trusted. Returns (where, the opened grant, whether it
+        replaced one: a grant re-issued after a rotation or a new grant replaces the older)."""
+        from dlheir.client.crypto import open_grant, read_private_key_file, replace_private
+        from dlheir.client.trust import check_owner
+
+        source = Path(grant_file)
+        if not source.is_file():
+            raise UserError(f"grant not found: {source}")
+        if not Path(self.key_path).is_file():
+            raise UserError(f"private key not found: {self.key_path}")
+        data = source.read_bytes()
+        grant = open_grant(data, read_private_key_file(self.key_path), self.passphrase)
+        self.trust_note = check_owner(grant)
+        paths.ensure_home()
+        target = paths.held_grant(grant.collection)
+        replaced = target.is_file()
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        replace_private(target, data)
+        return target, grant, replaced
+
+    def held_grants(self) -> list[dict]:
+        """Every grant this machine's user holds (``user-grants/``, and a legacy ``grant.bin``), opened
+        with the private key: collection, mode, server, key version, user label, file; one that
+        does not open says why (``opens``/``error``)."""
+        from dlheir.client.crypto import open_grant, read_private_key_file
+
+        files = paths.held_grants()
+        legacy = paths.default_path(paths.GRANT)
+        files += [legacy] if legacy.is_file() else []
+        if files and not Path(self.key_path).is_file():
+            raise UserError(f"private key not found: {self.key_path}")
+        private_pem = read_private_key_file(self.key_path) if files else b""
+        rows = []
+        for path in files:
+            row = {"collection": path.stem, "mode": "?", "server": None, "key_version": None, "user": None,
+                   "file": str(path), "opens": True, "error": ""}
+            try:
+                g = open_grant(path.read_bytes(), private_pem, self.passphrase)
+                row.update(collection=g.collection, mode=g.mode, server=g.server, key_version=g.key_id, user=g.user,
+                           owner=g.owner_fingerprint)
+            except (UserError, OSError, ValueError) as exc:
+                row.update(opens=False, error=str(exc).splitlines()[0])
+            rows.append(row)
+        return rows
 
     @staticmethod
     def keygen(out: str | os.PathLike | None = None, passphrase: str | None = None,
@@ -746,6 +839,11 @@ class User(_Connections):
             private_pem = read_private_key_file(self.key_path)  # a public key, or one others can read, stops here
             grant = open_grant(self.grant_path.read_bytes(), private_pem, self.passphrase)
             self.trust_note = check_owner(grant)  # an owner key not trusted stops here (the first is pinned)
+            asked = self._asked_collection
+            if asked and grant.collection != asked:
+                raise UserError(f"{self.grant_path} is a grant for collection {grant.collection!r}, not {asked!r}: "
+                                f"give --collection {grant.collection}, or ask the owner of {asked!r} for a grant "
+                                "('dlheir user add-grant FILE' installs it)")
             self._grant = grant
         return self._grant
 

@@ -179,8 +179,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _tokens_arg(p)
     _server_arg(p, "the tokens file")
     p.add_argument("--bits", type=int, default=None, help="code length recorded in the grant (checked at search)")
-    p.add_argument("--out", help=f"grant file to create (default: grant setting, else {HOME}/{paths.GRANT}; "
-                                 "must not exist)")
+    p.add_argument("--out", help=f"grant file to create (must not exist; default: the grant setting, else for this "
+                                 f"machine's own user key installed as {HOME}/{paths.USER_GRANTS_DIR}/COLLECTION.grant, "
+                                 f"else {HOME}/{paths.GRANTS_DIR}/COLLECTION/USER.grant to send)")
     _json_arg(p)
     p.set_defaults(func=_owner_grant)
 
@@ -255,9 +256,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     _json_arg(p)
     p.set_defaults(func=_user_trust_owner)
 
+    p = usub.add_parser(
+        "add-grant", help="install a grant file an owner sent you, as your grant for its collection",
+        description=f"Open GRANT_FILE with your private key (checking the owner's signing key is trusted) and keep "
+                    f"it as {HOME}/{paths.USER_GRANTS_DIR}/COLLECTION.grant (0600), replacing an older grant for "
+                    "that collection (after an owner's rotation, install the new one). 'dlheir user search "
+                    "--collection COLLECTION' then uses it; with one grant held, --collection is not needed.")
+    p.add_argument("grant_file", metavar="GRANT_FILE")
+    p.add_argument("--user-key", help=f"your private key (default: user_key setting, else {HOME}/{paths.USER_KEY})")
+    p.add_argument("--passphrase-env", help="environment variable holding the private key's passphrase")
+    _json_arg(p)
+    p.set_defaults(func=_user_add_grant)
+
+    p = usub.add_parser("grants", help="the grants you hold: collection, server, mode, owner key",
+                        description=f"Every grant in {HOME}/{paths.USER_GRANTS_DIR}/ (and a legacy {HOME}/"
+                                    f"{paths.GRANT}), opened with your private key.")
+    p.add_argument("--user-key", help=f"your private key (default: user_key setting, else {HOME}/{paths.USER_KEY})")
+    p.add_argument("--passphrase-env", help="environment variable holding the private key's passphrase")
+    _json_arg(p)
+    p.set_defaults(func=_user_grants)
+
     p = usub.add_parser("search", help="TrapGen via Triton, search, fetch and decrypt the top k")
     p.add_argument("query", metavar="QUERY_IMAGE")
-    p.add_argument("--grant", help=f"grant file from the owner (default: grant setting, else {HOME}/{paths.GRANT})")
+    p.add_argument("--collection", help="search this collection: the grant you hold for it (default: the "
+                                        "collection setting's grant, else the only grant you hold)")
+    p.add_argument("--grant", help=f"grant file from the owner (default: the one held for --collection in {HOME}/"
+                                   f"{paths.USER_GRANTS_DIR}/, else {HOME}/{paths.GRANT}, else the only one held)")
     p.add_argument("--user-key", help=f"your private key (default: user_key setting, else {HOME}/{paths.USER_KEY}; "
                                       "must be mode 0600)")
     p.add_argument("--passphrase-env", help="environment variable holding the private key's passphrase")
@@ -468,6 +492,11 @@ def _owner_grant(args):
     who = f" (user {user!r}, own reader token)" if reader_token is None else ""
     print(f"grant{who} written to {out}; only the holder of the private key matching {owner.last_grant_user_pub} "
           "can open it")
+    if owner.last_grant_installed:
+        print("it is installed for this machine's user: dlheir user search QUERY (--collection NAME when you hold "
+              "several grants)")
+    else:
+        print(f"send it to {user or 'the user'}, who installs it with: dlheir user add-grant FILE")
     return 0
 
 
@@ -524,7 +553,7 @@ def _owner_rotate(args):
     regranted = sorted({**report.granted_before, **report.granted})
     if regranted:
         print(f"send each of these users their new grant file (their old grant no longer works): "
-              f"{', '.join(map(repr, regranted))}")
+              f"{', '.join(map(repr, regranted))}; each installs it with: dlheir user add-grant FILE")
     return 0
 
 
@@ -549,11 +578,42 @@ def _user_trust_owner(args):
     return 0
 
 
+def _user_add_grant(args):
+    from dlheir.client.api import User
+
+    user = User(user_key=args.user_key, passphrase=_passphrase(args.passphrase_env), config=_cfg(args))
+    path, grant, replaced = user.add_grant(args.grant_file)
+    if user.trust_note:
+        print(user.trust_note, file=sys.stderr)
+    if _emit(args, {"grant": str(path), "collection": grant.collection, "replaced": replaced}):
+        return 0
+    print(f"grant for collection {grant.collection!r} installed as {path}"
+          f"{' (replacing the older one)' if replaced else ''}; search it with: dlheir user search QUERY "
+          f"--collection {grant.collection}")
+    return 0
+
+
+def _user_grants(args):
+    from dlheir.client.api import User
+
+    rows = User(user_key=args.user_key, passphrase=_passphrase(args.passphrase_env), config=_cfg(args)).held_grants()
+    if _emit(args, rows):
+        return 0
+    if not rows:
+        print("no grants held (install one with 'dlheir user add-grant FILE')")
+        return 0
+    print(f"{'collection':<24} {'mode':<14} {'server':<24} file")
+    for r in rows:
+        print(f"{r['collection']:<24} {r['mode']:<14} {r['server'] or '-':<24} {r['file']}"
+              f"{'' if r['opens'] else '  (does not open: ' + r['error'] + ')'}")
+    return 0
+
+
 def _user_search(args):
     from dlheir.client.api import User
 
     user = User(args.grant, args.user_key, _passphrase(args.passphrase_env), server=args.server, triton=args.triton,
-                model=args.model, config=_cfg(args))
+                model=args.model, config=_cfg(args), collection=args.collection)
     user.grant  # opened (and its owner's key checked) before anything else
     if user.trust_note:
         print(user.trust_note, file=sys.stderr)

@@ -9,10 +9,15 @@ can write to is refused (:func:`check_home`). Inside it:
   and ``owner grant``;
 - ``user.pem`` and ``user.pub.pem``: written by ``user keygen``, the private one read by
   ``user search``;
-- ``grant.bin``: written by ``owner grant``, read by ``user search``;
+- ``user-grants/COLLECTION.grant``: the grants this machine's user holds, one per collection
+  (mode 0600): written by ``user add-grant`` (and by ``owner grant`` when the grant is for this
+  machine's own user key), read by ``user search [--collection C]``;
+- ``grant.bin``: where ``owner grant`` wrote every grant before grants were kept per collection;
+  still read by ``user search`` when it holds no per-collection grant;
 - ``readers/COLLECTION/USER.pub.pem``: the public key of each user ``owner grant`` made a grant
   for, kept so that ``owner rotate`` can issue that user a new grant;
-- ``grants/COLLECTION/USER.grant``: the grants ``owner rotate`` issues (mode 0600).
+- ``grants/COLLECTION/USER.grant``: the grants ``owner grant`` and ``owner rotate`` issue for
+  other users' keys, to send to them (mode 0600).
 - ``rotations/COLLECTION.json``: the record of a rotation in progress (mode 0600), written by
   ``owner rotate`` before the server re-keys and removed when every grant is written; a
   rotation interrupted in between is finished by the next ``owner rotate``.
@@ -43,6 +48,7 @@ GRANT = "grant.bin"
 TOKENS_SUFFIX = ".tokens.json"
 READERS_DIR = "readers"
 GRANTS_DIR = "grants"
+USER_GRANTS_DIR = "user-grants"
 ROTATIONS_DIR = "rotations"
 
 
@@ -149,8 +155,20 @@ def kept_public_key(collection: str, user: str) -> Path:
     return dlheir_home() / READERS_DIR / collection / f"{check_label(user)}.pub.pem"
 
 
+def held_grant(collection: str) -> Path:
+    """Where this machine's user keeps their grant for ``collection`` (folder not created)."""
+    tokens_name(collection)  # checks the name
+    return dlheir_home() / USER_GRANTS_DIR / f"{collection}.grant"
+
+
+def held_grants() -> list[Path]:
+    """Every grant this machine's user keeps, by collection name."""
+    return sorted((dlheir_home() / USER_GRANTS_DIR).glob("*.grant"))
+
+
 def rotated_grant(collection: str, user: str, folder: str | os.PathLike | None = None) -> Path:
-    """Where ``owner rotate`` writes ``user``'s new grant (``folder`` overrides the default)."""
+    """Where ``owner grant`` and ``owner rotate`` write ``user``'s grant, to send to them (``folder``
+    overrides the default)."""
     tokens_name(collection)
     base = Path(folder) if folder is not None else dlheir_home() / GRANTS_DIR / collection
     return base / f"{check_label(user)}.grant"

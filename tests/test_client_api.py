@@ -316,15 +316,62 @@ def test_a_revoked_user_and_a_second_grant_are_told_what_to_do(setup, capsys):
     owner.upload(s["images"], "own", progress=False)
     dlheir.User.keygen()
     owner.grant(s["home"] / "user.pub.pem", "own", user="me")
+    taken = s["home"] / "taken.grant"
+    taken.write_bytes(b"x")
     code, _, err = cli(capsys, "owner", "grant", "--user-pub", s["home"] / "user.pub.pem", "--collection", "own",
-                       "--user", "me2")
-    assert code != 0 and "already exists" in err and "--out" in err and len(err.strip().splitlines()) == 1
+                       "--user", "me2", "--out", taken)  # an --out that exists is never overwritten
+    assert code != 0 and "already exists" in err and "own" in err and len(err.strip().splitlines()) == 1
     query = next(s["images"].glob("2/*.png"))
     assert cli(capsys, "user", "search", query, "-k", 1)[0] == 0
     owner.revoke("me", "own")
     code, out, err = cli(capsys, "user", "search", query, "-k", 1)
     assert code != 0 and "Traceback" not in out + err and len(err.strip().splitlines()) == 1
     assert "refused this grant's reader token" in err and "ask the owner for a new grant" in err
+
+
+def test_several_collections_per_user_grant_files_by_collection(setup, capsys):
+    """A grant per collection: 'owner grant' installs this machine's user's grant as
+    user-grants/COLLECTION.grant and writes another user's as grants/COLLECTION/USER.grant, to send;
+    'user add-grant' installs a received one; 'user search --collection' picks; without it, several
+    held grants are named in one line; a grant re-issued after a rotation replaces the older."""
+    s = setup
+    home = s["home"]
+    owner = dlheir.Owner()
+    owner.init_keys()
+    query = next(s["images"].glob("2/*.png"))
+    for name in ("cats", "dogs"):
+        owner.create_collection(name, bits=48)
+        owner.upload(s["images"], name, progress=False)
+    dlheir.User.keygen()
+    code, out, _ = cli(capsys, "owner", "grant", "--collection", "cats", "--user", "me")
+    assert code == 0 and str(home / "user-grants" / "cats.grant") in out and "installed" in out, out
+    assert cli(capsys, "user", "search", query, "-k", 1)[0] == 0  # one grant held: no --collection needed
+    # a grant for another user's key (here a second key pair standing for them): written to send, then installed
+    other = home / "other" / "friend.pem"
+    other.parent.mkdir(mode=0o700)
+    dlheir.User.keygen(other)
+    code, out, _ = cli(capsys, "owner", "grant", "--collection", "dogs", "--user", "friend",
+                       "--user-pub", other.with_name("friend.pub.pem"))
+    sent = home / "grants" / "dogs" / "friend.grant"
+    assert code == 0 and str(sent) in out and "send it to friend" in out and "user add-grant" in out, out
+    assert not (home / "user-grants" / "dogs.grant").exists()
+    code, out, err = cli(capsys, "user", "add-grant", sent, "--user-key", other)
+    assert code == 0 and "'dogs'" in out and str(home / "user-grants" / "dogs.grant") in out, err
+    # two grants held now: search names them unless told which
+    code, out, err = cli(capsys, "user", "search", query, "-k", 1, "--user-key", other)
+    assert code != 0 and "'cats', 'dogs'" in err and "--collection" in err and len(err.strip().splitlines()) == 1
+    found = cli_json(capsys, "user", "search", query, "-k", 1, "--collection", "dogs", "--user-key", other)
+    assert found["results"][0]["distance"] == 0
+    code, out, err = cli(capsys, "user", "search", query, "--collection", "birds")
+    assert code != 0 and "no grant for collection 'birds'" in err and "add-grant" in err, err
+    listed = cli_json(capsys, "user", "grants", "--user-key", other)
+    assert {r["collection"]: r["opens"] for r in listed} == {"cats": False, "dogs": True}  # cats is sealed for 'me'
+    # the owner rotates dogs: the new grant to send, installed over the old one; the old one stops working
+    code, out, _ = cli(capsys, "owner", "rotate", "--collection", "dogs")
+    assert code == 0 and f"new grant for 'friend': {sent}" in out and "user add-grant" in out, out
+    code, out, _ = cli(capsys, "user", "add-grant", sent, "--user-key", other)
+    assert code == 0 and "replacing the older one" in out
+    assert cli(capsys, "user", "search", query, "-k", 1, "--collection", "dogs", "--user-key", other)[0] == 0
 
 
 def test_grant_without_user_pub_takes_this_machines_key_or_says_what_to_give(tmp_path, monkeypatch, capsys):
@@ -342,4 +389,4 @@ def test_grant_without_user_pub_takes_this_machines_key_or_says_what_to_give(tmp
     monkeypatch.setenv("DLHEIR_READER_TOKEN", "offline-token")  # offline: no server needed
     code, out, err = cli(capsys, "owner", "grant", "--user", "me", "--collection", "c")
     assert code == 0, err
-    assert str(home / "user.pub.pem") in out and (home / "grant.bin").is_file()
+    assert str(home / "user.pub.pem") in out and (home / "user-grants" / "c.grant").is_file()

@@ -156,7 +156,7 @@ def test_cli_flow_resumes_and_skips_unreadable(tmp_path, triton_server, cloud_se
     assert main(["user", "keygen"]) == 0
     assert main(["owner", "grant", "--user-pub", str(home / "user.pub.pem"), "--collection", "cli"]) == 0
     capsys.readouterr()
-    assert sorted(p.name for p in home.iterdir()) == ["cli.tokens.json", "grant.bin", "owner.key", "readers",
+    assert sorted(p.name for p in home.iterdir()) == ["cli.tokens.json", "owner.key", "readers", "user-grants",
                                                       "user.pem", "user.pub.pem"]  # readers/: kept public keys
     assert home.stat().st_mode & 0o777 == 0o700
     query = next(images.glob("1/*.png"))

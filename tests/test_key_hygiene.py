@@ -108,8 +108,9 @@ def test_keys_tokens_and_grants_go_to_the_home_folder_without_path_flags(home, c
     one_line_error(code, err, "grant not found", home / "grant.bin")
 
     code, out, _ = run_cli(capsys, "owner", "grant", "--user-pub", home / "user.pub.pem")
-    assert code == 0 and str(home / "grant.bin") in out and mode_of(home / "grant.bin") == 0o600
-    grant = open_grant((home / "grant.bin").read_bytes(), (home / "user.pem").read_bytes())
+    held = home / "user-grants" / "photos.grant"  # this machine's own user: installed for user search
+    assert code == 0 and str(held) in out and mode_of(held) == 0o600 and mode_of(held.parent) == 0o700
+    grant = open_grant(held.read_bytes(), (home / "user.pem").read_bytes())
     tokens = json.loads((home / "photos.tokens.json").read_text())
     assert (grant.collection, grant.user, grant.server, grant.bits) == ("photos", "user", cloud_server.address, 48)
     assert grant.reader_token not in (tokens["reader_token"], tokens["owner_token"])  # the user's own token
@@ -123,7 +124,7 @@ def test_keys_tokens_and_grants_go_to_the_home_folder_without_path_flags(home, c
     assert mode_of(home / "readers") == 0o700 and mode_of(home / "readers" / "photos") == 0o700
 
     assert sorted(os.listdir(cwd)) == ["q.png"]  # nothing secret in the working folder
-    assert sorted(os.listdir(home)) == ["grant.bin", "owner.key", "photos.tokens.json", "readers", "user.pem",
+    assert sorted(os.listdir(home)) == ["owner.key", "photos.tokens.json", "readers", "user-grants", "user.pem",
                                         "user.pub.pem"]
 
 
@@ -254,7 +255,7 @@ def test_decrypted_images_are_0600_in_a_0700_folder(tmp_path):
 
 # --- the repository ignores key files -----------------------------------------------------------
 @pytest.mark.parametrize("name", ["owner.key", "user.pem", "user.pub.pem", "grant.bin", "grant-alice.bin",
-                                  "photos.grant.bin", "photos.tokens.json", "admin.token"])
+                                  "photos.grant.bin", "photos.grant", "photos.tokens.json", "admin.token"])
 def test_gitignore_covers_key_token_and_grant_files(name):
     if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
         pytest.skip("not a git checkout")
