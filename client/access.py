@@ -33,6 +33,8 @@ A server that had already recovered T_old (from known image/code pairs) gets T_n
 
 from __future__ import annotations
 
+import logging
+
 import json
 import os
 import signal
@@ -48,6 +50,8 @@ from dlheir.client.crypto import (
 )
 from dlheir.codes import pack_bits
 from dlheir.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 # Test hook (fault injection), not a feature: when $DLHEIR_FAULT_POINT names one of these points,
@@ -96,6 +100,8 @@ def issue_grant(keys: OwnerKeys, public_pem: bytes, collection: str, user: str, 
                        key_id=version.key_id)
     paths.make_private_dirs(kept.parent)
     replace_private(kept, bytes(public_pem))
+    log.info("grant for user %r on collection %r: a new reader token (the server keeps its hash), key version %d, "
+             "%s mode; public key kept as %s", user, collection, version.key_id, version.mode, kept)
     return grant
 
 

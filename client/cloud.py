@@ -6,6 +6,8 @@ status ``code`` and the server's message), so the CLI prints them as one line.
 
 from __future__ import annotations
 
+import logging
+
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -17,6 +19,8 @@ from dlheir.contract import ContractError, model_mismatch
 from dlheir.errors import UserError
 from dlheir.proto import dlheir_cloud_pb2 as pb
 from dlheir.proto import dlheir_cloud_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -133,6 +137,8 @@ class CloudClient:
             self.channel = grpc.insecure_channel(address, options)
         self.stub = pb_grpc.CloudStoreStub(self.channel)
         self.address, self.token = address, token
+        log.info("cloud server %s over %s%s", address, "TLS" if tls_ca else "cleartext (loopback or --insecure)",
+                 "" if token else ", no token")
 
     def _md(self, token: str | None = None) -> tuple:
         token = token or self.token

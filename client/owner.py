@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,8 @@ from dlheir.contract import validate_bits
 from dlheir.errors import UserError
 from dlheir.ids import keyed_path_id
 from dlheir.progress import progress as progress_bar
+
+log = logging.getLogger(__name__)
 
 
 class UploadRates:
@@ -160,6 +164,9 @@ def upload_images(files: Sequence[tuple[str, Path | bytes]], keys: OwnerKeys | C
     todo = [(rel, path, i) for (rel, path), i in zip(files, ids) if replace or i not in present]
     report.already_present = len(files) - len(todo)
     report.replaced = len(present) if replace else 0
+    log.info("upload to %r (%s mode, key version %d): %d files, %d already stored, %d to send in batches of %d",
+             collection, "private" if keys.private else "server-ranked", keys.key_id, len(files),
+             report.already_present, len(todo), batch_size)
     bar = progress_bar(total=len(todo), unit="img", desc=f"upload to {collection}", disable=not progress)
     t0 = time.perf_counter()
 
@@ -186,6 +193,8 @@ def upload_images(files: Sequence[tuple[str, Path | bytes]], keys: OwnerKeys | C
                 codes = np.zeros((len(batch), 0), np.uint8)  # items of a private collection carry no code
             else:
                 codes = transform.apply(codes)
+            log.debug("batch of %d items (%d bytes encrypted): ids %s", len(batch), sum(map(len, blobs)),
+                      [i for _, i, _ in batch])
             for (rel, i, data), code, blob in zip(batch, codes, blobs):
                 report.bytes_uploaded += len(blob)
                 yield i, code.tobytes(), blob, {}
@@ -203,4 +212,6 @@ def upload_images(files: Sequence[tuple[str, Path | bytes]], keys: OwnerKeys | C
     if failed:
         raise failed[0]
     report.seconds = time.perf_counter() - t0
+    log.info("uploaded %d items, %d bytes in %.1f s; %d skipped", report.uploaded, report.bytes_uploaded,
+             report.seconds, len(report.skipped))
     return report

@@ -10,6 +10,8 @@ backend runs it.
 
 from __future__ import annotations
 
+import logging
+
 from concurrent.futures import ThreadPoolExecutor
 from os import PathLike
 from pathlib import Path
@@ -22,6 +24,8 @@ from dlheir.contract import (
     signature_from_shapes,
 )
 from dlheir.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class HashError(UserError):
@@ -140,6 +144,9 @@ class TritonHasher:
         self.pixel_model = pixel_model or (steps[-1].model_name if steps else self.model)
         meta = self.client.get_model_metadata(self.model)
         shapes = {t.name: list(t.shape) for t in [*meta.inputs, *meta.outputs]}
+        # a network model itself (dlheir_onnx_cpu, ...) takes warped pixels, not image files: the
+        # images are then preprocessed here, with the module the ensemble's first step runs
+        self.takes_pixels = IMAGE in {t.name for t in meta.inputs} and IMAGE_BYTES not in {t.name for t in meta.inputs}
         if PROBS not in shapes:
             raise UserError(f"Triton model '{self.model}' has no {PROBS} output: not a DLHEIR hashing model")
         if IMAGE not in shapes:  # an ensemble takes IMAGE_BYTES: S from the network it runs
@@ -152,6 +159,8 @@ class TritonHasher:
                                 f"tensor shapes ({value}); regenerate its repository")
         self.image_size, self.bits = size, bits
         self.fingerprint: str | None = params.get(FINGERPRINT_PARAM) or None
+        log.info("Triton %s, model %r: %d px, %d bits, fingerprint %s%s", self.url, self.model, size, bits,
+                 self.fingerprint, " (images preprocessed here: the model takes pixels)" if self.takes_pixels else "")
 
     def _infer(self, model: str, name: str, array: np.ndarray, datatype: str, labels: Sequence[str]):
         inp = self._grpc.InferInput(name, list(array.shape), datatype)
@@ -178,6 +187,10 @@ class TritonHasher:
 
         sources = list(sources)
         labels = [str(s) if is_path(s) else label(s, i) for i, s in enumerate(sources)]
+        if self.takes_pixels:
+            pixels = np.stack([self._pixels(s, name) for s, name in zip(sources, labels)]) if sources else \
+                np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+            return self.hash_pixels(pixels)
         data = [_read(s) for s in sources]
         chunks = [(i, np.array([[d] for d in data[i:i + self.batch_size]], dtype=object))
                   for i in range(0, len(data), self.batch_size)]
@@ -188,6 +201,12 @@ class TritonHasher:
         is that image's ``HashResult.error`` and the others are still hashed. Yields in order."""
 
         def one(source) -> HashResult:
+            if self.takes_pixels:
+                try:
+                    probs, codes = self.hash_images([source])
+                except HashError as exc:
+                    return HashResult(None, None, exc.reason)
+                return HashResult(probs[0], codes[0], None)
             try:
                 probs, codes = self._infer(self.model, IMAGE_BYTES, np.array([[_read(source)]], dtype=object),
                                            "BYTES", [str(source) if isinstance(source, (str, PathLike)) else "image"])
@@ -197,6 +216,17 @@ class TritonHasher:
 
         with ThreadPoolExecutor(self.max_in_flight) as pool:
             yield from pool.map(one, sources)
+
+    def _pixels(self, source, name: str) -> np.ndarray:
+        """One image -> uint8 [S, S, 3] by dlheir.preprocess (for a model that takes pixels)."""
+        from dlheir.preprocess import ImageDecodeError, preprocess
+
+        if isinstance(source, (str, PathLike)):
+            source = _read(source)  # a missing file: HashError naming it
+        try:
+            return preprocess(source, self.image_size)
+        except ImageDecodeError as exc:
+            raise HashError(f"cannot hash {name}: {exc.reason}", exc.reason) from None
 
     def hash_one(self, source) -> tuple[np.ndarray, np.ndarray]:
         """One image -> (probs [N], code [L]) in a single request (the trapdoor path)."""

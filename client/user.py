@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,8 @@ from dlheir.client.cloud import CloudClient, check_model
 from dlheir.client.crypto import CodeTransform, Grant, decrypt_image, replace_private
 from dlheir.client.triton import TritonHasher
 from dlheir.errors import UserError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from dlheir.client.private import LocalIndex
@@ -88,6 +92,7 @@ def search_image(query, grant: Grant, cloud: CloudClient, hasher: TritonHasher, 
             name, image = decrypt_image(grant.image_keys, blobs[int(i)], binding, int(i))
         hits.append(Hit(rank, int(i), int(d), name, image))
     t3 = time.perf_counter()
+    _log_search(grant.collection, 1, local is not None, t1 - t0, t2 - t1, len(blobs), t3 - t2, [hits])
     return hits, QueryTimings(t1 - t0, t2 - t1 - sync_s, t3 - t2, sync_s)
 
 
@@ -131,7 +136,19 @@ def search_images(queries: Sequence, grant: Grant, cloud: CloudClient, hasher: T
         opened[i] = decrypt_image(grant.image_keys, blob, binding, i)
     results = [[Hit(rank, int(i), int(d), *opened.get(int(i), ("", b"")))
                 for rank, (i, d) in enumerate(zip(ids, dists), start=1)] for ids, dists in ranked]
-    return results, QueryTimings(t1 - t0, t2 - t1 - sync_s, time.perf_counter() - t2, sync_s)
+    t3 = time.perf_counter()
+    _log_search(grant.collection, len(queries), local is not None, t1 - t0, t2 - t1, len(opened), t3 - t2, results)
+    return results, QueryTimings(t1 - t0, t2 - t1 - sync_s, t3 - t2, sync_s)
+
+
+def _log_search(collection: str, queries: int, local: bool, hash_s: float, rank_s: float, fetched: int,
+                fetch_s: float, results: list[list[Hit]]) -> None:
+    """-v: what a search did and how long each step took; -vv: the hits (ids and distances)."""
+    log.info("search %r: trapdoor %.1f ms for %d quer%s, %s %.1f ms, fetch+decrypt %d images %.1f ms", collection,
+             hash_s * 1e3, queries, "y" if queries == 1 else "ies", "local ranking" if local else "server search",
+             rank_s * 1e3, fetched, fetch_s * 1e3)
+    for n, hits in enumerate(results):
+        log.debug("hits (rank, id, distance) of query %d: %s", n, [(h.rank, h.id, h.distance) for h in hits])
 
 
 def write_results(hits: list[Hit], out_dir: Path | str) -> list[Path]:

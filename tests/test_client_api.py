@@ -5,6 +5,7 @@ the same results."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -390,3 +391,40 @@ def test_grant_without_user_pub_takes_this_machines_key_or_says_what_to_give(tmp
     code, out, err = cli(capsys, "owner", "grant", "--user", "me", "--collection", "c")
     assert code == 0, err
     assert str(home / "user.pub.pem") in out and (home / "user-grants" / "c.grant").is_file()
+
+
+def test_verbose_flags_add_log_records_on_upload_grant_and_search(setup):
+    """-v adds INFO records (what was connected, sent, found, with timings), -vv DEBUG ones (ids),
+    on upload, grant and search; no secret (token, key) appears in them."""
+    import subprocess
+    import sys
+
+    s = setup
+    home = s["home"]
+
+    def run(*argv: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "dlheir", *argv], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "DLHEIR_HOME": str(home)})
+        assert out.returncode == 0, out.stderr
+        return out.stderr
+
+    assert "INFO" not in run("owner", "init") + run("owner", "create-collection", "v", "--bits", "48")
+    quiet = run("owner", "upload", str(s["images"]), "--collection", "v")
+    assert "INFO" not in quiet and "DEBUG" not in quiet
+    run("user", "keygen")
+    err = run("-v", "owner", "grant", "--collection", "v", "--user", "me")
+    assert "INFO dlheir.client.access: grant for user 'me'" in err and "DEBUG" not in err, err
+    query = next(s["images"].glob("1/*.png"))
+    err = run("-v", "user", "search", str(query), "-k", "3", "--out", str(home.parent / "found"))
+    assert "INFO dlheir.client.triton: Triton" in err and "INFO dlheir.client.cloud: cloud server" in err, err
+    assert "INFO dlheir.client.user: search 'v': trapdoor" in err and "DEBUG" not in err, err
+    err = run("-vv", "user", "search", str(query), "-k", "3", "--out", str(home.parent / "found2"))
+    assert "DEBUG dlheir.client.user: hits (rank, id, distance)" in err, err
+    extra = s["images"] / "new"
+    extra.mkdir()
+    (extra / "x.png").write_bytes(next(s["images"].glob("2/*.png")).read_bytes()[:-1] + b"\0")  # new content id
+    err = run("-vv", "owner", "upload", str(extra), "--collection", "v")
+    assert "INFO dlheir.client.owner: upload to 'v'" in err and "DEBUG dlheir.client.owner: batch of" in err, err
+    tokens = json.loads((home / "v.tokens.json").read_text())
+    for secret in (tokens["owner_token"], tokens["reader_token"]):
+        assert secret not in err

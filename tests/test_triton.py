@@ -67,6 +67,26 @@ def test_codes_from_triton_equal_in_process_onnx(triton_server, served_model, di
         np.testing.assert_array_equal(direct, expected[:7])
 
 
+def test_the_network_model_itself_hashes_image_files_too(triton_server, digits_small, capsys):
+    """--model dlheir_onnx_cpu (the network, which takes warped pixels) hashes files like the ensemble:
+    the client preprocesses them with the same module; a bad image is one line naming it."""
+    files = [p for _, p in list_images(digits_small)][:9]
+    with TritonHasher(triton_server.grpc_url) as ensemble, \
+            TritonHasher(triton_server.grpc_url, model="dlheir_onnx_cpu", batch_size=4) as network:
+        assert not ensemble.takes_pixels and network.takes_pixels
+        assert network.fingerprint == ensemble.fingerprint
+        np.testing.assert_array_equal(network.hash_images(files)[1], ensemble.hash_images(files)[1])
+        results = list(network.hash_each([files[0], b"definitely not an image"]))
+        np.testing.assert_array_equal(results[0].code, ensemble.hash_one(files[0])[1])
+        assert results[1].code is None and "not an image Pillow can read" in results[1].error
+        want = ensemble.hash_one(files[0])[1].tobytes().hex()
+    from dlheir.cli import main
+
+    capsys.readouterr()
+    assert main(["hash", str(files[0]), "--triton", triton_server.grpc_url, "--model", "dlheir_onnx_cpu"]) == 0
+    assert want in capsys.readouterr().out
+
+
 def test_corrupt_image_fails_only_its_request(triton_server, digits_small):
     good = [p for _, p in list_images(digits_small)][:3]
     with TritonHasher(triton_server.grpc_url, batch_size=1) as hasher:
