@@ -439,44 +439,58 @@ def _fmt_n(n: int | None) -> str:
     return "not reached" if n is None else str(n)
 
 
-def plot(path: Path, runs: list[dict], title: str) -> Path:
+def figure(runs: list[dict], title: str):
+    """The two panels (exact codes, bits) against the known pairs, with one legend under both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for run in runs:
         r = run["result"]
         x = [p["pairs"] for p in r["known_pairs"]]
         label = f"{run['label']}, {r['bits']} bits"
-        line, = axes[0].plot(x, [p["codes_exact_median"] for p in r["known_pairs"]], marker="o", label=label)
+        line, = axes[0].plot(x, [p["codes_exact_median"] for p in r["known_pairs"]], marker="o",
+                             label=f"{label}: known pairs")
         axes[0].fill_between(x, [p["codes_exact_min"] for p in r["known_pairs"]],
                              [p["codes_exact_max"] for p in r["known_pairs"]], color=line.get_color(), alpha=0.15)
-        axes[1].plot(x, [p["bits_right_median"] for p in r["known_pairs"]], marker="o", color=line.get_color(),
-                     label=label)
+        axes[1].plot(x, [p["bits_right_median"] for p in r["known_pairs"]], marker="o", color=line.get_color())
         axes[0].plot(x, [p["tie_break_codes_exact_median"] for p in r["known_pairs"]], marker="x", linestyle="--",
-                     color=line.get_color(), label=f"{label}: pairs + bit statistics")
+                     color=line.get_color(), label=f"{label}: known pairs + bit statistics")
         axes[1].plot(x, [p["tie_break_bits_right_median"] for p in r["known_pairs"]], marker="x", linestyle="--",
                      color=line.get_color())
         st = r["statistics_attack"]
         axes[0].plot([0], [st["exact"]], marker="*", markersize=14, color=line.get_color(), linestyle="none",
-                     label=f"{label}: no pair, bit statistics")
+                     label=f"{label}: no pair, bit statistics only")
         axes[1].plot([0], [st["bits"]], marker="*", markersize=14, color=line.get_color(), linestyle="none")
-    axes[0].set_ylabel("held-out stored codes predicted exactly (fraction, linear scale)")
-    axes[1].set_ylabel("held-out stored bits predicted right (fraction, linear scale)")
+    axes[0].set_ylabel("held-out stored codes\npredicted exactly (fraction)")
+    axes[1].set_ylabel("held-out stored bits\npredicted right (fraction)")
     for ax in axes:
-        ax.set_xlabel("known (raw code, stored code) pairs (count; symlog scale: linear to 10, log above)")
+        ax.set_xlabel("known (raw code, stored code) pairs\n(symlog scale: linear to 10, log above)")
         ax.set_xscale("symlog", linthresh=10)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0].set_title("exact codes (median, band = min-max over secrets)", fontsize=9)
+    axes[0].set_title("exact codes (median; band: min-max over secrets)", fontsize=9)
     axes[1].set_title("bits (median over secrets)", fontsize=9)
-    axes[0].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
     fig.suptitle(title)
-    from dlheir.benchmarks.common import save_figure
+    height = 4.2 + 0.2 * len(labels)  # the panels keep their height; the legend's lines are added under them
+    fig.set_size_inches(12, height)
+    fig.tight_layout(rect=(0, (0.25 + 0.2 * len(labels)) / height, 1, 1), w_pad=3)
+    fig.legend(handles, labels, loc="lower center", fontsize=8, frameon=False)  # under both panels
+    return fig
 
-    return save_figure(fig, path)
+
+def plot(path: Path, runs: list[dict], title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # --- CLI ----------------------------------------------------------------------------------------

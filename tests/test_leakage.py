@@ -207,6 +207,34 @@ def test_cli_bench_leakage_synthetic_writes_json_and_png(tmp_path, capsys):
     assert keyed["ids"].startswith("keyed_content_id") and keyed["true_positives"] == 0
     png = tmp_path / "bench_leakage.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _labels_fit_and_do_not_overlap(doc["runs"] * 2)  # the figure of the runs, twice (a longer legend)
+
+
+def _labels_fit_and_do_not_overlap(runs: list[dict]) -> None:
+    """Every title, axis label and the legend lies inside the figure, and none overlaps another or the
+    other panel (they were cut off and overlapped)."""
+    import matplotlib.pyplot as plt
+
+    from dlheir.benchmarks.leakage import figure
+
+    fig = figure(runs, "title")
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    page = fig.bbox
+    boxes = {"legend": fig.legends[0].get_window_extent(renderer)}
+    for n, ax in enumerate(fig.axes):
+        for name, text in (("title", ax.title), ("x label", ax.xaxis.label), ("y label", ax.yaxis.label)):
+            boxes[f"panel {n} {name}"] = text.get_window_extent(renderer)
+    for name, box in boxes.items():
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, f"{name} is cut off"
+    names = list(boxes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not boxes[a].overlaps(boxes[b]), f"{a} overlaps {b}"
+        for n, ax in enumerate(fig.axes):
+            if not a.startswith(f"panel {n}"):
+                assert not boxes[a].overlaps(ax.get_window_extent(renderer)), f"{a} overlaps panel {n}"
+    plt.close(fig)
 
 
 def test_cli_bench_leakage_without_checkpoint_is_one_line(tmp_path, capsys):
