@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a group given without its subcommand: show that group's help
         parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "--help"])
         return 2
+    args.argv = list(argv if argv is not None else sys.argv[1:])  # which flags were given (settings files)
     try:
         if getattr(args, "needs_extra", None):
             from dlheir import extras

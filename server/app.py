@@ -29,7 +29,12 @@ log = logging.getLogger("dlheir.server")
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", required=True, help="folder for the durable store (created if missing)")
+    p.add_argument("--server-config", metavar="FILE",
+                   help="TOML file of settings: the flags below without their dashes (data_dir = \"runs/cloud\", "
+                        "store = \"postgresql://...\", port = 50051, insecure = true, ...); a flag given on the "
+                        "command line beats the file; relative paths are relative to the file's folder")
+    p.add_argument("--data-dir", help="folder for the durable store (created if missing; required, here or in "
+                                      "--server-config)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key enables TLS")
@@ -40,7 +45,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=None, help="index shards searched in parallel (default: cores)")
     p.add_argument("--mih-min-items", type=int, default=None, metavar="N",
                    help="collection size from which searches may use exact multi-index hashing instead of a "
-                        "flat scan (codes of <= 64 bits; default 200000)")
+                        "flat scan (codes of <= 64 bits; default 100000)")
     p.add_argument("--index", default="auto", choices=("auto", "flat", "mih"),
                    help="auto: from --mih-min-items codes on, time both on the collection's own codes and keep "
                         "the faster (default); flat: always scan; mih: always multi-index hashing from there")
@@ -82,6 +87,65 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics, on --host (https with the "
                         "--tls-cert/--tls-key; no token: anyone who reaches the port reads them); 0: a free port, "
                         "written into the ready file as metrics_port. Default: off")
+
+
+# settings that name files: relative to the settings file's folder when given there
+SETTINGS_PATHS = frozenset({"data_dir", "tls_cert", "tls_key", "admin_token_file", "ready_file"})
+# flags that are not server settings (the command's own, and dlheir's -v/-q/--config on every command)
+NOT_SETTINGS = frozenset({"help", "server_config", "foreground", "verbose", "quiet", "config"})
+
+
+def apply_server_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str],
+                        only_known: bool = False) -> None:
+    """Fill ``args`` from ``--server-config FILE`` (TOML: the flags without dashes) where the
+    command line ``argv`` did not give the flag; then require --data-dir. UserError (one line,
+    naming the file and the key) for an unreadable file, an unknown key or a bad value
+    (``only_known``: keys ``parser`` has no flag for are skipped, as ``server stop`` does)."""
+    path = getattr(args, "server_config", None)
+    if path:
+        import tomllib
+
+        try:
+            settings = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise UserError(f"--server-config {path}: {exc.strerror or exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"--server-config {path}: not a TOML file: {exc}") from None
+        actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in NOT_SETTINGS}
+        given = {dest for dest, a in actions.items()
+                 if any(tok == opt or tok.startswith(opt + "=") for tok in argv for opt in a.option_strings)}
+        for key, value in settings.items():
+            dest = key.replace("-", "_")
+            action = actions.get(dest)
+            if action is None and only_known:
+                continue
+            if action is None:
+                raise UserError(f"--server-config {path}: unknown setting {key!r} (settings are the server's flags "
+                                f"without their dashes: {', '.join(sorted(actions))})")
+            if dest not in given:
+                setattr(args, dest, _setting_value(path, key, value, action))
+    if not getattr(args, "data_dir", None):
+        raise UserError("give --data-dir DIR (or data_dir in --server-config FILE)")
+
+
+def _setting_value(path: str, key: str, value, action: argparse.Action):
+    """A settings-file value as the flag would give it (its type and choices; booleans for switches)."""
+    where = f"--server-config {path}: {key}"
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, (dict, list)) or isinstance(value, bool):
+        raise UserError(f"{where} must be a number or a string, got {value!r}")
+    try:
+        value = action.type(str(value)) if action.type else str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: not a valid value {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f"{where} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    if action.dest in SETTINGS_PATHS and not Path(value).expanduser().is_absolute():
+        value = str(Path(path).resolve().parent / Path(value).expanduser())
+    return value
 
 
 def host_port(host: str, port: int) -> str:
@@ -443,7 +507,13 @@ def build_server(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dlheir.server", description=__doc__)
     add_server_args(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    try:
+        apply_server_config(parser, args, argv)
+    except UserError as exc:
+        print(f"dlheir server: error: {exc}", file=sys.stderr)
+        return 2
     os.umask(PRIVATE_UMASK)  # whatever the caller's umask: every file this server creates is 0600
     # the server's own loggers at --log-level; libraries (faiss's loader, ...) at WARNING
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,

@@ -23,10 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "The durable store lives in DATA_DIR; the FAISS index is rebuilt from it at start.")
     add_server_args(p)
     p.add_argument("--foreground", action="store_true", help="run in this process until Ctrl-C")
-    p.set_defaults(func=_start)
+    p.set_defaults(func=_start, server_parser=p)
     p = ssub.add_parser("stop", help="stop the server started with 'dlheir server start --data-dir DIR'")
-    p.add_argument("--data-dir", required=True)
-    p.set_defaults(func=_stop)
+    p.add_argument("--data-dir", help="the server's data folder (required, here or in --server-config)")
+    p.add_argument("--server-config", metavar="FILE", help="the settings file the server was started with")
+    p.set_defaults(func=_stop, server_parser=p)
     p = ssub.add_parser(
         "migrate", help="copy a whole deployment into another store (embedded <-> PostgreSQL+S3), then verify it",
         description="Copies every collection (its items, blobs, readers, key version and sealed code pages) and the "
@@ -93,8 +94,9 @@ def server_command(args: argparse.Namespace) -> list[str]:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from dlheir.server.app import check_args, main, ready_file
+    from dlheir.server.app import apply_server_config, check_args, main, ready_file
 
+    apply_server_config(args.server_parser, args, getattr(args, "argv", []))  # flags beat the settings file
     if args.foreground:
         return main(server_command(args)[3:])
     check_args(args)  # refuse bad TLS/bind options here, before anything starts
@@ -149,6 +151,9 @@ def _is_our_server(pid: int) -> bool:
 
 
 def _stop(args: argparse.Namespace) -> int:
+    from dlheir.server.app import apply_server_config
+
+    apply_server_config(args.server_parser, args, getattr(args, "argv", []), only_known=True)
     pid_file = Path(args.data_dir) / "server.pid"
     if not pid_file.exists():  # stopping a stopped server is not an error: the goal holds
         print(f"no server is running on {args.data_dir} (no {pid_file.name} there)")
