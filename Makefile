@@ -33,14 +33,17 @@ test: lint engines
 ENGINE_TESTS ?= tests/test_cloud_server.py tests/test_access.py tests/test_private_mode.py tests/test_lifecycle.py \
 	tests/test_lying_server.py tests/test_search_reply.py tests/test_server_hardening.py tests/test_snapshot.py \
 	tests/test_client_api.py tests/test_rotation_resume.py tests/test_e2e.py
-# `dlheir bench search` on both backends in one run: the embedded store, then PostgreSQL + Ceph RGW
-# (started by tests/engines.py for the run). Results: results/bench_search/{embedded,engines}/.
+# `dlheir bench search` and `bench e2e` on both backends in one run: the embedded store, then PostgreSQL +
+# Ceph RGW (started by tests/engines.py for the run). Results: results/bench_{search,e2e}/{embedded,engines}/.
 BENCH_SIZES ?= 10000,100000
 .PHONY: bench-backends
 bench-backends: $(STAMP) engines
 	$(VENV)/bin/dlheir bench search --codes random --sizes $(BENCH_SIZES) --out-dir results/bench_search/embedded
 	$(PY) tests/engines.py run -- $(VENV)/bin/dlheir bench search --codes random --sizes $(BENCH_SIZES) \
 		--store {store} --blobs {blobs} --out-dir results/bench_search/engines
+	$(VENV)/bin/dlheir bench e2e --sizes 2000,10000 --out-dir results/bench_e2e/embedded
+	$(PY) tests/engines.py run -- $(VENV)/bin/dlheir bench e2e --sizes 2000,10000 \
+		--store {store} --blobs {blobs} --out-dir results/bench_e2e/engines
 
 .PHONY: test-engines
 test-engines: $(STAMP) engines
