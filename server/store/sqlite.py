@@ -113,6 +113,36 @@ GENERATION_SCHEMA = """
 CREATE TABLE IF NOT EXISTS generation (value INTEGER NOT NULL);
 INSERT INTO generation SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM generation);
 """
+# Uploads into a large store (issue 17, item 4). Ids are random 63-bit integers, so every batch of
+# 10,000 lands all over the (collection, id) b-trees (the primary key's and items_codes): once
+# those have more leaves than a batch has items, a commit rewrote (WAL, then checkpoint) about one
+# 16 KiB leaf per item in each tree. Measured (existing_ids + write_batch, 10,000 random ids per
+# batch, 16-byte blobs): 26 GB written for the 3rd million (a 474 MB file) and 62k/32k/22k/16k
+# items/s for the 1st..4th million (sorting each batch by id, done before, had already taken the 1st..3rd
+# million from 46k/26k/20k to 78k/38k/28k; a 256 MB page cache or a 4 KiB page gained nothing, one index
+# less a third). So, past DELTA_FROM items, a batch goes into items_delta,
+# a small table of the same layout whose b-trees fit in a few hundred leaves, and the delta is
+# merged into items in one sorted pass (one transaction, every leaf of items visited once) when
+# it reaches sqrt(items x 10,000): a two-level log-structured merge, each item written about
+# 2 x sqrt(items / 10,000) index entries' worth instead of a leaf per tree. An id is in items or
+# in items_delta, never both; every read looks in both. Made at open in a store without it (an
+# empty table: nothing to migrate); merged back into items at close, so that a cleanly closed
+# store has every item in items, as before.
+DELTA_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items_delta (
+    collection TEXT NOT NULL REFERENCES collections(name),
+    id INTEGER NOT NULL,
+    code BLOB NOT NULL,
+    blob BLOB NOT NULL,
+    metadata TEXT NOT NULL,
+    PRIMARY KEY (collection, id)
+);
+CREATE INDEX IF NOT EXISTS items_delta_codes ON items_delta (collection, id, code);
+"""
+DELTA_FROM = 500_000  # items in the store below which a batch goes straight into items (as before)
+DELTA_MIN = 100_000  # the delta is merged at max(DELTA_MIN, sqrt(items * DELTA_BATCH)) items
+DELTA_BATCH = 10_000
+ITEM_COLUMNS = "collection, id, code, blob, metadata"
 ADDED_COLUMNS = (
     ("collections", "model_fingerprint", "TEXT NOT NULL DEFAULT ''"),
     ("collections", "image_size", "INTEGER NOT NULL DEFAULT 0"),
@@ -247,6 +277,11 @@ class Store:
             self._conn.executescript(PAGES_SCHEMA)
             self._conn.executescript(ACCESS_SCHEMA)
             self._conn.executescript(GENERATION_SCHEMA)
+            self._conn.executescript(DELTA_SCHEMA)
+            self._main_n = self._conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM items").fetchone()[0]  # O(log)
+            self._delta_n = self._conn.execute("SELECT COUNT(*) FROM items_delta").fetchone()[0]
+            self._writes = 0  # write transactions begun: existing_ids' last answer holds while this is unchanged
+            self._known: tuple | None = None  # (collection, ids asked, ids found, self._writes then)
             if max_bytes:  # a quota: SQLite answers SQLITE_FULL past it, exactly as on a full disk
                 self._conn.execute(f"PRAGMA max_page_count={max(1, max_bytes // PAGE_SIZE)}")
         except sqlite3.Error as exc:
@@ -303,13 +338,16 @@ class Store:
             raise err from None
 
     @contextmanager
-    def _transaction(self):
-        """One write transaction on the writer connection: all or nothing, durable on exit."""
+    def _transaction(self, counts: bool = True):
+        """One write transaction on the writer connection: all or nothing, durable on exit.
+        ``counts``: it raises the write counter (a merge of the delta changes no content: not)."""
         with self._sqlite_errors(), self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
+            self._writes += counts  # existing_ids' answer is stale from here (a merge moves, adds no id)
             try:
                 yield self._conn
-                self._conn.execute("UPDATE generation SET value = value + 1")  # any snapshot is now stale
+                if counts:
+                    self._conn.execute("UPDATE generation SET value = value + 1")  # any snapshot is now stale
                 self._conn.execute("COMMIT")
             except BaseException:
                 # SQLite rolls back by itself on some errors (SQLITE_FULL in COMMIT, for one);
@@ -380,7 +418,7 @@ class Store:
         """Remove a collection and everything it holds in one transaction; False if there is none.
         It frees room, so on a full disk it may use the store's reserve (``_freeing_room``)."""
         def body(conn: sqlite3.Connection) -> bool:
-            for table in ("items", "readers", "code_keys", "code_pages"):
+            for table in ("items", "items_delta", "readers", "code_keys", "code_pages"):
                 conn.execute(f"DELETE FROM {table} WHERE collection = ?", (name,))
             conn.execute("DELETE FROM private_collections WHERE name = ?", (name,))
             return conn.execute("DELETE FROM collections WHERE name = ?", (name,)).rowcount > 0
@@ -464,15 +502,31 @@ class Store:
         found: set[int] = set()
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
-            rows = conn.execute(f"SELECT id FROM items WHERE collection = ? AND id IN ({','.join('?' * len(chunk))})",
-                                (collection, *chunk)).fetchall()
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(f"SELECT id FROM items WHERE collection = ? AND id IN ({marks}) UNION ALL "
+                                f"SELECT id FROM items_delta WHERE collection = ? AND id IN ({marks})",
+                                (collection, *chunk, collection, *chunk)).fetchall()
             found.update(r[0] for r in rows)
         return found
 
+    @staticmethod
+    def _ids_in_main(conn: sqlite3.Connection, collection: str, ids: list[int]) -> list[int]:
+        found: list[int] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            found += [r[0] for r in conn.execute(f"SELECT id FROM items WHERE collection = ? AND id IN "
+                                                 f"({','.join('?' * len(chunk))})", (collection, *chunk))]
+        return found
+
     def existing_ids(self, collection: str, ids: Iterable[int]) -> set[int]:
-        """Ids already stored, read on the writer connection (callers serialise writes)."""
+        """Ids already stored, read on the writer connection (callers serialise writes). The
+        answer is kept until the next write: the upload that asked it then writes those same ids,
+        and its write_batch does not look each one up again."""
+        ids = list(ids)
         with self._sqlite_errors(), self._lock:
-            return self._ids_in(self._conn, collection, list(ids))
+            found = self._ids_in(self._conn, collection, ids)
+            self._known = (collection, frozenset(ids), frozenset(found), self._writes)
+        return found
 
     def present_ids(self, collection: str, ids: Iterable[int]) -> set[int]:
         """Ids stored as of the last commit (reader connection, never waits for a writer)."""
@@ -484,17 +538,53 @@ class Store:
         """All items or none, durable when this returns. With ``uid``: only into that collection
         (CollectionGoneError if it was deleted or re-created meanwhile)."""
         verb = "INSERT OR REPLACE" if replace else "INSERT"
-        # in id order: the rows go into the two (collection, id) b-trees (the primary key's and
-        # items_codes) leaf after leaf, each leaf the batch touches visited once, instead of random
-        # 63-bit ids jumping between leaves that SQLite's 2 MB page cache cannot hold, each jump a
-        # page read back and spilled again. Measured (write_batch, 10,000 random ids per batch,
-        # 16-byte blobs): 46k/26k/20k items/s at 1M/2M/3M before, 78k/38k/28k sorted; a 256 MB
-        # page cache on top gained nothing. A stable sort: a repeated id keeps its order (last wins)
+        # in id order: the rows go into the (collection, id) b-trees leaf after leaf, each leaf the
+        # batch touches visited once. A stable sort: a repeated id keeps its order (last wins)
         rows = sorted(((collection, i, c, b, json.dumps(m, sort_keys=True)) for i, c, b, m in items),
                       key=lambda r: r[1])
         with self._transaction() as conn:
             self._check_uid(conn, collection, uid)
-            conn.executemany(f"{verb} INTO items VALUES (?, ?, ?, ?, ?)", rows)
+            if self._main_n + self._delta_n < DELTA_FROM:  # a small store: straight into items, as before
+                conn.executemany(f"{verb} INTO items VALUES (?, ?, ?, ?, ?)", rows)
+                self._main_n += len(rows)
+            else:
+                # an id is in one table only: one already in items is a duplicate (refused as the
+                # primary key refuses it) or, with replace, moves into the delta
+                ids = sorted({r[1] for r in rows})
+                known = self._known
+                if known is not None and known[0] == collection and known[3] == self._writes - 1 and known[1] == set(ids):
+                    ids = sorted(known[2])  # only these can be in items (existing_ids just looked, no write since)
+                if replace:
+                    for start in range(0, len(ids), 500):
+                        chunk = ids[start:start + 500]
+                        conn.execute(f"DELETE FROM items WHERE collection = ? AND id IN ({','.join('?' * len(chunk))})",
+                                     (collection, *chunk))
+                else:
+                    dup = self._ids_in_main(conn, collection, ids)
+                    if dup:
+                        raise sqlite3.IntegrityError(f"UNIQUE constraint failed: items.collection, items.id ({dup[0]})")
+                conn.executemany(f"{verb} INTO items_delta ({ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?)", rows)
+                self._delta_n += len(rows)
+        if self._delta_n >= max(DELTA_MIN, int((self._main_n * DELTA_BATCH) ** 0.5)):
+            try:  # the batch is committed: a merge that fails (a full disk) is tried again after the next one
+                self.merge_delta()
+            except StoreError as exc:
+                log.warning("%s: merging the upload delta failed (%s); tried again later", self.path, exc)
+
+    def merge_delta(self) -> int:
+        """Move every item of items_delta into items in one transaction (in (collection, id)
+        order: each leaf of items' b-trees visited once); returns the items moved. No content
+        changes: the write counter is not raised (an index snapshot stays valid)."""
+        started = time.monotonic()
+        with self._transaction(counts=False) as conn:
+            n = conn.execute(f"INSERT INTO items ({ITEM_COLUMNS}) SELECT {ITEM_COLUMNS} FROM items_delta "
+                             "ORDER BY collection, id").rowcount
+            conn.execute("DELETE FROM items_delta")
+        self._main_n += max(n, 0)
+        self._delta_n = 0
+        log.info("%s: merged %d uploaded items into the main table (about %d items) in %.1f s", self.path, n,
+                 self._main_n, time.monotonic() - started)
+        return n
 
     def delete(self, collection: str, ids: list[int], uid: str | None = None) -> int:
         """Delete items (with ``uid``: only of that collection, as ``write_batch``); it frees room,
@@ -504,8 +594,9 @@ class Store:
             n = 0
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
-                n += conn.execute(f"DELETE FROM items WHERE collection = ? AND id IN ({','.join('?' * len(chunk))})",
-                                  (collection, *chunk)).rowcount
+                for table in ("items", "items_delta"):
+                    n += conn.execute(f"DELETE FROM {table} WHERE collection = ? AND id IN "
+                                      f"({','.join('?' * len(chunk))})", (collection, *chunk)).rowcount
             return n
 
         return self._freeing_room(body)
@@ -516,8 +607,10 @@ class Store:
         conn = self._reader()
         for item_id in ids:
             with self._sqlite_errors():
-                row = conn.execute("SELECT blob, metadata FROM items WHERE collection = ? AND id = ?",
-                                   (collection, item_id)).fetchone()
+                # one statement, one snapshot: an item moving between the tables meanwhile is still found
+                row = conn.execute("SELECT blob, metadata FROM items_delta WHERE collection = ? AND id = ? UNION ALL "
+                                   "SELECT blob, metadata FROM items WHERE collection = ? AND id = ? LIMIT 1",
+                                   (collection, item_id, collection, item_id)).fetchone()
             if row is not None:
                 yield item_id, row[0], json.loads(row[1])
             del row  # drop this blob before reading the next one
@@ -531,7 +624,8 @@ class Store:
         together), instead of a Python tuple, int and bytes object per item (at 10M items that
         was over half of a crash restart). A chunk is an id range [lo, hi): hi is found by
         stepping ``chunk`` entries along the index (no row is copied for that), so the aggregate
-        reads the index directly. A chunk whose codes do not split into equal lengths raises
+        reads the index directly; the upload delta's items in the same range (items_delta_codes)
+        are merged into the chunk by id. A chunk whose codes do not split into equal lengths raises
         StoreCorruptError (uploads check each code's length)."""
         import numpy as np
 
@@ -540,6 +634,7 @@ class Store:
         boundary = "SELECT id FROM items WHERE collection = ? AND id >= ? ORDER BY id LIMIT 1 OFFSET ?"
         read = ("SELECT count(*), CAST(group_concat(id) AS BLOB), CAST(group_concat(code, '') AS BLOB) FROM items "
                 "WHERE collection = ? AND code != x'' AND id >= ?")
+        read_delta = read.replace("FROM items ", "FROM items_delta ")
         with self._sqlite_errors():
             conn = self._reader()
             conn.execute(f"PRAGMA mmap_size={SCAN_MMAP_BYTES}")
@@ -548,16 +643,31 @@ class Store:
                 lo = -2**63
                 while True:
                     hi = conn.execute(boundary, (collection, lo, chunk)).fetchone()  # the first id past this chunk
-                    if hi is None:  # the last chunk
-                        n, ids, codes = conn.execute(read, (collection, lo)).fetchone()
-                    else:
-                        n, ids, codes = conn.execute(read + " AND id < ?", (collection, lo, hi[0])).fetchone()
-                    if n:
-                        ids = np.fromstring(ids, dtype=np.int64, sep=",")
-                        if len(ids) != n or len(codes) % n:
-                            raise StoreCorruptError(f"{self.path}: the codes of {collection!r} read back inconsistent "
-                                                    f"({n} rows, {len(ids)} ids, {len(codes)} bytes of codes)", self.path)
-                        yield ids, codes
+                    parts = []
+                    for query in (read, read_delta):  # items, then the upload delta's items in the same id range
+                        if hi is None:  # the last chunk
+                            n, ids, codes = conn.execute(query, (collection, lo)).fetchone()
+                        else:
+                            n, ids, codes = conn.execute(query + " AND id < ?", (collection, lo, hi[0])).fetchone()
+                        if n:
+                            ids = np.fromstring(ids, dtype=np.int64, sep=",")
+                            if len(ids) != n or len(codes) % n:
+                                raise StoreCorruptError(f"{self.path}: the codes of {collection!r} read back "
+                                                        f"inconsistent ({n} rows, {len(ids)} ids, {len(codes)} bytes "
+                                                        "of codes)", self.path)
+                            parts.append((ids, codes))
+                    if len(parts) == 2:  # merged into one ascending chunk
+                        (ids_a, codes_a), (ids_b, codes_b) = parts
+                        width = len(codes_a) // len(ids_a)
+                        if len(codes_b) != width * len(ids_b):
+                            raise StoreCorruptError(f"{self.path}: the codes of {collection!r} read back with two "
+                                                    "lengths", self.path)
+                        ids = np.concatenate([ids_a, ids_b])
+                        order = np.argsort(ids, kind="stable")
+                        both = np.frombuffer(codes_a + codes_b, np.uint8).reshape(-1, width)
+                        parts = [(ids[order], both[order].tobytes())]
+                    if parts:
+                        yield parts[0]
                     if hi is None:
                         return
                     lo = hi[0]
@@ -569,7 +679,8 @@ class Store:
     def stats(self, collection: str) -> tuple[int, int]:
         with self._sqlite_errors():
             n, size = self._reader().execute(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(blob)), 0) FROM items WHERE collection = ?", (collection,)).fetchone()
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(blob)), 0) FROM (SELECT blob FROM items WHERE collection = ? "
+                "UNION ALL SELECT blob FROM items_delta WHERE collection = ?)", (collection, collection)).fetchone()
         return n, size
 
     # --- per-user readers and key rotation -------------------------------------------------
@@ -627,6 +738,9 @@ class Store:
             row = conn.execute("SELECT key_id FROM code_keys WHERE collection = ?", (collection,)).fetchone()
             if (row[0] if row else 1) != from_key:
                 return None
+            conn.execute(f"INSERT INTO items ({ITEM_COLUMNS}) SELECT {ITEM_COLUMNS} FROM items_delta "
+                         "WHERE collection = ? ORDER BY id", (collection,))  # every code in one table first
+            conn.execute("DELETE FROM items_delta WHERE collection = ?", (collection,))
             rows = conn.execute("SELECT id, code FROM items WHERE collection = ?", (collection,)).fetchall()
             new_codes = transform([r[1] for r in rows])  # every row read before any is written
             conn.executemany("UPDATE items SET code = ? WHERE collection = ? AND id = ?",
@@ -679,7 +793,8 @@ class Store:
     def page_item_count(self, collection: str) -> int:
         """Items stored (read on the writer connection: callers serialise writes)."""
         with self._sqlite_errors(), self._lock:
-            return self._conn.execute("SELECT COUNT(*) FROM items WHERE collection = ?", (collection,)).fetchone()[0]
+            return sum(self._conn.execute(f"SELECT COUNT(*) FROM {table} WHERE collection = ?", (collection,)).fetchone()[0]
+                       for table in ("items", "items_delta"))
 
     # --- migration only (dlheir.server.migrate): copy a whole store into another --------------
     def import_collection(self, name: str, uid: str, bits: int, owner_hash: str, reader_hash: str, private: bool,
@@ -717,20 +832,33 @@ class Store:
     def export_codes(self, collection: str, after: int | None, limit: int) -> list[tuple[int, bytes, int]]:
         """For migration only: (id, code, blob size) of up to ``limit`` items with ids above
         ``after`` (None: from the first), ascending; empty codes (private mode) included."""
+        rows = []
         with self._sqlite_errors():
-            if after is None:
-                rows = self._reader().execute("SELECT id, code, length(blob) FROM items WHERE collection = ? "
-                                              "ORDER BY id LIMIT ?", (collection, limit)).fetchall()
-            else:
-                rows = self._reader().execute("SELECT id, code, length(blob) FROM items WHERE collection = ? "
-                                              "AND id > ? ORDER BY id LIMIT ?", (collection, after, limit)).fetchall()
-        return [(r[0], bytes(r[1]), r[2]) for r in rows]
+            conn = self._reader()
+            conn.execute("BEGIN")  # both tables from one snapshot
+            try:
+                for table in ("items", "items_delta"):
+                    if after is None:
+                        rows += conn.execute(f"SELECT id, code, length(blob) FROM {table} WHERE collection = ? "
+                                             "ORDER BY id LIMIT ?", (collection, limit)).fetchall()
+                    else:
+                        rows += conn.execute(f"SELECT id, code, length(blob) FROM {table} WHERE collection = ? "
+                                             "AND id > ? ORDER BY id LIMIT ?", (collection, after, limit)).fetchall()
+            finally:
+                conn.execute("COMMIT")
+        rows.sort(key=lambda r: r[0])
+        return [(r[0], bytes(r[1]), r[2]) for r in rows[:limit]]
 
     def export_blobs(self, collection: str, ids: list[int]) -> list[tuple[int, bytes, dict]]:
         """For migration only: (id, blob, metadata) of ``ids`` in that order (unknown ids skipped)."""
         return list(self.fetch(collection, ids))
 
     def close(self) -> None:
+        if self._delta_n:  # a cleanly closed store has every item in items (as stores made before the delta)
+            try:
+                self.merge_delta()
+            except StoreError as exc:  # e.g. a full disk: the delta stays, read and merged later
+                log.warning("%s: the upload delta was not merged at close (%s); it is kept", self.path, exc)
         with self._lock:
             self._conn.close()
         with self._readers_lock:
