@@ -32,7 +32,7 @@ test: lint engines
 # instead of the embedded store; the tests of the SQLite file itself are skipped.
 ENGINE_TESTS ?= tests/test_cloud_server.py tests/test_access.py tests/test_private_mode.py tests/test_lifecycle.py \
 	tests/test_lying_server.py tests/test_search_reply.py tests/test_server_hardening.py tests/test_snapshot.py \
-	tests/test_client_api.py tests/test_rotation_resume.py tests/test_e2e.py
+	tests/test_client_api.py tests/test_rotation_resume.py tests/test_e2e.py tests/test_reindex.py
 # `dlheir bench search` and `bench e2e` on both backends in one run: the embedded store, then PostgreSQL +
 # Ceph RGW (started by tests/engines.py for the run). Results: results/bench_{search,e2e}/{embedded,engines}/.
 BENCH_SIZES ?= 10000,100000

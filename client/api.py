@@ -76,6 +76,7 @@ class CollectionInfo:
     code_page_bytes: int = 0
     model_fingerprint: str | None = None  # the model its codes come from (None: a raw-code collection)
     image_size: int | None = None  # that model's image size S
+    served: bool | None = None  # dlheir status: Triton's model is the one its codes come from (None: unknown)
 
     @classmethod
     def from_pb(cls, info) -> "CollectionInfo":
@@ -687,6 +688,19 @@ class Owner(_Connections):
         with _cloud(self, server, doc["owner_token"]) as cloud:
             return rotate(self.key_path, collection, cloud, server=server, drop=drop, out_dir=out_dir, resume=resume)
 
+    def reindex(self, collection: str | None = None, batch_size: int = 64, progress: bool | None = None,
+                tokens: str | os.PathLike | None = None):
+        """Re-hash ``collection`` with the served model (see :func:`dlheir.client.owner.reindex_collection`):
+        each blob fetched and decrypted with the owner's keys, hashed, its code staged, then every code
+        and the collection's model switched in one server transaction; resumable. Returns a ReindexReport."""
+        from dlheir.client.owner import reindex_collection
+
+        collection = self._collection(collection)
+        doc = self.tokens(collection, tokens)
+        show = not _config.quiet() if progress is None else progress
+        with _cloud(self, self.server_for(doc), doc["owner_token"]) as cloud, self._hashing(batch_size) as hasher:
+            return reindex_collection(self.keys(), collection, cloud, hasher, batch_size, progress=show)
+
 
 # --- the query user ---------------------------------------------------------------------------
 def default_search_dir(query: str | os.PathLike, base: str | os.PathLike = "results/search") -> Path:
@@ -1035,4 +1049,7 @@ def status(server: str | None = None, triton: str | None = None, model: str | No
                 collections = owner.collections(admin_token_file)
         except UserError as exc:
             srv.info["collections_error"] = str(exc)
+        served = tri.info.get("fingerprint") if tri.up else None
+        for c in collections or []:  # can Triton's model hash queries for it? (codes of one model only)
+            c.served = None if served is None or c.model_fingerprint is None else c.model_fingerprint == served
     return Status(str(cfg.path) if cfg.path else None, srv, tri, collections, cfg.as_dict()["settings"])

@@ -231,6 +231,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "COLLECTION/)")
     p.set_defaults(func=_owner_rotate)
 
+    p = osub.add_parser(
+        "reindex", help="re-hash a collection with the model Triton serves now (after a new export)",
+        description="A collection holds the codes of the model it was made with; after 'dlheir export onnx' and a "
+                    "Triton restart, its searches are refused until it is re-hashed. This fetches every stored image, "
+                    "decrypts it with your keys, hashes it with the served model and stages its new code on the "
+                    "server; then the server switches every code and the collection's model in one transaction. "
+                    "Searches keep using the old codes until the switch. Interrupted, run it again: it stages only "
+                    "what is left. Server-ranked collections only (a private one: re-create it).")
+    access_args(p)
+    _triton_args(p)
+    p.add_argument("--batch-size", type=int, default=64, help="images per fetch and per hash request (default 64)")
+    p.set_defaults(func=_owner_reindex)
+
     usr = sub.add_parser("user", help="query user: RSA key pair, encrypted search")
     usub = usr.add_subparsers(dest="action", metavar="ACTION")
     p = usub.add_parser(
@@ -399,10 +412,21 @@ def _size(n: int) -> str:
 
 
 def _collection_lines(cols) -> list[str]:
-    lines = [f"{'name':<24} {'mode':<13} {'bits':>4} {'items':>9} {'blobs':>10} {'key':>3}  model"]
+    served = any(getattr(c, "served", None) is not None for c in cols)  # dlheir status, with Triton up
+    lines = [f"{'name':<24} {'mode':<13} {'bits':>4} {'items':>9} {'blobs':>10} {'key':>3}  {'model':<16}"
+             + ("  served by Triton" if served else "")]
+    stale = []
     for c in cols:
-        lines.append(f"{c.name:<24} {c.mode:<13} {c.bits:>4} {c.items:>9} {_size(c.blob_bytes):>10} {c.key_id:>3}  "
-                     f"{(c.model_fingerprint or '-')[:16]}")
+        line = (f"{c.name:<24} {c.mode:<13} {c.bits:>4} {c.items:>9} {_size(c.blob_bytes):>10} {c.key_id:>3}  "
+                f"{(c.model_fingerprint or '-')[:16]:<16}")
+        if served:
+            line += "  " + {True: "yes", False: "NO", None: "-"}[getattr(c, "served", None)]
+            stale += [c.name] if getattr(c, "served", None) is False else []
+        lines.append(line.rstrip())
+    if stale:
+        lines.append(f"Triton serves another model than the one {', '.join(map(repr, stale))} "
+                     f"{'was' if len(stale) == 1 else 'were'} hashed with: searches there are refused until "
+                     "'dlheir owner reindex NAME' re-hashes it with the served model")
     return lines
 
 
@@ -522,6 +546,21 @@ def _owner_revoke(args):
         return 0
     what = f"user {args.user!r}" if args.user else "the shared reader token"
     print(f"{what} {'revoked: its token is refused from now on' if revoked else 'was already revoked'}")
+    return 0
+
+
+def _owner_reindex(args):
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    r = _owner(args).reindex(args.collection, batch_size=args.batch_size, tokens=args.tokens)
+    if _emit(args, r):
+        return 0
+    if r.already:
+        print(f"collection {r.collection!r} already holds codes of the served model {r.model}: nothing to do")
+        return 0
+    print(f"collection {r.collection!r}: {r.items} codes switched from model {r.previous_model or '-'} to {r.model} "
+          f"({r.image_size} px) in {r.seconds:.1f} s; {r.staged_now} images re-hashed by this run"
+          f"{f', in {r.rounds} rounds (items were uploaded meanwhile)' if r.rounds > 1 else ''}")
     return 0
 
 

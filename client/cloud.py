@@ -10,7 +10,7 @@ import logging
 
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -257,6 +257,24 @@ class CloudClient:
         req = pb.RekeyCodesRequest(collection=name, from_key_id=from_key_id, to_key_id=to_key_id,
                                    perm=[int(p) for p in perm], mask=bytes(mask))
         return self._call(self.stub.RekeyCodes, req)
+
+    # --- re-hashing with another model (owner token) ----------------------------------------
+    def stage_codes(self, name: str, fingerprint: str, key_id: int, ids: Sequence[int], codes: np.ndarray) -> int:
+        """Stage the new code of each id (uint8 [n, L]); returns the codes staged for that model so far."""
+        req = pb.StageCodesRequest(collection=name, model_fingerprint=fingerprint, key_id=key_id,
+                                   ids=[int(i) for i in ids], codes=np.ascontiguousarray(codes, np.uint8).tobytes())
+        return self._call(self.stub.StageCodes, req).staged
+
+    def unstaged_ids(self, name: str, fingerprint: str, after: int = -1, limit: int = 10_000) -> pb.UnstagedIdsResponse:
+        """Stored ids greater than ``after`` without a staged code of that model (ascending), with the
+        collection's item count and how many are staged."""
+        req = pb.UnstagedIdsRequest(collection=name, model_fingerprint=fingerprint, after_id=after, limit=limit)
+        return self._call(self.stub.UnstagedIds, req)
+
+    def switch_codes(self, name: str, fingerprint: str, image_size: int, key_id: int) -> pb.SwitchCodesResponse:
+        """Replace every code by its staged one and the collection's model, in one transaction."""
+        req = pb.SwitchCodesRequest(collection=name, model_fingerprint=fingerprint, image_size=image_size, key_id=key_id)
+        return self._call(self.stub.SwitchCodes, req)
 
     def close(self) -> None:
         self.channel.close()

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from dlheir.client.cloud import CloudClient, check_model
-from dlheir.client.crypto import CodeTransform, CollectionKeys, OwnerKeys, encrypt_image
+from dlheir.client.crypto import CodeTransform, CollectionKeys, OwnerKeys, decrypt_image, encrypt_image
 from dlheir.client.private import PageWriter, is_private
 from dlheir.client.triton import HashError, TritonHasher
 from dlheir.contract import validate_bits
@@ -214,4 +214,81 @@ def upload_images(files: Sequence[tuple[str, Path | bytes]], keys: OwnerKeys | C
     report.seconds = time.perf_counter() - t0
     log.info("uploaded %d items, %d bytes in %.1f s; %d skipped", report.uploaded, report.bytes_uploaded,
              report.seconds, len(report.skipped))
+    return report
+
+
+@dataclass
+class ReindexReport:
+    """What ``owner reindex`` did: codes staged by this run, items switched, the two models."""
+
+    collection: str
+    previous_model: str
+    model: str
+    image_size: int
+    staged_now: int = 0
+    items: int = 0  # switched (0 when the collection already held the served model's codes)
+    rounds: int = 0  # stage-then-switch rounds (another when items were uploaded during one)
+    seconds: float = 0.0
+    already: bool = False
+
+
+REINDEX_PAGE = 10_000  # ids per UnstagedIds page
+REINDEX_ROUNDS = 5  # uploads during a reindex add items to stage: this many rounds before giving up
+
+
+def reindex_collection(keys: OwnerKeys | CollectionKeys, collection: str, cloud: CloudClient, hasher: TritonHasher,
+                       batch_size: int = 64, progress: bool = True) -> ReindexReport:
+    """Re-hash every stored image of ``collection`` with ``hasher``'s model: fetch each blob, decrypt it
+    with the owner's keys, hash it, stage its transformed code on the server, then switch every code and
+    the collection's model in one server transaction. Resumable (the server keeps what is staged:
+    a re-run stages only the rest); searches use the old codes until the switch."""
+    info = cloud.stats(collection)
+    ck = collection_keys(keys, collection, info)  # the mode and key version the key file recorded
+    if ck.private:
+        raise UserError(f"collection {collection!r} is in private-ranking mode: its codes are in sealed pages, which "
+                        "reindex does not rewrite; create a new collection and upload the images again")
+    if not hasher.fingerprint:
+        raise UserError(f"the model {getattr(hasher, 'model', '')!r} carries no fingerprint: serve an export of "
+                        "'dlheir export onnx' ('dlheir triton start')")
+    if hasher.bits != info.bits:
+        raise UserError(f"the served model makes {hasher.bits}-bit codes, collection {collection!r} holds {info.bits}-bit "
+                        "ones: a reindex keeps the code length; create a new collection for this model")
+    report = ReindexReport(collection, info.model_fingerprint, hasher.fingerprint, hasher.image_size)
+    if info.model_fingerprint == hasher.fingerprint:
+        report.already = True
+        return report
+    transform = CodeTransform(ck.transform_secret, hasher.bits)
+    image_keys = ck.image_keys()
+    t0 = time.perf_counter()
+    for report.rounds in range(1, REINDEX_ROUNDS + 1):
+        page = cloud.unstaged_ids(collection, hasher.fingerprint, -1, REINDEX_PAGE)
+        todo = max(0, int(page.items) - int(page.staged))
+        log.info("reindex %r, round %d: %d of %d items to re-hash with model %s (%d staged before)", collection,
+                 report.rounds, todo, page.items, hasher.fingerprint, page.staged)
+        bar = progress_bar(total=todo, unit="img", desc=f"reindex {collection}", disable=not progress)
+        while page.ids:
+            ids = list(page.ids)
+            for start in range(0, len(ids), batch_size):
+                chunk = ids[start:start + batch_size]
+                blobs = {i: b for i, b, _ in cloud.fetch(collection, chunk)}  # one deleted meanwhile is gone
+                kept = [i for i in chunk if i in blobs]
+                if kept:
+                    images = [decrypt_image(image_keys, blobs[i], ck.binding, i).data for i in kept]
+                    _, codes = hasher.hash_images(images)
+                    cloud.stage_codes(collection, hasher.fingerprint, ck.key_id, kept, transform.apply(codes))
+                    report.staged_now += len(kept)
+                bar.update(len(chunk))
+            page = cloud.unstaged_ids(collection, hasher.fingerprint, ids[-1], REINDEX_PAGE)
+        bar.close()
+        try:
+            done = cloud.switch_codes(collection, hasher.fingerprint, hasher.image_size, ck.key_id)
+        except UserError as exc:
+            if "no staged code" in str(exc) and report.rounds < REINDEX_ROUNDS:
+                continue  # items uploaded during this round: stage them too
+            raise
+        report.items = int(done.items)
+        break
+    report.seconds = time.perf_counter() - t0
+    log.info("reindex %r: %d codes switched from model %s to %s in %.1f s (%d staged by this run)", collection,
+             report.items, report.previous_model or "-", report.model, report.seconds, report.staged_now)
     return report

@@ -30,6 +30,7 @@ MAX_BATCH_ITEMS = 10_000
 MAX_K = 10_000
 MAX_QUERIES = 10_000
 MAX_IDS = 100_000
+MAX_STAGE_IDS = 50_000  # ids per StageCodes call and per UnstagedIds page
 MAX_METADATA_BYTES = 64 * 1024  # per item, keys + values
 # One Search answers at most this many (query, result) pairs: bounds the reply (about 12 bytes
 # each, far below MAX_MESSAGE_BYTES) and the work, checked before any scanning.
@@ -610,3 +611,81 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         log.info("collection %r: %d codes re-keyed from key %d to %d, %d reader(s) revoked, by %s", col.name, n,
                  request.from_key_id, request.to_key_id, len(revoked), context.peer())
         return pb.RekeyCodesResponse(items=n, revoked_users=sorted(label for label, _ in revoked))
+
+    # --- re-hashing with another model (dlheir owner reindex) -----------------------------------
+    def _reindex_target(self, request, context, write: bool) -> Collection:
+        """The owner's server-ranked collection a reindex call is for, and a well-formed other model."""
+        col = self._collection(request.collection, context, write=write)
+        if col.private:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"collection {clip(col.name)} is in private-ranking mode: its codes live in the owner's "
+                          "sealed pages, which a reindex does not rewrite; re-create it and upload its images again")
+        fingerprint = request.model_fingerprint
+        if not FINGERPRINT_RE.fullmatch(fingerprint):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"model_fingerprint must be 8 to 64 lowercase hex digits, got {clip(fingerprint)!r}")
+        if fingerprint == col.fingerprint:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"collection {clip(col.name)} already holds codes of model {fingerprint}")
+        return col
+
+    def _reindex_key(self, col: Collection, key_id: int, context) -> None:
+        if (key_id or 1) != col.key_id:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"collection {clip(col.name)} is at key version {col.key_id}, these codes are under "
+                          f"{key_id or 1}: a rotation ran meanwhile; run the reindex again")
+
+    def StageCodes(self, request, context):
+        col = self._reindex_target(request, context, write=True)
+        n, width = len(request.ids), code_bytes(col.bits)
+        if not 0 < n <= MAX_STAGE_IDS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"give 1 to {MAX_STAGE_IDS} ids per call, got {n}")
+        if len(request.codes) != n * width:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{n} ids need {n * width} bytes of codes ({width} per {col.bits}-bit code), "
+                          f"got {len(request.codes)}")
+        codes = [request.codes[i * width:(i + 1) * width] for i in range(n)]
+        for i, code in zip(request.ids, codes):
+            self._check_code(col, code, f"the code of id {i}", context)
+        if len(set(request.ids)) != n:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an id appears twice in one call")
+        with self.write_lock:
+            self._gone(col, context)
+            self._reindex_key(col, request.key_id, context)
+            staged = self.store.stage_codes(col.name, request.model_fingerprint, list(request.ids), codes,
+                                            uid=col.uid)
+        log.debug("collection %r: %d codes of model %s staged (%d in all)", col.name, n, request.model_fingerprint,
+                  staged)
+        return pb.StageCodesResponse(staged=staged)
+
+    def UnstagedIds(self, request, context):
+        col = self._reindex_target(request, context, write=True)
+        if not 0 < request.limit <= MAX_STAGE_IDS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit must be 1 to {MAX_STAGE_IDS}, got {request.limit}")
+        ids, staged = self.store.unstaged_ids(col.name, request.model_fingerprint, request.after_id, request.limit)
+        self._gone(col, context)
+        return pb.UnstagedIdsResponse(ids=ids, items=len(col.index), staged=staged)
+
+    def SwitchCodes(self, request, context):
+        col = self._reindex_target(request, context, write=True)
+        if request.image_size > MAX_IMAGE_SIZE:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"image size must be at most {MAX_IMAGE_SIZE}, got {request.image_size}")
+        with self.write_lock:  # no upload or delete between the rewrite and the index swap
+            self._gone(col, context)
+            self._reindex_key(col, request.key_id, context)
+            previous = col.fingerprint
+            missing = self.store.switch_codes(col.name, request.model_fingerprint, request.image_size, uid=col.uid)
+            if missing:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"collection {clip(col.name)}: {missing} stored item(s) have no staged code of model "
+                              f"{request.model_fingerprint} (uploaded since the reindex began?): stage them "
+                              "(run the reindex again) before the switch")
+            col.fingerprint, col.image_size = request.model_fingerprint, request.image_size
+            index = BinaryIndex(col.bits, **self._index_kwargs())
+            index.load(self.store.codes(col.name))
+            with col.index.lock.write():  # searches already running finish on the old index
+                col.index = index
+        log.info("collection %r: codes switched from model %s to %s (%d items), by %s", col.name, previous or "-",
+                 request.model_fingerprint, len(index), context.peer())
+        return pb.SwitchCodesResponse(items=len(index), previous_fingerprint=previous)

@@ -296,6 +296,68 @@ class RekeyCodesResponse(_message.Message):
     revoked_users: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, items: _Optional[int] = ..., revoked_users: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class StageCodesRequest(_message.Message):
+    __slots__ = ("collection", "model_fingerprint", "key_id", "ids", "codes")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    model_fingerprint: str
+    key_id: int
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    codes: bytes
+    def __init__(self, collection: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., key_id: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., codes: _Optional[bytes] = ...) -> None: ...
+
+class StageCodesResponse(_message.Message):
+    __slots__ = ("staged",)
+    STAGED_FIELD_NUMBER: _ClassVar[int]
+    staged: int
+    def __init__(self, staged: _Optional[int] = ...) -> None: ...
+
+class UnstagedIdsRequest(_message.Message):
+    __slots__ = ("collection", "model_fingerprint", "after_id", "limit")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    model_fingerprint: str
+    after_id: int
+    limit: int
+    def __init__(self, collection: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., after_id: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class UnstagedIdsResponse(_message.Message):
+    __slots__ = ("ids", "items", "staged")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    items: int
+    staged: int
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., items: _Optional[int] = ..., staged: _Optional[int] = ...) -> None: ...
+
+class SwitchCodesRequest(_message.Message):
+    __slots__ = ("collection", "model_fingerprint", "image_size", "key_id")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    model_fingerprint: str
+    image_size: int
+    key_id: int
+    def __init__(self, collection: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., image_size: _Optional[int] = ..., key_id: _Optional[int] = ...) -> None: ...
+
+class SwitchCodesResponse(_message.Message):
+    __slots__ = ("items", "previous_fingerprint")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    items: int
+    previous_fingerprint: str
+    def __init__(self, items: _Optional[int] = ..., previous_fingerprint: _Optional[str] = ...) -> None: ...
+
 class AppendCodePageRequest(_message.Message):
     __slots__ = ("collection", "page", "data")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]

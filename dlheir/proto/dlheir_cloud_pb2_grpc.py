@@ -99,6 +99,21 @@ class CloudStoreStub:
                 request_serializer=dlheir__cloud__pb2.RekeyCodesRequest.SerializeToString,
                 response_deserializer=dlheir__cloud__pb2.RekeyCodesResponse.FromString,
                 _registered_method=True)
+        self.StageCodes = channel.unary_unary(
+                '/dlheir.cloud.v1.CloudStore/StageCodes',
+                request_serializer=dlheir__cloud__pb2.StageCodesRequest.SerializeToString,
+                response_deserializer=dlheir__cloud__pb2.StageCodesResponse.FromString,
+                _registered_method=True)
+        self.UnstagedIds = channel.unary_unary(
+                '/dlheir.cloud.v1.CloudStore/UnstagedIds',
+                request_serializer=dlheir__cloud__pb2.UnstagedIdsRequest.SerializeToString,
+                response_deserializer=dlheir__cloud__pb2.UnstagedIdsResponse.FromString,
+                _registered_method=True)
+        self.SwitchCodes = channel.unary_unary(
+                '/dlheir.cloud.v1.CloudStore/SwitchCodes',
+                request_serializer=dlheir__cloud__pb2.SwitchCodesRequest.SerializeToString,
+                response_deserializer=dlheir__cloud__pb2.SwitchCodesResponse.FromString,
+                _registered_method=True)
         self.AppendCodePage = channel.unary_unary(
                 '/dlheir.cloud.v1.CloudStore/AppendCodePage',
                 request_serializer=dlheir__cloud__pb2.AppendCodePageRequest.SerializeToString,
@@ -210,6 +225,31 @@ class CloudStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StageCodes(self, request, context):
+        """Owner token. Re-hashing a server-ranked collection with another model (dlheir owner
+        reindex): StageCodes keeps the new code of each item aside (any number of calls; staging
+        an id again replaces its staged code; codes of one model at a time), UnstagedIds pages
+        through the stored items that have none yet, and SwitchCodes replaces every code and the
+        collection's model in one transaction (FAILED_PRECONDITION while an item lacks a staged
+        code), then rebuilds the index and swaps it in before it returns. Searches use the old
+        codes until the switch. A rotation (RekeyCodes) discards what was staged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnstagedIds(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwitchCodes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AppendCodePage(self, request, context):
         """Private-ranking mode (issue 10, section 4): the collection's codes live only in
         append-only pages sealed by the owner (AES-GCM); the server stores and serves them
@@ -297,6 +337,21 @@ def add_CloudStoreServicer_to_server(servicer, server):
                     servicer.RekeyCodes,
                     request_deserializer=dlheir__cloud__pb2.RekeyCodesRequest.FromString,
                     response_serializer=dlheir__cloud__pb2.RekeyCodesResponse.SerializeToString,
+            ),
+            'StageCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.StageCodes,
+                    request_deserializer=dlheir__cloud__pb2.StageCodesRequest.FromString,
+                    response_serializer=dlheir__cloud__pb2.StageCodesResponse.SerializeToString,
+            ),
+            'UnstagedIds': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnstagedIds,
+                    request_deserializer=dlheir__cloud__pb2.UnstagedIdsRequest.FromString,
+                    response_serializer=dlheir__cloud__pb2.UnstagedIdsResponse.SerializeToString,
+            ),
+            'SwitchCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchCodes,
+                    request_deserializer=dlheir__cloud__pb2.SwitchCodesRequest.FromString,
+                    response_serializer=dlheir__cloud__pb2.SwitchCodesResponse.SerializeToString,
             ),
             'AppendCodePage': grpc.unary_unary_rpc_method_handler(
                     servicer.AppendCodePage,
@@ -660,6 +715,87 @@ class CloudStore:
             '/dlheir.cloud.v1.CloudStore/RekeyCodes',
             dlheir__cloud__pb2.RekeyCodesRequest.SerializeToString,
             dlheir__cloud__pb2.RekeyCodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StageCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dlheir.cloud.v1.CloudStore/StageCodes',
+            dlheir__cloud__pb2.StageCodesRequest.SerializeToString,
+            dlheir__cloud__pb2.StageCodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnstagedIds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dlheir.cloud.v1.CloudStore/UnstagedIds',
+            dlheir__cloud__pb2.UnstagedIdsRequest.SerializeToString,
+            dlheir__cloud__pb2.UnstagedIdsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwitchCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dlheir.cloud.v1.CloudStore/SwitchCodes',
+            dlheir__cloud__pb2.SwitchCodesRequest.SerializeToString,
+            dlheir__cloud__pb2.SwitchCodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

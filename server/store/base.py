@@ -41,6 +41,15 @@ class StoreUnusableError(StoreError):
     """The store cannot be opened at start (missing, emptied, damaged): refuse to serve."""
 
 
+class NothingWritten(Exception):
+    """Raised inside a backend's write transaction to roll it back and answer ``result`` instead
+    (``switch_codes``: the count of items without a staged code)."""
+
+    def __init__(self, result: int) -> None:
+        super().__init__(result)
+        self.result = result
+
+
 class StoreBackend(Protocol):
     """What the service needs from a store (``server/store/sqlite.py`` is the reference). Every
     write is one transaction, durable when the call returns; ``uid``: only into that creation of
@@ -75,6 +84,11 @@ class StoreBackend(Protocol):
     def key_ids(self) -> dict[str, int]: ...
     def rekey_codes(self, collection: str, from_key: int, to_key: int,
                     transform: Callable[[list[bytes]], list[bytes]]) -> tuple[int, list[tuple[str, str]]] | None: ...
+    # re-hashing with another model (owner reindex): codes staged aside, then switched in one transaction
+    def stage_codes(self, collection: str, fingerprint: str, ids: list[int], codes: list[bytes],
+                    uid: str | None = None) -> int: ...
+    def unstaged_ids(self, collection: str, fingerprint: str, after: int, limit: int) -> tuple[list[int], int]: ...
+    def switch_codes(self, collection: str, fingerprint: str, image_size: int, uid: str | None = None) -> int: ...
     # private-ranking mode: sealed code pages
     def page_private_collections(self) -> set[str]: ...
     def page_append(self, collection: str, page: int, data: bytes, uid: str | None = None) -> int | None: ...

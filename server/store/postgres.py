@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
-from dlheir.server.store.base import CollectionGoneError, StoreCorruptError, StoreError, StoreUnusableError
+from dlheir.server.store.base import (
+    CollectionGoneError, NothingWritten, StoreCorruptError, StoreError, StoreUnusableError,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dlheir.server.store.postgres")
 SCHEMA_VERSION = 1
 CONNECT_TIMEOUT_S = 5
+FETCH_WINDOW = 32  # items read per query by fetch (their GETs in parallel)
+FETCH_WINDOW_BYTES = 64 << 20  # and at most this many bytes of blobs held at once (one blob may be larger)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -91,6 +95,14 @@ CREATE TABLE IF NOT EXISTS code_pages (
     page BIGINT NOT NULL,
     data BYTEA NOT NULL,
     PRIMARY KEY (collection, page)
+);
+-- owner reindex: each item's code of another model, kept aside until one switch replaces them all
+CREATE TABLE IF NOT EXISTS staged_codes (
+    collection TEXT NOT NULL REFERENCES collections(name),
+    fingerprint TEXT NOT NULL,
+    id BIGINT NOT NULL,
+    code BYTEA NOT NULL,
+    PRIMARY KEY (collection, fingerprint, id)
 );
 """
 
@@ -283,7 +295,7 @@ class PostgresStore:
     def delete_collection(self, name: str) -> bool:
         with self._transaction() as conn:
             row = conn.execute("SELECT uid FROM collections WHERE name = %s", (name,)).fetchone()
-            for table in ("items", "readers", "code_pages"):
+            for table in ("items", "staged_codes", "readers", "code_pages"):
                 conn.execute(f"DELETE FROM {table} WHERE collection = %s", (name,))
             gone = conn.execute("DELETE FROM collections WHERE name = %s", (name,)).rowcount > 0
             prefix = self.blobs.collection_prefix(row[0]) if gone and row is not None and self.blobs else None
@@ -405,19 +417,46 @@ class PostgresStore:
         return len(rows)
 
     def fetch(self, collection: str, ids: list[int]) -> Iterator[tuple[int, bytes, dict]]:
-        """Blobs in the order asked, one at a time; unknown ids are skipped."""
-        for item_id in ids:
+        """Blobs in the order asked; unknown ids are skipped. Read in windows of at most FETCH_WINDOW
+        items and FETCH_WINDOW_BYTES (one query each, the object store's GETs in parallel), so that a
+        page of results costs about one round trip, not one per item, and memory stays bounded."""
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), FETCH_WINDOW):
+            window = ids[start:start + FETCH_WINDOW]
             with self._pg_errors():
-                row = self._reader().execute("SELECT blob, blob_key, metadata FROM items WHERE collection = %s "
-                                             "AND id = %s", (collection, int(item_id))).fetchone()
-            if row is None:
-                continue
-            blob = bytes(row[0]) if row[1] is None else self.blobs.get(row[1]) if self.blobs else None
+                rows = {r[0]: r for r in self._reader().execute(
+                    "SELECT id, blob_size, blob_key, metadata FROM items WHERE collection = %s AND id = ANY(%s)",
+                    (collection, window))}
+            batch: list[int] = []
+            for item_id in window + [None]:  # None: the end of the window
+                row = rows.get(item_id) if item_id is not None else None
+                if item_id is not None and row is None:
+                    continue
+                if batch and (item_id is None or sum(rows[i][1] for i in batch) + row[1] > FETCH_WINDOW_BYTES):
+                    yield from self._fetch_rows(collection, [rows[i] for i in batch])
+                    batch = []
+                if item_id is not None:
+                    batch.append(item_id)
+
+    def _fetch_rows(self, collection: str, rows: list[tuple]) -> Iterator[tuple[int, bytes, dict]]:
+        """(id, blob, metadata) of rows (id, size, blob_key, metadata): inline blobs read in one query,
+        the object store's in parallel."""
+        keys = [r[2] for r in rows if r[2] is not None]
+        if keys and self.blobs is None:
+            raise StoreCorruptError(f"{self.where}: items of {collection!r} name objects ({keys[0]}, ...) but the "
+                                    "server runs without --blobs")
+        fetched = dict(zip(keys, self.blobs.get_many(keys))) if keys else {}
+        inline_ids = [r[0] for r in rows if r[2] is None]
+        inline = {}
+        if inline_ids:
+            with self._pg_errors():
+                inline = dict(self._reader().execute("SELECT id, blob FROM items WHERE collection = %s AND id = ANY(%s)",
+                                                     (collection, inline_ids)).fetchall())
+        for r in rows:
+            blob = fetched.get(r[2]) if r[2] is not None else inline.get(r[0])
             if blob is None:
-                raise StoreCorruptError(f"{self.where}: item {item_id} of {collection!r} names object {row[1]} but "
-                                        "the server runs without --blobs")
-            yield item_id, blob, json.loads(row[2])
-            del row, blob
+                continue  # deleted between the two reads
+            yield r[0], bytes(blob), json.loads(r[3])
 
     def codes(self, collection: str, chunk: int = 1_000_000) -> Iterator[tuple[np.ndarray, bytes]]:
         """(ids int64, concatenated codes) of every item with a code, ascending ids, in chunks,
@@ -533,9 +572,60 @@ class PostgresStore:
                                 [(c, collection, r[0]) for r, c in zip(rows, new_codes)])
             conn.execute("UPDATE collections SET key_id = %s, reader_token_sha256 = '' WHERE name = %s",
                          (to_key, collection))
+            conn.execute("DELETE FROM staged_codes WHERE collection = %s", (collection,))  # under the old key
             revoked = conn.execute("UPDATE readers SET revoked = %s WHERE collection = %s AND revoked IS NULL "
                                    "RETURNING label, token_sha256", (now, collection)).fetchall()
         return len(rows), [(label, h) for label, h in revoked]
+
+    # --- re-hashing with another model (owner reindex): see the SQLite store's methods ---------
+    def stage_codes(self, collection: str, fingerprint: str, ids: list[int], codes: list[bytes],
+                    uid: str | None = None) -> int:
+        with self._transaction(counts=False) as conn:
+            self._check_uid(conn, collection, uid)
+            if conn.execute("SELECT 1 FROM staged_codes WHERE collection = %s AND fingerprint <> %s LIMIT 1",
+                            (collection, fingerprint)).fetchone():
+                conn.execute("DELETE FROM staged_codes WHERE collection = %s AND fingerprint <> %s",
+                             (collection, fingerprint))
+            conn.execute("INSERT INTO staged_codes (collection, fingerprint, id, code) SELECT %s, %s, i, c "
+                         "FROM unnest(%s::bigint[], %s::bytea[]) AS u(i, c) ON CONFLICT (collection, fingerprint, id) "
+                         "DO UPDATE SET code = EXCLUDED.code",
+                         (collection, fingerprint, [int(i) for i in ids], [bytes(c) for c in codes]))
+        return len(ids)
+
+    def unstaged_ids(self, collection: str, fingerprint: str, after: int, limit: int) -> tuple[list[int], int]:
+        with self._pg_errors():
+            conn = self._reader()
+            ids = [r[0] for r in conn.execute(
+                "SELECT id FROM items t WHERE collection = %s AND id > %s AND NOT EXISTS (SELECT 1 FROM staged_codes s "
+                "WHERE s.collection = t.collection AND s.fingerprint = %s AND s.id = t.id) ORDER BY id LIMIT %s",
+                (collection, int(after), fingerprint, int(limit)))]
+            staged = conn.execute("SELECT COUNT(*) FROM staged_codes WHERE collection = %s AND fingerprint = %s",
+                                  (collection, fingerprint)).fetchone()[0] if after < 0 else 0
+        return ids, int(staged)
+
+    def switch_codes(self, collection: str, fingerprint: str, image_size: int, uid: str | None = None) -> int:
+        try:
+            return self._switch_codes(collection, fingerprint, image_size, uid)
+        except NothingWritten as exc:
+            return exc.result
+
+    def _switch_codes(self, collection: str, fingerprint: str, image_size: int, uid: str | None) -> int:
+        with self._transaction() as conn:
+            self._check_uid(conn, collection, uid)
+            conn.execute("SELECT 1 FROM collections WHERE name = %s FOR UPDATE", (collection,))
+            (missing,) = conn.execute(
+                "SELECT COUNT(*) FROM items t WHERE collection = %s AND NOT EXISTS (SELECT 1 FROM staged_codes s "
+                "WHERE s.collection = t.collection AND s.fingerprint = %s AND s.id = t.id)",
+                (collection, fingerprint)).fetchone()
+            if missing:
+                raise NothingWritten(int(missing))  # rolled back: nothing written, the write counter included
+            conn.execute("UPDATE items t SET code = s.code, change = nextval('item_changes') FROM staged_codes s "
+                         "WHERE t.collection = %s AND s.collection = t.collection AND s.fingerprint = %s AND s.id = t.id",
+                         (collection, fingerprint))
+            conn.execute("UPDATE collections SET model_fingerprint = %s, image_size = %s WHERE name = %s",
+                         (fingerprint, int(image_size), collection))
+            conn.execute("DELETE FROM staged_codes WHERE collection = %s", (collection,))
+        return 0
 
     # --- private-ranking mode: sealed code pages ---------------------------------------------
     def page_private_collections(self) -> set[str]:
@@ -625,5 +715,5 @@ class PostgresStore:
         keys = [r[2] for r in rows if r[1] is None]
         if keys and self.blobs is None:
             raise StoreCorruptError(f"{self.where}: items of {collection!r} name objects but there is no --blobs")
-        fetched = dict(zip(keys, self.blobs._pool.map(self.blobs.get, keys))) if keys else {}  # GETs in parallel
+        fetched = dict(zip(keys, self.blobs.get_many(keys))) if keys else {}  # GETs in parallel
         return [(int(r[0]), bytes(r[1]) if r[1] is not None else fetched[r[2]], json.loads(r[3])) for r in rows]

@@ -85,6 +85,10 @@ class S3Blobs:
         except Exception as exc:
             raise self._error(exc, "reading a blob") from None
 
+    def get_many(self, keys: list[str]) -> list[bytes]:
+        """GET every key, in parallel, in the order given (StoreError if one fails)."""
+        return list(self._pool.map(self.get, keys))
+
     def delete_many(self, keys: Iterable[str]) -> int:
         """Delete objects (1000 per request); returns how many were asked. Failures are logged, not
         raised: what is left is an orphan, which the sweep at start removes."""

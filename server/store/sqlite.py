@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from dlheir.paths import fsync_path
 from dlheir.server.store.base import (
-    CollectionGoneError, StoreCorruptError, StoreError, StoreFullError, StoreUnusableError,
+    CollectionGoneError, NothingWritten, StoreCorruptError, StoreError, StoreFullError, StoreUnusableError,
 )
 
 if TYPE_CHECKING:
@@ -138,6 +138,18 @@ CREATE TABLE IF NOT EXISTS items_delta (
     PRIMARY KEY (collection, id)
 );
 CREATE INDEX IF NOT EXISTS items_delta_codes ON items_delta (collection, id, code);
+"""
+# Re-hashing with another model (owner reindex): the new code of each item, kept aside until the
+# switch replaces every code of the collection with them in one transaction (codes of one model
+# at a time per collection; removed by the switch, a rotation or the collection's deletion).
+STAGED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS staged_codes (
+    collection TEXT NOT NULL REFERENCES collections(name),
+    fingerprint TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    code BLOB NOT NULL,
+    PRIMARY KEY (collection, fingerprint, id)
+);
 """
 DELTA_FROM = 500_000  # items in the store below which a batch goes straight into items (as before)
 DELTA_MIN = 100_000  # the delta is merged at max(DELTA_MIN, sqrt(items * DELTA_BATCH)) items
@@ -278,6 +290,7 @@ class Store:
             self._conn.executescript(ACCESS_SCHEMA)
             self._conn.executescript(GENERATION_SCHEMA)
             self._conn.executescript(DELTA_SCHEMA)
+            self._conn.executescript(STAGED_SCHEMA)
             self._main_n = self._conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM items").fetchone()[0]  # O(log)
             self._delta_n = self._conn.execute("SELECT COUNT(*) FROM items_delta").fetchone()[0]
             self._writes = 0  # write transactions begun: existing_ids' last answer holds while this is unchanged
@@ -418,7 +431,7 @@ class Store:
         """Remove a collection and everything it holds in one transaction; False if there is none.
         It frees room, so on a full disk it may use the store's reserve (``_freeing_room``)."""
         def body(conn: sqlite3.Connection) -> bool:
-            for table in ("items", "items_delta", "readers", "code_keys", "code_pages"):
+            for table in ("items", "items_delta", "staged_codes", "readers", "code_keys", "code_pages"):
                 conn.execute(f"DELETE FROM {table} WHERE collection = ?", (name,))
             conn.execute("DELETE FROM private_collections WHERE name = ?", (name,))
             return conn.execute("DELETE FROM collections WHERE name = ?", (name,)).rowcount > 0
@@ -746,11 +759,65 @@ class Store:
             conn.executemany("UPDATE items SET code = ? WHERE collection = ? AND id = ?",
                              [(c, collection, r[0]) for r, c in zip(rows, new_codes)])
             conn.execute("INSERT OR REPLACE INTO code_keys VALUES (?, ?)", (collection, to_key))
+            conn.execute("DELETE FROM staged_codes WHERE collection = ?", (collection,))  # under the old key
             revoked = conn.execute("SELECT label, token_sha256 FROM readers WHERE collection = ? AND revoked IS NULL",
                                    (collection,)).fetchall()
             conn.execute("UPDATE readers SET revoked = ? WHERE collection = ? AND revoked IS NULL", (now, collection))
             conn.execute("UPDATE collections SET reader_token_sha256 = '' WHERE name = ?", (collection,))
         return len(rows), [(label, h) for label, h in revoked]
+
+    # --- re-hashing with another model (owner reindex) -------------------------------------------
+    def stage_codes(self, collection: str, fingerprint: str, ids: list[int], codes: list[bytes],
+                    uid: str | None = None) -> int:
+        """Keep the new code of each id aside (staging an id again replaces it; codes staged for
+        another model are dropped first). Changes no served content. Returns how many this staged."""
+        with self._transaction(counts=False) as conn:
+            self._check_uid(conn, collection, uid)
+            other = ("SELECT 1 FROM staged_codes WHERE collection = ? AND (fingerprint < ? OR fingerprint > ?) LIMIT 1")
+            if conn.execute(other, (collection, fingerprint, fingerprint)).fetchone():  # two index ranges, not a scan
+                conn.execute("DELETE FROM staged_codes WHERE collection = ? AND fingerprint != ?", (collection, fingerprint))
+            conn.executemany("INSERT OR REPLACE INTO staged_codes VALUES (?, ?, ?, ?)",
+                             sorted((collection, fingerprint, int(i), bytes(c)) for i, c in zip(ids, codes)))
+        return len(ids)
+
+    def unstaged_ids(self, collection: str, fingerprint: str, after: int, limit: int) -> tuple[list[int], int]:
+        """Up to ``limit`` stored ids greater than ``after`` without a staged code of ``fingerprint``
+        (ascending), and how many codes of it are staged (counted on the first page only, ``after``
+        < 0: a count is a scan)."""
+        missing = ("SELECT id FROM {table} t WHERE collection = ? AND id > ? AND NOT EXISTS (SELECT 1 FROM "
+                   "staged_codes s WHERE s.collection = t.collection AND s.fingerprint = ? AND s.id = t.id) "
+                   "ORDER BY id LIMIT ?")
+        with self._sqlite_errors():
+            conn = self._reader()
+            ids = sorted({r[0] for table in ("items", "items_delta")  # a merge may move an id between the two reads
+                          for r in conn.execute(missing.format(table=table), (collection, after, fingerprint, limit))})
+            staged = conn.execute("SELECT COUNT(*) FROM staged_codes WHERE collection = ? AND fingerprint = ?",
+                                  (collection, fingerprint)).fetchone()[0] if after < 0 else 0
+        return ids[:limit], int(staged)
+
+    def switch_codes(self, collection: str, fingerprint: str, image_size: int, uid: str | None = None) -> int:
+        """In ONE transaction: every stored code of ``collection`` replaced by its staged code of
+        ``fingerprint``, the collection's model set to it, the staged codes dropped. Returns 0, or
+        the number of stored items without a staged code (then nothing is written)."""
+        try:
+            with self._transaction() as conn:
+                self._check_uid(conn, collection, uid)
+                missing = sum(conn.execute(
+                    f"SELECT COUNT(*) FROM {table} t WHERE collection = ? AND NOT EXISTS (SELECT 1 FROM staged_codes s "
+                    "WHERE s.collection = t.collection AND s.fingerprint = ? AND s.id = t.id)",
+                    (collection, fingerprint)).fetchone()[0] for table in ("items", "items_delta"))
+                if missing:
+                    raise NothingWritten(missing)
+                for table in ("items", "items_delta"):
+                    conn.execute(f"UPDATE {table} SET code = (SELECT code FROM staged_codes s WHERE s.collection = "
+                                 f"{table}.collection AND s.fingerprint = ? AND s.id = {table}.id) WHERE collection = ?",
+                                 (fingerprint, collection))
+                conn.execute("UPDATE collections SET model_fingerprint = ?, image_size = ? WHERE name = ?",
+                             (fingerprint, int(image_size), collection))
+                conn.execute("DELETE FROM staged_codes WHERE collection = ?", (collection,))
+        except NothingWritten as exc:
+            return exc.result
+        return 0
 
     # --- private-ranking mode: sealed code pages ----------------------------------------------
     def page_private_collections(self) -> set[str]:
