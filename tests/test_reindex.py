@@ -30,16 +30,22 @@ SIZE_B = 40  # model B hashes 40 px images (A: 32): the switch records the new s
 
 
 @pytest.fixture(scope="module")
-def triton_b(tmp_path_factory):
-    """A second real tritonserver serving another network (model B)."""
+def onnx_b(tmp_path_factory):
+    """Another network's export (model B: another seed, 40 px)."""
     from dlheir.export.onnx_export import export_onnx
+
+    return export_onnx(margined_model(seed=1), tmp_path_factory.mktemp("model_b") / "model.onnx", SIZE_B)
+
+
+@pytest.fixture(scope="module")
+def triton_b(onnx_b):
+    """A second real tritonserver serving model B."""
     from dlheir.procs import free_port
     from dlheir.triton.launcher import TritonServer
     from dlheir.triton.repository import prepare_repository
 
-    work = tmp_path_factory.mktemp("model_b")
-    onnx_path = export_onnx(margined_model(seed=1), work / "model.onnx", SIZE_B)
-    served = prepare_repository(work / "model_repository", onnx_path, "onnx-cpu")
+    work = onnx_b.parent
+    served = prepare_repository(work / "model_repository", onnx_b, "onnx-cpu")
     server = TritonServer(served.path, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                           state_dir=work / "triton")
     with server:
@@ -187,3 +193,33 @@ def test_reindex_cli_and_its_refusals(owner_setup, triton_b, capsys):
         with pytest.raises(UserError, match="already holds codes"):
             cloud.stage_codes("c", owner.describe("c").model_fingerprint, 1, [1], np.zeros((1, BITS // 8), np.uint8))
     assert OwnerKeys.load(s["home"] / "owner.key").for_collection("c").key_id == 1
+
+
+def test_triton_keeps_serving_an_earlier_version_for_its_collections(tmp_path, monkeypatch, served_model, onnx_b,
+                                                                    triton_server, digits_small, capsys):
+    """`dlheir triton start --keep-version 1` after a new export: the ensemble serves model B (version 2) and
+    dlheir_onnx_cpu_v1 still hashes with model A, the same codes as a Triton serving A (the client
+    preprocesses for it), so a collection of A stays searchable during its reindex."""
+    from dlheir.cli import main
+    from dlheir.procs import free_port
+
+    monkeypatch.setenv("DLHEIR_STATE", str(tmp_path / "state"))
+    grpc = free_port()
+    assert main(["triton", "prepare", "--onnx", str(served_model["onnx"])]) == 0  # version 1: model A
+    capsys.readouterr()
+    code = main(["triton", "start", "--onnx", str(onnx_b), "--keep-version", "1", "--grpc-port", str(grpc),
+                 "--http-port", str(free_port()), "--metrics-port", str(free_port())])
+    out = capsys.readouterr().out
+    try:
+        assert code == 0 and "--model dlheir_onnx_cpu_v1" in out, out
+        files = sorted(digits_small.rglob("*.png"))[:6]
+        with TritonHasher(f"127.0.0.1:{grpc}") as new, TritonHasher(f"127.0.0.1:{grpc}", model="dlheir_onnx_cpu_v1") as old, \
+                TritonHasher(triton_server.grpc_url) as a:
+            assert (new.image_size, old.image_size) == (SIZE_B, a.image_size)
+            assert old.fingerprint == a.fingerprint != new.fingerprint
+            np.testing.assert_array_equal(old.hash_images(files)[1], a.hash_images(files)[1])
+    finally:
+        main(["triton", "stop"])
+    code = main(["triton", "start", "--onnx", str(onnx_b), "--keep-version", "7", "--grpc-port", str(free_port())])
+    err = capsys.readouterr().err
+    assert code == 2 and "has no version 7 to keep (versions: 1, 2)" in err, err

@@ -44,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", default=None, help="PEM certificate: serve gRPC over TLS only (HTTP is then off); "
                                                     "clients give its CA with --triton-tls-ca")
     p.add_argument("--tls-key", default=None, help="the certificate's PEM private key (with --tls-cert)")
+    p.add_argument("--keep-version", type=int, action="append", default=[], metavar="N",
+                   help="also serve version N of the network (an earlier 'dlheir export onnx') as the model "
+                        "NETWORK_vN, for collections still holding its codes (e.g. during 'dlheir owner reindex'): "
+                        "clients pick it with --model (repeatable; backend onnx-cpu)")
     p.set_defaults(func=_start)
     p = tsub.add_parser("prepare", help="generate the model repository for a backend without starting Triton",
                         description="Writes the repository (e.g. for NVIDIA's Triton container on a GPU host) "
@@ -114,13 +118,18 @@ def _start(args: argparse.Namespace) -> int:
     else:
         repo = _generate(args, default_repository())
     print(repo.describe())
+    from dlheir.triton.repository import keep_version
+
+    kept = [keep_version(repo.path, v, repo.backend) for v in dict.fromkeys(args.keep_version) if v != repo.version]
+    for name in kept:
+        print(f"also serving {name} (an earlier version, for the collections hashed with it): --model {name}")
     server = TritonServer(repo.path, args.host, args.grpc_port, args.http_port, args.metrics_port,
-                          models=repo.models, tls_cert=args.tls_cert, tls_key=args.tls_key)
+                          models=(*repo.models, *kept), tls_cert=args.tls_cert, tls_key=args.tls_key)
     server.start(detach=True)  # refuses a backend this host's tritonserver lacks (launcher.missing_backend)
     pid_file.write_text(json.dumps({"pid": server.process.pid, "grpc": server.grpc_url, "backend": repo.backend,
                                     "repository": str(Path(repo.path).resolve())}))
     print(f"tritonserver ready (pid {server.process.pid}, backend {repo.backend}, models "
-          f"{', '.join(repo.models)}): gRPC {args.host}:{args.grpc_port}, HTTP {args.host}:{args.http_port}, "
+          f"{', '.join((*repo.models, *kept))}): gRPC {args.host}:{args.grpc_port}, HTTP {args.host}:{args.http_port}, "
           f"metrics {args.host}:{args.metrics_port}; log {server.log_path}")
     return 0
 

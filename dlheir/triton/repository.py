@@ -269,6 +269,34 @@ def prepare_repository(dest: Path | str, onnx_path: Path | str, backend: str = "
     return Repository(dest, spec.name, spec.model, size, bits, fingerprint, version, new)
 
 
+def keep_version(dest: Path | str, version: int, backend: str = "onnx-cpu") -> str:
+    """Serve version ``version`` of the network model beside the newest one, as a model of its own,
+    ``NETWORK_vVERSION`` (it takes warped pixels: TritonHasher preprocesses the images for it with
+    dlheir.preprocess), so that collections still holding that model's codes can be searched, e.g.
+    while ``dlheir owner reindex`` moves them to the new one. Returns the model's name."""
+    spec = backend_spec(backend)
+    if not spec.python:
+        raise UserError(f"--keep-version serves an older version with the python backends only, not {backend}")
+    dest = Path(dest)
+    source = dest / spec.model / str(version) / spec.filename
+    if not source.is_file():
+        raise UserError(f"{dest / spec.model} has no version {version} to keep (versions: "
+                        f"{', '.join(map(str, _versions(dest / spec.model))) or 'none'})")
+    from dlheir.contract import onnx_signature
+
+    size, bits = onnx_signature(source)
+    name = f"{spec.model}_v{version}"
+    _install_file(source, dest / name / "1" / spec.filename)
+    _install_file(templates_dir() / spec.model / "model.py", dest / name / "1" / "model.py")
+    template = templates_dir() / spec.model / "config.pbtxt"
+    config = _parse(template)
+    config.name = name
+    _set_dims(config, size, bits)
+    _set_params(config, **{FINGERPRINT_PARAM: model_fingerprint(source), IMAGE_SIZE_PARAM: size, BITS_PARAM: bits})
+    _write(dest / name / "config.pbtxt", config, _header(template))
+    return name
+
+
 def check_repository(repo: Path | str) -> Repository:
     """What a repository serves, read from its ensemble; a clear error when its newest network
     version is missing or its configs disagree with it. Checks ``max_pixels`` too."""
