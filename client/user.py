@@ -47,6 +47,18 @@ def trapdoor(hasher: TritonHasher, transform: CodeTransform, query) -> bytes:
     return transform.apply(code)[0].tobytes()
 
 
+def _check_search(grant: Grant, hasher: TritonHasher, local: "LocalIndex | None") -> None:
+    """Before a query is hashed: a private grant never goes to the server's Search, private mode
+    checks the model here (the server sees no code), and the grant's code length is the model's."""
+    if local is None and getattr(grant, "private", False):
+        raise UserError(f"the owner's grant says collection {grant.collection!r} is in private-ranking mode: the "
+                        "query is ranked on this machine, never sent to the server's Search")
+    if local is not None:
+        check_model(grant.collection, local, hasher.fingerprint)
+    if grant.bits is not None and grant.bits != hasher.bits:
+        raise UserError(f"the grant is for {grant.bits}-bit codes; the Triton model makes {hasher.bits}")
+
+
 def search_image(query, grant: Grant, cloud: CloudClient, hasher: TritonHasher, k: int = 20,
                  fetch: int | None = None, local: "LocalIndex | None" = None) -> tuple[list[Hit], QueryTimings]:
     """Top-k for one query image; the first ``fetch`` hits (default all k) are fetched and decrypted.
@@ -55,13 +67,7 @@ def search_image(query, grant: Grant, cloud: CloudClient, hasher: TritonHasher, 
     mode): sync its new code pages and rank on this machine; the query's code never leaves it.
     Otherwise the server ranks the transformed code. Codes of a model other than the collection's
     are refused: by the server, or (private mode) here, before the query is hashed."""
-    if local is None and getattr(grant, "private", False):
-        raise UserError(f"the owner's grant says collection {grant.collection!r} is in private-ranking mode: the "
-                        "query is ranked on this machine, never sent to the server's Search")
-    if local is not None:
-        check_model(grant.collection, local, hasher.fingerprint)
-    if grant.bits is not None and grant.bits != hasher.bits:
-        raise UserError(f"the grant is for {grant.bits}-bit codes; the Triton model makes {hasher.bits}")
+    _check_search(grant, hasher, local)
     import numpy as np
 
     transform = CodeTransform(grant.transform_secret, hasher.bits)
@@ -103,13 +109,7 @@ def search_images(queries: Sequence, grant: Grant, cloud: CloudClient, hasher: T
     in one; the timings are the whole batch's. Returns the hits of each query, in order."""
     import numpy as np
 
-    if local is None and getattr(grant, "private", False):
-        raise UserError(f"the owner's grant says collection {grant.collection!r} is in private-ranking mode: the "
-                        "query is ranked on this machine, never sent to the server's Search")
-    if local is not None:
-        check_model(grant.collection, local, hasher.fingerprint)
-    if grant.bits is not None and grant.bits != hasher.bits:
-        raise UserError(f"the grant is for {grant.bits}-bit codes; the Triton model makes {hasher.bits}")
+    _check_search(grant, hasher, local)
     if not queries:
         return [], QueryTimings(0.0, 0.0, 0.0)
     t0 = time.perf_counter()

@@ -118,3 +118,24 @@ def tiny_disk(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def client_setup(tmp_path, monkeypatch, triton_server, cloud_server, digits_small):
+    """A clean key folder whose config file names the test's servers (nothing else configured), the
+    working folder a fresh one, and a copy of the digit images: {"home", "images", "cloud", "triton"}."""
+    import shutil
+
+    from dlheir import config
+
+    for var in [*config.ENV.values(), config.CONFIG_ENV]:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("DLHEIR_HOME", str(home))
+    (home / "config.toml").write_text(
+        f'server = "{cloud_server.address}"\ntriton = "{triton_server.grpc_url}"\n'
+        f'admin_token_file = "{cloud_server.data_dir / "admin.token"}"\n')
+    images = shutil.copytree(digits_small, tmp_path / "images")
+    return {"home": home, "images": images, "cloud": cloud_server, "triton": triton_server}

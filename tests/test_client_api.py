@@ -21,19 +21,8 @@ ENV_VARS = [*config.ENV.values(), config.CONFIG_ENV]
 
 
 @pytest.fixture
-def setup(tmp_path, monkeypatch, triton_server, cloud_server, digits_small):
-    """A clean key folder whose config file names the test's servers (nothing else configured)."""
-    for var in ENV_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
-    home = tmp_path / "home"
-    home.mkdir(mode=0o700)
-    monkeypatch.setenv("DLHEIR_HOME", str(home))
-    (home / "config.toml").write_text(
-        f'server = "{cloud_server.address}"\ntriton = "{triton_server.grpc_url}"\n'
-        f'admin_token_file = "{cloud_server.data_dir / "admin.token"}"\n')
-    images = shutil.copytree(digits_small, tmp_path / "images")
-    return {"home": home, "images": images, "cloud": cloud_server, "triton": triton_server}
+def setup(client_setup):
+    return client_setup  # tests/conftest.py
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:

@@ -10,13 +10,11 @@ under make test-engines)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 
 import dlheir
-from dlheir import config
 from dlheir.client.cloud import CloudClient
 from dlheir.client.crypto import CodeTransform, OwnerKeys
 from dlheir.client.owner import reindex_collection
@@ -52,21 +50,6 @@ def triton_b(onnx_b):
         yield server
 
 
-@pytest.fixture
-def owner_setup(tmp_path, monkeypatch, triton_server, cloud_server, digits_small):
-    for var in [*config.ENV.values(), config.CONFIG_ENV]:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
-    home = tmp_path / "home"
-    home.mkdir(mode=0o700)
-    monkeypatch.setenv("DLHEIR_HOME", str(home))
-    (home / "config.toml").write_text(
-        f'server = "{cloud_server.address}"\ntriton = "{triton_server.grpc_url}"\n'
-        f'admin_token_file = "{cloud_server.data_dir / "admin.token"}"\n')
-    images = shutil.copytree(digits_small, tmp_path / "images")
-    return {"home": home, "images": images, "cloud": cloud_server}
-
-
 class StopAfter:
     """A hasher that hashes ``calls`` batches and then is interrupted (as a Ctrl-C would)."""
 
@@ -94,8 +77,8 @@ def _brute_force(owner: dlheir.Owner, hasher: TritonHasher, files: list, ids: li
     return [(ids[j], int(d[j])) for j in order]
 
 
-def test_reindex_switches_a_collection_to_the_served_model(owner_setup, triton_server, triton_b):
-    s = owner_setup
+def test_reindex_switches_a_collection_to_the_served_model(client_setup, triton_server, triton_b):
+    s = client_setup
     owner = dlheir.Owner()
     owner.init_keys()
     owner.create_collection("c")
@@ -163,10 +146,10 @@ def test_reindex_switches_a_collection_to_the_served_model(owner_setup, triton_s
     b.close()
 
 
-def test_reindex_cli_and_its_refusals(owner_setup, triton_b, capsys):
+def test_reindex_cli_and_its_refusals(client_setup, triton_b, capsys):
     from dlheir.cli import main
 
-    s = owner_setup
+    s = client_setup
     owner = dlheir.Owner()
     owner.init_keys()
     owner.create_collection("p", private=True)
