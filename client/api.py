@@ -236,7 +236,9 @@ class _Connections:
         self._clouds: dict[tuple[str, str | None], Any] = {}
         self._hash_client: Any = None
 
-    def _cloud_client(self, address: str, token: str | None):
+    def _cloud_client(self, address: str | Sequence[str], token: str | None):
+        if not isinstance(address, str):  # a list of fronts' addresses: one key
+            address = ",".join(str(a).strip() for a in address)
         key = (address, token)
         if key not in self._clouds:
             from dlheir.client.cloud import CloudClient
@@ -970,6 +972,45 @@ def hash_images(images: Any, triton: str | None = None, onnx: str | os.PathLike 
 
 # --- services ---------------------------------------------------------------------------------
 def _server_status(address: str, tls_ca: str | None, insecure: bool = False) -> ServiceStatus:
+    """Whether the cloud server at ``address`` answers; with several addresses (fronts of one
+    store), each is asked: up when one is, the detail naming each one's state."""
+    from dlheir.client.cloud import parse_addresses
+
+    try:
+        addresses = parse_addresses(address)
+    except UserError as exc:
+        return ServiceStatus("cloud server", str(address), False, str(exc))
+    if len(addresses) == 1:
+        return _one_server_status(addresses[0], tls_ca, insecure)
+    fronts = [_one_server_status(a, tls_ca, insecure) for a in addresses]
+    up = [f for f in fronts if f.up]
+    detail = (f"{len(up)} of {len(fronts)} serving" + ("" if len(up) == len(fronts) else ": " + "; ".join(
+        f"{f.address} {'up' if f.up else 'DOWN'} ({f.detail})" for f in fronts)))
+    return ServiceStatus("cloud server", ",".join(addresses), bool(up), detail,
+                         {"fronts": {f.address: {"up": f.up, "detail": f.detail} for f in fronts}})
+
+
+def _store_fronts(address: str, admin_token: str, tls_ca: str | None, insecure: bool) -> list[dict] | None:
+    """The fronts serving the store behind ``address`` (several processes over one PostgreSQL store),
+    each with the store changes it has not applied yet; None with the embedded store (one server)."""
+    import time
+
+    from dlheir.client.cloud import CloudClient
+
+    try:
+        with CloudClient(address, admin_token, tls_ca=tls_ca, insecure=insecure) as client:
+            reply = client.list_fronts(admin_token)
+    except UserError:
+        return None
+    if not reply.shared:
+        return None
+    now = time.time()
+    return [{"address": f.address, "host": f.host, "pid": f.pid, "applied": f.applied,
+             "behind": max(0, reply.head - f.applied), "seen_s_ago": round(max(0.0, now - f.seen), 1),
+             "answered": f.id == reply.answered_by} for f in reply.fronts]
+
+
+def _one_server_status(address: str, tls_ca: str | None, insecure: bool = False) -> ServiceStatus:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -1040,10 +1081,12 @@ def status(server: str | None = None, triton: str | None = None, model: str | No
     collections = None
     if srv.up:
         try:
-            cfg.admin_token(admin_token_file)
+            admin_token = cfg.admin_token(admin_token_file)
             srv.info["admin"] = True  # the listing is every collection, not only the tokens files held
         except UserError:
-            srv.info["admin"] = False
+            admin_token, srv.info["admin"] = None, False
+        if admin_token:
+            srv.info["store_fronts"] = _store_fronts(address, admin_token, ca, cfg.insecure(insecure))
         try:
             with Owner(server=address, tls_ca=ca, config=cfg, insecure=insecure) as owner:
                 collections = owner.collections(admin_token_file)

@@ -27,7 +27,9 @@ READER_TOKEN_ENV = "DLHEIR_READER_TOKEN"  # owner grant's offline reader token (
 
 
 def _server_arg(p, recorded: str = "") -> None:
-    p.add_argument("--server", default=None, help=f"cloud server HOST:PORT ({CONFIGURED}"
+    p.add_argument("--server", default=None, help=f"cloud server HOST:PORT, or several fronts of one store as "
+                                                  f"HOST:PORT,HOST:PORT (calls spread over them; one that fails "
+                                                  f"goes on with another) ({CONFIGURED}"
                                                   f"{' > ' + recorded if recorded else ''} > {DEFAULT_SERVER}; "
                                                   "env DLHEIR_SERVER)")
     p.add_argument("--insecure", action="store_const", const=True, default=None,
@@ -736,6 +738,10 @@ def _status(args):
             print(f"  {key} = {setting['value']}  ({setting['from']})")
     for s in (st.server, st.triton):
         print(f"{s.name:<13} {s.address:<22} {'up' if s.up else 'DOWN':<5} {s.detail}")
+    for f in st.server.info.get("store_fronts") or []:  # several fronts over one store (admin token)
+        stale = f["seen_s_ago"] > 5
+        print(f"  front {f['address']:<21} {f['host']} pid {f['pid']}: applied change {f['applied']}, "
+              f"{f['behind']} behind, {'GONE? ' if stale else ''}seen {f['seen_s_ago']:g} s ago")
     if st.collections is None:
         why = st.server.info.get("collections_error")
         print(f"collections: {'-' if not st.server.up else why or 'unknown'}")

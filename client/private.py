@@ -236,7 +236,7 @@ def grant_image_keys(grant) -> dict[int, bytes]:
 # --- the two RPCs -------------------------------------------------------------------------
 def append_code_page(cloud: CloudClient, collection: str, page: int, sealed: bytes) -> int:
     """Store page ``page`` (owner token); returns the page count after it."""
-    return cloud._call(cloud.stub.AppendCodePage,
+    return cloud._call("AppendCodePage",
                        pb.AppendCodePageRequest(collection=collection, page=page, data=sealed)).pages
 
 
@@ -244,13 +244,9 @@ def sync_code_pages(cloud: CloudClient, collection: str, from_page: int,
                     ) -> tuple[pb.SyncHeader, Iterator[tuple[int, bytes]]]:
     """The collection's header (mode, bits, page count) and an iterator over (page number,
     sealed bytes) of every page from ``from_page`` on, in order (none in server-ranked mode)."""
-    stream = cloud.stub.SyncCodePages(pb.SyncCodePagesRequest(collection=collection, from_page=from_page),
-                                      metadata=cloud._md())
-    try:
-        first = next(stream)
-    except grpc.RpcError as exc:
-        raise _wrap(exc, cloud.address) from None
-    except StopIteration:
+    stream, first, address = cloud._open_stream("SyncCodePages",
+                                                pb.SyncCodePagesRequest(collection=collection, from_page=from_page))
+    if first is None:
         first = pb.SyncCodePagesResponse()
     if not first.HasField("header"):
         raise UserError("cloud server: SyncCodePages answered without a header (not a dlheir server of this version?)")
@@ -260,7 +256,7 @@ def sync_code_pages(cloud: CloudClient, collection: str, from_page: int,
             for msg in stream:
                 yield msg.page.page, msg.page.data
         except grpc.RpcError as exc:
-            raise _wrap(exc, cloud.address) from None
+            raise _wrap(exc, address) from None
 
     return first.header, pages()
 

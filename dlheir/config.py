@@ -6,6 +6,7 @@ The config file is TOML (read with ``tomllib``): ``--config FILE`` if given, els
 optional; an unknown key or a value of the wrong type is a one-line error naming the file::
 
     server = "127.0.0.1:50051"        # the cloud server           env DLHEIR_SERVER
+                                      # (fronts of one store: "HOST:PORT,HOST:PORT")
     triton = "127.0.0.1:8001"         # Triton's gRPC port         env DLHEIR_TRITON
     model = "dlheir"                  # the Triton model to hash with   env DLHEIR_MODEL
     collection = "photos"             # default --collection       env DLHEIR_COLLECTION
@@ -167,6 +168,13 @@ def check_value(key: str, value: str, where: str) -> None:
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:
                 raise UserError(f"{where}: {key} is too long to be a path ({len(value)} characters): {fix}") from None
+    if key == "server":  # one address, or several fronts' comma-separated
+        from dlheir.netaddr import parse_addresses
+
+        try:
+            parse_addresses(value)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}: {fix}") from None
 
 
 def read_tls_ca(path: str | os.PathLike, where: str = "tls_ca") -> bytes:

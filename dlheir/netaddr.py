@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Sequence
 
 LOCAL_SCHEMES = ("unix:", "unix-abstract:")  # gRPC targets that never leave this machine
 
@@ -52,3 +53,41 @@ def target_hosts(address: str) -> list[str]:
 def is_loopback_target(address: str) -> bool:
     """Whether every host the gRPC target ``address`` names is loopback (or it is a unix socket)."""
     return all(is_loopback(host) for host in target_hosts(address))
+
+
+def _user_error(message: str) -> Exception:
+    from dlheir.errors import UserError
+
+    return UserError(message)
+
+
+def parse_addresses(address: str | Sequence[str]) -> list[str]:
+    """The cloud server addresses in ``address``: one ``HOST:PORT``, several comma-separated
+    (``"h1:p1,h2:p2"``) or a list. A gRPC ``ipv4:``/``ipv6:`` target stays one address (gRPC
+    balances it itself). An empty element or a name given twice is a one-line UserError."""
+    if isinstance(address, str):
+        text = address.strip()
+        parts = [text] if text.lower().startswith(("ipv4:", "ipv6:")) else text.split(",")
+    else:
+        parts = [str(a) for a in address]
+    parts = [a.strip() for a in parts]
+    shown = address if isinstance(address, str) else ",".join(parts)
+    if not parts or parts == [""]:
+        raise _user_error("no cloud server address given: give HOST:PORT, or several as HOST:PORT,HOST:PORT")
+    for n, part in enumerate(parts, 1):
+        if not part:
+            raise _user_error(f"cloud server addresses {shown!r}: element {n} is empty (give HOST:PORT,HOST:PORT)")
+        if parts.index(part) != n - 1:
+            raise _user_error(f"cloud server addresses {shown!r}: {part} is given twice")
+        if len(parts) > 1 and not _has_port(part):
+            raise _user_error(f"cloud server addresses {shown!r}: {part!r} is not HOST:PORT")
+    return parts
+
+
+def _has_port(address: str) -> bool:
+    if "/" in address or address.lower().startswith(("unix:", "unix-abstract:", "dns:")):
+        return True  # a gRPC target URI: gRPC checks it
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or (":" in host and not host.endswith("]")):
+        return False  # no port, or a bare IPv6 address
+    return port.isdigit() and 0 < int(port) < 65536

@@ -14,6 +14,40 @@ class CollectionMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 SERVER_RANKED: CollectionMode
 PRIVATE_RANKING: CollectionMode
 
+class ListFrontsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FrontInfo(_message.Message):
+    __slots__ = ("id", "address", "host", "pid", "started", "applied", "seen")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    SEEN_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    address: str
+    host: str
+    pid: int
+    started: float
+    applied: int
+    seen: float
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., started: _Optional[float] = ..., applied: _Optional[int] = ..., seen: _Optional[float] = ...) -> None: ...
+
+class ListFrontsResponse(_message.Message):
+    __slots__ = ("shared", "head", "answered_by", "fronts")
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_BY_FIELD_NUMBER: _ClassVar[int]
+    FRONTS_FIELD_NUMBER: _ClassVar[int]
+    shared: bool
+    head: int
+    answered_by: str
+    fronts: _containers.RepeatedCompositeFieldContainer[FrontInfo]
+    def __init__(self, shared: _Optional[bool] = ..., head: _Optional[int] = ..., answered_by: _Optional[str] = ..., fronts: _Optional[_Iterable[_Union[FrontInfo, _Mapping]]] = ...) -> None: ...
+
 class CreateCollectionRequest(_message.Message):
     __slots__ = ("name", "bits", "mode", "model_fingerprint", "image_size")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -124,6 +124,11 @@ class CloudStoreStub:
                 request_serializer=dlheir__cloud__pb2.SyncCodePagesRequest.SerializeToString,
                 response_deserializer=dlheir__cloud__pb2.SyncCodePagesResponse.FromString,
                 _registered_method=True)
+        self.ListFronts = channel.unary_unary(
+                '/dlheir.cloud.v1.CloudStore/ListFronts',
+                request_serializer=dlheir__cloud__pb2.ListFrontsRequest.SerializeToString,
+                response_deserializer=dlheir__cloud__pb2.ListFrontsResponse.FromString,
+                _registered_method=True)
 
 
 class CloudStoreServicer:
@@ -270,6 +275,14 @@ class CloudStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFronts(self, request, context):
+        """Admin token. The fronts (cloud-server processes) serving this server's store, each with the
+        last change of the shared store it has applied; with the embedded store, this server alone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CloudStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -362,6 +375,11 @@ def add_CloudStoreServicer_to_server(servicer, server):
                     servicer.SyncCodePages,
                     request_deserializer=dlheir__cloud__pb2.SyncCodePagesRequest.FromString,
                     response_serializer=dlheir__cloud__pb2.SyncCodePagesResponse.SerializeToString,
+            ),
+            'ListFronts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFronts,
+                    request_deserializer=dlheir__cloud__pb2.ListFrontsRequest.FromString,
+                    response_serializer=dlheir__cloud__pb2.ListFrontsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -850,6 +868,33 @@ class CloudStore:
             '/dlheir.cloud.v1.CloudStore/SyncCodePages',
             dlheir__cloud__pb2.SyncCodePagesRequest.SerializeToString,
             dlheir__cloud__pb2.SyncCodePagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFronts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dlheir.cloud.v1.CloudStore/ListFronts',
+            dlheir__cloud__pb2.ListFrontsRequest.SerializeToString,
+            dlheir__cloud__pb2.ListFrontsResponse.FromString,
             options,
             channel_credentials,
             insecure,
