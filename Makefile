@@ -36,6 +36,11 @@ ENGINE_TESTS ?= tests/test_cloud_server.py tests/test_access.py tests/test_priva
 # `dlheir bench search` and `bench e2e` on both backends in one run: the embedded store, then PostgreSQL +
 # Ceph RGW (started by tests/engines.py for the run). Results: results/bench_{search,e2e}/{embedded,engines}/.
 BENCH_SIZES ?= 10000,100000
+FRONTS_ITEMS ?= 1000000
+.PHONY: bench-fronts
+bench-fronts: $(STAMP) engines
+	$(PY) tests/engines.py run -- $(VENV)/bin/dlheir bench fronts --store {store} --items $(FRONTS_ITEMS)
+
 .PHONY: bench-backends
 bench-backends: $(STAMP) engines
 	$(VENV)/bin/dlheir bench search --codes random --sizes $(BENCH_SIZES) --out-dir results/bench_search/embedded

@@ -13,6 +13,7 @@ BENCH_MODULES = (
     "dlheir.benchmarks.inference",  # PyTorch eager vs ONNX Runtime, in-process
     "dlheir.benchmarks.hash",  # through Triton vs in-process
     "dlheir.benchmarks.search",  # through the cloud server vs FAISS in-process
+    "dlheir.benchmarks.fronts",  # several fronts over one PostgreSQL store
     "dlheir.benchmarks.e2e",  # the paper's efficiency figures
     "dlheir.benchmarks.leakage",  # what the server can recover of the code transform
     "dlheir.benchmarks.private",  # private-ranking mode (sync + local ranking) vs server-ranked

@@ -68,6 +68,14 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="with --store: keep the encrypted blobs in an S3-compatible object store, "
                         "s3://BUCKET?endpoint=http://HOST:PORT (credentials: the AWS environment variables or "
                         "AWS_SHARED_CREDENTIALS_FILE). Default: in the store")
+    p.add_argument("--consistency-wait", type=float, default=5.0, metavar="SECONDS",
+                   help="with --store postgresql://, where several servers (fronts) may share the store: before "
+                        "each call, wait until this server has applied every change any front acknowledged "
+                        "before the call, for at most this long, else answer UNAVAILABLE; 0: do not wait (a "
+                        "front may then lag by up to --follow-poll). Default 5")
+    p.add_argument("--follow-poll", type=float, default=0.5, metavar="SECONDS",
+                   help="with --store postgresql://: look for other fronts' changes at least this often, should "
+                        "a notification be lost (default 0.5)")
     p.add_argument("--max-store-mb", type=int, default=None, metavar="MB",
                    help="quota for the store file: uploads past it get RESOURCE_EXHAUSTED as on a full disk "
                         "(default: no quota, the disk's size)")
@@ -407,7 +415,9 @@ def build_server(args: argparse.Namespace):
     for flag in ("workers", "max_concurrent_rpcs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("stream_idle_timeout", "stream_write_timeout"):
+    if args.consistency_wait < 0:
+        raise UserError("--consistency-wait must be 0 or more seconds")
+    for flag in ("stream_idle_timeout", "stream_write_timeout", "follow_poll"):
         if not getattr(args, flag) > 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
     if args.max_streams is None:
@@ -442,7 +452,8 @@ def build_server(args: argparse.Namespace):
             threading.Thread(target=lambda: check is None or check.wait() or held.let_through(), daemon=True).start()
             started = time.monotonic()
             try:
-                service = CloudStoreService(store, token, args.shards, args.mih_min_items, args.index)
+                service = CloudStoreService(store, token, args.shards, args.mih_min_items, args.index,
+                                            follow_poll_s=args.follow_poll, consistency_wait_s=args.consistency_wait)
             except BaseException:
                 store.verify()  # a store that fails the check explains a failed load: refuse as such
                 raise
@@ -457,6 +468,8 @@ def build_server(args: argparse.Namespace):
                  or "no collections", waited_s)
     warming.join()  # the compiled search is loaded before the first request
     service.snapshot_rebuilt()  # only now: a snapshot is never taken of a store that failed the check
+    if service.follower is not None:  # only now: the sweep of store.verify() ran before any change is applied
+        service.follower.start()
     _release_free_heap()
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -469,7 +482,8 @@ def build_server(args: argparse.Namespace):
         args.metrics = MetricsEndpoint()
     server = grpc.server(futures.ThreadPoolExecutor(args.workers), options=options,
                          interceptors=[Guard(service.known_token, args.stream_idle_timeout, streams,
-                                             args.metrics.calls if args.metrics else None)],
+                                             args.metrics.calls if args.metrics else None,
+                                             service.consistent if service.follower is not None else None)],
                          maximum_concurrent_rpcs=args.max_concurrent_rpcs)
     pb_grpc.add_CloudStoreServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
@@ -553,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
             "port": port, "tls": bool(args.tls_cert), "data_dir": str(Path(args.data_dir).resolve())}
     if metrics is not None:
         info["metrics_port"] = metrics.port
+    service.address = info["address"]
+    if service.follower is not None:
+        service.follower.set_address(info["address"])
     try:
         args.ready.write(info)
     except OSError as exc:  # serve anyway (a foreground server needs no launcher); launchers will time out
@@ -562,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("stopping: finishing calls in progress (2 s grace)")
     service.health.enter_graceful_shutdown()  # health checks answer NOT_SERVING from here
     server.stop(grace=2).wait()
+    if service.follower is not None:
+        service.follower.stop()
     service.save_snapshots()  # the next start loads these instead of rebuilding the index
     service.store.close()
     if metrics is not None:

@@ -118,8 +118,13 @@ class StreamLimits:
 
 class Guard(grpc.ServerInterceptor):
     def __init__(self, known_token: Callable[[str], bool], idle_timeout: float,
-                 streams: StreamLimits | None = None, metrics: "CallMetrics | None" = None) -> None:
+                 streams: StreamLimits | None = None, metrics: "CallMetrics | None" = None,
+                 consistent: Callable[[], str | None] | None = None) -> None:
         self.known_token = known_token
+        # several fronts over one store: None once this front has applied every change committed
+        # before the call, else why it cannot answer yet (UNAVAILABLE); checked before the token,
+        # which may have been issued by another front
+        self.consistent = consistent
         self.idle_timeout = idle_timeout
         self.streams = streams or StreamLimits(6, 15.0)
         self.metrics = metrics  # None: nothing counted, no wrapping beyond the guard's own
@@ -141,6 +146,9 @@ class Guard(grpc.ServerInterceptor):
             if token is None:
                 return self._counted(_refusal(handler, method, grpc.StatusCode.UNAUTHENTICATED,
                                               "missing 'authorization: Bearer <token>' metadata"), method)
+            behind = self.consistent() if self.consistent is not None else None
+            if behind:
+                return self._counted(_refusal(handler, method, grpc.StatusCode.UNAVAILABLE, behind), method)
             if not self.known_token(token):
                 return self._counted(_refusal(handler, method, grpc.StatusCode.UNAUTHENTICATED, "token not valid"),
                                      method)

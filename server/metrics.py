@@ -25,7 +25,7 @@ import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 log = logging.getLogger("dlheir.server")
 
@@ -128,6 +128,14 @@ class StateCollector:
         yield items
         yield info
         yield nbytes
+        follower = getattr(self.service, "follower", None)
+        if follower is not None:  # several fronts over one store: how far this one is behind
+            yield GaugeMetricFamily("dlheir_changes_applied", "the last change of the shared store this front "
+                                    "has applied", value=follower.applied)
+            yield GaugeMetricFamily("dlheir_changes_behind", "changes committed to the shared store that this "
+                                    "front has not applied yet (-1: the store does not answer)", value=follower.lag())
+            yield CounterMetricFamily("dlheir_follow_errors", "store errors met while following the shared store's "
+                                      "changes", value=follower.errors)
         if self.streams_active is not None:
             yield GaugeMetricFamily("dlheir_streams_active", "streams (Fetch, Upload, SyncCodePages) being served",
                                     value=self.streams_active())

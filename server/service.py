@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import re
 import secrets
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -18,6 +21,7 @@ from dlheir.codes import pack_bits, unpack_bits
 from dlheir.contract import NAME_RE, ContractError, check_code, code_bytes, model_mismatch, validate_bits
 from dlheir.server.guard import bearer_token, clip
 from dlheir.server import snapshot
+from dlheir.server.follow import Follower
 from dlheir.server.index import RESEAL_FRACTION, UPLOAD_END_RESEAL_FRACTION, BinaryIndex, default_shards
 from dlheir.proto import dlheir_cloud_pb2 as pb
 from dlheir.proto import dlheir_cloud_pb2_grpc as pb_grpc
@@ -69,10 +73,12 @@ class Collection:
 
 class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
     def __init__(self, store: Store, admin_token: str, n_shards: int | None = None,
-                 mih_min: int | None = None, index_choice: str = "auto") -> None:
+                 mih_min: int | None = None, index_choice: str = "auto", follow_poll_s: float = 0.5,
+                 consistency_wait_s: float = 5.0) -> None:
         self.mih_min = mih_min  # collection size from which search may use multi-index hashing
         self.index_choice = index_choice  # auto (timed per collection), flat or mih
         self.store = store
+        self.started = time.time()
         self.data_dir = store.path.parent  # index snapshots go to its index/ folder
         self.admin_hash = token_hash(admin_token)
         self.n_shards = n_shards or default_shards()
@@ -80,6 +86,11 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         self.collections: dict[str, Collection] = {}
         self.write_lock = threading.Lock()  # uploads/deletes are applied one batch at a time
         self._known_hashes: frozenset[str] = frozenset({self.admin_hash})
+        # a store other fronts write too: follow its changes (server/follow.py), from the last one
+        # committed before anything is loaded here
+        self.follower: Follower | None = None
+        if getattr(store, "follows", False):
+            self.follower = Follower(self, store.change_head(), follow_poll_s, consistency_wait_s)
         private = store.page_private_collections()
         models = store.models()
         generation = store.generation()
@@ -102,6 +113,51 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         self._rebuilt = rebuilt  # snapshot_rebuilt() writes their snapshots
         self._user_hashes: frozenset[str] = frozenset()  # active per-user reader tokens, all collections
         self._load_access()
+        if self.follower is not None:
+            self.follower.loaded_until = store.change_head()
+
+    def consistent(self) -> str | None:
+        """Before every authenticated call: None, or why this front cannot answer it yet (it has not
+        applied every change another front committed before the call: server/follow.py)."""
+        return None if self.follower is None else self.follower.catch_up()
+
+    def sync_collection(self, name: str, row: dict | None, rebuild: bool, snap) -> None:
+        """Bring collection ``name`` to the store's ``row`` (ChangeSnapshot.collection; None: deleted):
+        created, deleted, re-created, its tokens, readers, key version and model; with ``rebuild``
+        (or when new here) its index from the snapshot's codes. Under the write lock (the follower)."""
+        col = self.collections.get(name)
+        if col is not None and (row is None or row["uid"] != col.uid):
+            self._forget(col)
+            log.info("collection %r deleted on another front", name)
+            col = None
+        if row is None:
+            return
+        if col is None:
+            col = self._open(name, row["bits"], row["owner_hash"], row["reader_hash"])
+            col.uid, col.private = row["uid"], bool(row["private"])
+            rebuild = not col.private
+            log.info("collection %r created on another front", name)
+        col.owner_hash, col.reader_hash = row["owner_hash"], row["reader_hash"]
+        col.fingerprint, col.image_size, col.key_id = row["fingerprint"], row["image_size"], int(row["key_id"])
+        col.readers = dict(row["readers"])
+        if rebuild and not col.private:
+            index = BinaryIndex(col.bits, **self._index_kwargs())
+            index.load(snap.codes(name))
+            with col.index.lock.write():  # searches already running finish on the old index
+                col.index = index
+            col.writes += 1
+        self._known_hashes = frozenset({self.admin_hash} | {h for c in self.collections.values()
+                                                             for h in (c.owner_hash, c.reader_hash) if h})
+        self._refresh_user_hashes()
+
+    def _forget(self, col: Collection) -> None:
+        """Drop a collection the store no longer holds (under the write lock): calls that hold it end
+        with NOT_FOUND at their next step; its tokens open nothing more."""
+        col.dropped = True
+        self.collections.pop(col.name, None)
+        snapshot.remove(self.data_dir, col.name)
+        self._known_hashes = self._known_hashes - {col.owner_hash, col.reader_hash}
+        self._refresh_user_hashes()
 
     def _index_kwargs(self) -> dict:
         return {"n_shards": self.n_shards, "pool": self.pool, "mih_min": self.mih_min, "choose": self.index_choice}
@@ -299,12 +355,22 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             except BaseException:
                 col.dropped = False
                 raise
-            self.collections.pop(col.name, None)
-            snapshot.remove(self.data_dir, col.name)
-            self._known_hashes = self._known_hashes - {col.owner_hash, col.reader_hash}
-            self._refresh_user_hashes()
+            self._forget(col)
         log.info("collection %r deleted (%d items) by %s", col.name, info.items, context.peer())
         return pb.DeleteCollectionResponse(info=info)
+
+    def ListFronts(self, request, context):
+        self._admin(context)
+        follower = self.follower
+        if follower is None:  # the embedded store: this process alone
+            me = pb.FrontInfo(id="", address=getattr(self, "address", ""), host=socket.gethostname(), pid=os.getpid(),
+                              started=self.started)
+            return pb.ListFrontsResponse(shared=False, fronts=[me])
+        head = self.store.change_head()
+        me = self.store.front_id  # its own row may be up to a second old: its live figure instead
+        fronts = [pb.FrontInfo(id=f, address=a, host=h, pid=p, started=s, applied=follower.applied if f == me else n,
+                               seen=time.time() if f == me else t) for f, a, h, p, s, n, t in self.store.fronts()]
+        return pb.ListFrontsResponse(shared=True, head=head, answered_by=me, fronts=fronts)
 
     # --- upload -------------------------------------------------------------------------
     def _validate_item(self, col: Collection, item, seen: set, context) -> None:
