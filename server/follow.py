@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dlheir.server.follow")
 BATCH = 10_000  # changes applied per snapshot
+KEEP_CHANGES_S = 3600  # changes older than this that every running front has applied are pruned
+PRUNE_EVERY_S = 60.0
 
 
 class Follower:
@@ -51,6 +53,7 @@ class Follower:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._registered, self._registered_applied = 0.0, -1
+        self._pruned = time.monotonic()
         # changes up to this one may already be in the state loaded at start (read after ``applied``):
         # their ids are re-read, never taken as new
         self.loaded_until = applied
@@ -72,6 +75,7 @@ class Follower:
                 while self.apply_pending():
                     pass
                 self._register()
+                self.prune()
                 if failing:
                     log.info("following the store's changes again (applied up to %d)", self.applied)
                 failing = False
@@ -108,6 +112,8 @@ class Follower:
         service = self.service
         touched = []
         with service.write_lock, self.store.change_snapshot() as snap:
+            if self.applied < snap.floor():  # changes it has not applied were pruned: reload everything
+                return self._reload_all(snap)
             entries = snap.changes_after(self.applied, BATCH)
             if not entries:
                 return False
@@ -131,6 +137,29 @@ class Follower:
         for col in touched:  # as after an upload: fold a large flat delta, outside the write lock
             service._reseal(col)
         return True
+
+    def _reload_all(self, snap) -> bool:
+        """Every collection from the snapshot, indexes rebuilt (under the write lock), as at a start."""
+        floor, last = snap.floor(), snap.head()
+        names = set(snap.collection_names()) | set(self.service.collections)
+        log.warning("this front applied the store's changes up to %d, but changes up to %d were pruned from the "
+                    "log meanwhile: reloading every collection (%d)", self.applied, floor, len(names))
+        for name in sorted(names):
+            self.service.sync_collection(name, snap.collection(name), rebuild=True, snap=snap)
+        self.store.forget_own(last)
+        with self._cond:
+            self.applied = max(last, floor)
+            self._cond.notify_all()
+        return True
+
+    def prune(self) -> None:
+        """Prune the shared change log now and then (any front may; each does it about once a minute)."""
+        now = time.monotonic()
+        if now - self._pruned >= PRUNE_EVERY_S:
+            self._pruned = now
+            n = self.store.prune_changes(KEEP_CHANGES_S)
+            if n:
+                log.info("pruned %d change(s) older than %d s from the store's change log", n, KEEP_CHANGES_S)
 
     def _apply_items(self, name: str, group: list, own: set[int], snap):
         """Bring the index of collection ``name`` to the snapshot's state for the ids of ``group``."""

@@ -339,3 +339,40 @@ def test_a_starting_front_sweeps_only_the_orphans_of_fronts_that_are_gone(store_
     other.verify()
     assert not present(key), "the orphan of a front that is gone was not swept"
     other.close()
+
+
+def test_a_front_behind_a_pruned_change_log_reloads_everything(tmp_path, store_url):
+    """Changes every running front has applied are pruned from the log after an hour; a front that
+    was paused past that (its row in the fronts table stale) finds changes it missed pruned and
+    reloads every collection from the store instead of applying the rest."""
+    import signal
+    import time
+
+    import psycopg
+
+    from dlheir.server.store.postgres import open_postgres
+
+    rng = np.random.default_rng(6)
+    with Fronts(tmp_path, store_url) as fronts:
+        a, b = fronts.start("a"), fronts.start("b")
+        with CloudClient(a.address) as admin:
+            owner_token, _ = admin.create_collection("c", BITS, fronts.admin_token)
+        owner = CloudClient(a.address, owner_token)
+        codes = random_codes(rng, 300)
+        list(owner.upload("c", [(i, c.tobytes(), b"", {}) for i, c in enumerate(codes[:100])]))
+        assert all(found_at_zero(CloudClient(b.address, owner_token), codes[:3], range(3)))
+        os.kill(b.process.pid, signal.SIGSTOP)  # paused: applies nothing, refreshes no row
+        try:
+            list(owner.upload("c", [(i, c.tobytes(), b"", {}) for i, c in enumerate(codes[100:], 100)]))
+            owner.delete("c", list(range(10)))
+            with psycopg.connect(store_url, autocommit=True) as conn:  # b's row as if a minute old
+                conn.execute("UPDATE fronts SET seen = seen - 120 WHERE address = %s", (b.address,))
+            time.sleep(1.2)  # a refreshes its own row with everything applied
+            store = open_postgres(tmp_path, store_url)
+            assert store.prune_changes(0) > 0
+            store.close()
+        finally:
+            os.kill(b.process.pid, signal.SIGCONT)
+        keep = np.arange(10, 300, dtype=np.int64)
+        exact(CloudClient(b.address, owner_token), random_codes(rng, 5), codes[keep], keep, 10)
+        assert "reloading every collection" in (tmp_path / "b" / "server.log").read_text()

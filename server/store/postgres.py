@@ -55,6 +55,9 @@ FETCH_WINDOW_BYTES = 64 << 20  # and at most this many bytes of blobs held at on
 # items stored); the join lets it hash the ids instead, or look each one up in the primary key.
 IDS_IN = ("SELECT i.id FROM items i JOIN unnest(%s::bigint[]) AS u(id) ON i.id = u.id WHERE i.collection = %s")
 
+# the last change committed (the log may have been pruned up to the floor, or to its end)
+LAST_CHANGE = "SELECT GREATEST((SELECT COALESCE(MAX(seq), 0) FROM change_log), (SELECT value FROM change_floor))"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS generation (value BIGINT NOT NULL);
@@ -108,6 +111,9 @@ CREATE TABLE IF NOT EXISTS change_log (
     ids BIGINT[],
     at DOUBLE PRECISION NOT NULL
 );
+-- change_log is pruned (prune_changes); every change up to this one may be gone from it
+CREATE TABLE IF NOT EXISTS change_floor (value BIGINT NOT NULL);
+INSERT INTO change_floor SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM change_floor);
 -- the fronts serving this store, each refreshing its row while it runs (dlheir status lists them)
 CREATE TABLE IF NOT EXISTS fronts (
     id TEXT PRIMARY KEY,
@@ -361,10 +367,15 @@ class PostgresStore:
             self._own_changes -= own
         return own
 
+    def forget_own(self, upto: int) -> None:
+        """Forget this process's own changes up to ``upto`` (a reload applied them all)."""
+        with self._lock:
+            self._own_changes = {s for s in self._own_changes if s > upto}
+
     def change_head(self) -> int:
         """The last change committed by any front (0: none yet)."""
         with self._pg_errors():
-            return int(self._reader().execute("SELECT COALESCE(MAX(seq), 0) FROM change_log").fetchone()[0])
+            return int(self._reader().execute(LAST_CHANGE).fetchone()[0])
 
     def wait_for_change(self, timeout: float) -> None:
         """Return when a change was committed (NOTIFY) or after ``timeout`` seconds."""
@@ -394,6 +405,19 @@ class PostgresStore:
                 "INSERT INTO fronts VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
                 "address = EXCLUDED.address, applied = EXCLUDED.applied, seen = EXCLUDED.seen",
                 (self.front_id, address, host, pid, started, applied, time.time()))
+
+    def prune_changes(self, keep_s: float) -> int:
+        """Delete changes older than ``keep_s`` seconds that every front seen in the last minute has
+        applied; a front further behind (stopped for longer, or paused) then reloads everything
+        (``ChangeSnapshot.floor``). Returns how many were deleted."""
+        now = time.time()
+        with self._transaction(counts=False) as conn:
+            (upto,) = conn.execute("SELECT MAX(seq) FROM change_log WHERE at < %s AND seq <= (SELECT COALESCE("
+                                   "MIN(applied), 0) FROM fronts WHERE seen > %s)", (now - keep_s, now - 60)).fetchone()
+            if upto is None:
+                return 0
+            conn.execute("UPDATE change_floor SET value = GREATEST(value, %s)", (upto,))
+            return conn.execute("DELETE FROM change_log WHERE seq <= %s", (upto,)).rowcount
 
     def fronts(self, within_s: float = 3600.0) -> list[tuple[str, str, str, int, float, int, float]]:
         """(id, address, host, pid, started, applied, last seen) of fronts seen in the last ``within_s`` s."""
@@ -879,6 +903,16 @@ class ChangeSnapshot:
 
     def __init__(self, store: PostgresStore, conn) -> None:
         self.store, self.conn = store, conn
+
+    def floor(self) -> int:
+        """Changes up to this one may have been pruned from the log: a front that applied less reloads."""
+        return int(self.conn.execute("SELECT value FROM change_floor").fetchone()[0])
+
+    def head(self) -> int:
+        return int(self.conn.execute(LAST_CHANGE).fetchone()[0])
+
+    def collection_names(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT name FROM collections")]
 
     def changes_after(self, seq: int, limit: int = 10_000) -> list[tuple[int, str, str, list[int] | None]]:
         """(seq, collection, kind, ids) of the changes after ``seq``, in commit order."""
