@@ -50,6 +50,10 @@ class Follower:
         self.started = time.time()
         self.errors = 0  # store errors met while following (metrics)
         self._cond = threading.Condition()
+        # _head_since_call: queries of the store's last change started, the last one done and its value
+        self._head_cond = threading.Condition()
+        self._head_started = self._head_done = self._head_value = 0
+        self._head_running = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._registered, self._registered_applied = 0.0, -1
@@ -134,8 +138,8 @@ class Follower:
             with self._cond:
                 self.applied = entries[-1][0]
                 self._cond.notify_all()
-        for col in touched:  # as after an upload: fold a large flat delta, outside the write lock
-            service._reseal(col)
+        for col in touched:  # as after an upload: fold a large flat delta, outside the write lock; no
+            service._reseal(col, snapshot=False)  # snapshot (most would be stale at once): the clean stop's
         return True
 
     def _reload_all(self, snap) -> bool:
@@ -191,7 +195,7 @@ class Follower:
         if self.wait_s <= 0:
             return None
         try:
-            head = self.store.change_head()
+            head = self._head_since_call()
         except StoreError as exc:
             return str(exc)
         if head <= self.applied:
@@ -205,6 +209,28 @@ class Follower:
                             f"{head}, after waiting {self.wait_s:g} s: retry (another front may answer)")
                 self._cond.wait(left)
         return None
+
+    def _head_since_call(self) -> int:
+        """The store's last change, read by a query that began after this call did. Calls that
+        arrive together share one query (each waits for the first one started after it arrived),
+        so a busy front asks the store about once per round trip, not once per call."""
+        with self._head_cond:
+            need = self._head_started + 1  # a query running now began before this call: not that one
+            while self._head_done < need:
+                if self._head_running:
+                    self._head_cond.wait()
+                    continue
+                self._head_started += 1
+                number, self._head_running = self._head_started, True
+                self._head_cond.release()
+                try:
+                    value = self.store.change_head()
+                finally:
+                    self._head_cond.acquire()
+                    self._head_running = False
+                    self._head_cond.notify_all()
+                self._head_done, self._head_value = number, value
+            return self._head_value
 
     def lag(self) -> int:
         """Changes committed to the store that this front has not applied yet (-1: store unreachable)."""

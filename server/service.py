@@ -93,7 +93,9 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
             self.follower = Follower(self, store.change_head(), follow_poll_s, consistency_wait_s)
         private = store.page_private_collections()
         models = store.models()
-        generation = store.generation()
+        # a snapshot is used only while nothing was written since it was taken: the store's write
+        # counter says so, or, over a shared store, its last change (what this front had applied)
+        generation = store.generation() if self.follower is None else self.follower.applied
         uids = store.uids()
         snapshot.clear_leftovers(self.data_dir)
         rebuilt = []
@@ -175,9 +177,15 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         with self.write_lock:
             if self.collections.get(col.name) is not col:  # deleted meanwhile
                 return
-            generation, arrays = self.store.generation(), col.index.state()
+            generation, arrays = self._snapshot_mark(), col.index.state()
         seconds = snapshot.save(snapshot.snapshot_path(self.data_dir, col.name), generation, arrays, col.uid)
         log.info("collection %r: index snapshot (%d items) written in %.2f s", col.name, len(col.index), seconds)
+
+    def _snapshot_mark(self) -> int:
+        """What a snapshot taken now records (under the write lock): the store's write counter, or,
+        over a shared store, the last change this front applied (its index may hold its own later
+        ones: the next start then finds the store further on and rebuilds, never the reverse)."""
+        return self.store.generation() if self.follower is None else self.follower.applied
 
     def save_snapshots(self) -> None:
         """Snapshot every server-ranked collection (at a clean shutdown, after the last call)."""

@@ -35,8 +35,9 @@ def store_url(postgres_engine):  # noqa: F811
 class Fronts:
     """Fronts over one store, sharing one admin token (each with its own data dir); stopped at exit."""
 
-    def __init__(self, tmp_path, store_url: str, extra_args: list[str] | None = None) -> None:
-        self.tmp_path, self.store_url, self.extra_args = tmp_path, store_url, extra_args or []
+    def __init__(self, tmp_path, store_url: str, extra_args: list[str] | None = None,
+                 blobs_url: str | None = None) -> None:
+        self.tmp_path, self.store_url, self.extra_args, self.blobs_url = tmp_path, store_url, extra_args or [], blobs_url
         self.token_file = tmp_path / "admin.token"
         self.token_file.write_text(secrets.token_urlsafe(32) + "\n")
         os.chmod(self.token_file, 0o600)
@@ -44,7 +45,7 @@ class Fronts:
         self.all: list[CloudServerProcess] = []
 
     def start(self, name: str) -> CloudServerProcess:
-        server = CloudServerProcess(self.tmp_path / name, store_url=self.store_url,
+        server = CloudServerProcess(self.tmp_path / name, store_url=self.store_url, blobs_url=self.blobs_url,
                                     extra_args=["--admin-token-file", str(self.token_file), *self.extra_args])
         self.all.append(server)
         return server.start()
@@ -174,11 +175,21 @@ def test_status_lists_every_front_with_what_it_has_applied(tmp_path, store_url):
     import subprocess
     import sys
 
-    with Fronts(tmp_path, store_url) as fronts:
+    import json
+    import urllib.request
+
+    from dlheir.server.app import READY_FILE
+
+    with Fronts(tmp_path, store_url, ["--metrics-port", "0"]) as fronts:
         a, b = fronts.start("a"), fronts.start("b")
         with CloudClient(a.address) as admin:
             owner_token, _ = admin.create_collection("c", BITS, fronts.admin_token)
         list(CloudClient(b.address, owner_token).upload("c", [(1, b"\0" * (BITS // 8), b"", {})]))
+        CloudClient(a.address, owner_token).stats("c")  # a call on a: it has applied b's upload
+        port = json.loads((a.data_dir / READY_FILE).read_text())["metrics_port"]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        series = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("dlheir_changes"))
+        assert float(series["dlheir_changes_applied"]) >= 2 and float(series["dlheir_changes_behind"]) == 0, series
         reply = CloudClient(f"{a.address},{b.address}").list_fronts(fronts.admin_token)
         assert reply.shared and reply.head >= 2
         assert sorted(f.address for f in reply.fronts) == sorted([a.address, b.address])
@@ -194,15 +205,20 @@ def test_status_lists_every_front_with_what_it_has_applied(tmp_path, store_url):
         assert "Traceback" not in proc.stderr
 
 
-def test_fronts_killed_and_restarted_under_load_lose_nothing(tmp_path, store_url):
-    """Searchers, a fetcher and an uploader on every front's address at once; kill -9 one front,
-    then another, then restart both: no call fails after the client's retry, every acknowledged
-    item is stored once, and every front answers exactly as brute force when it is back."""
+def test_fronts_killed_and_restarted_under_load_lose_nothing(tmp_path, store_url, s3_engine, monkeypatch):  # noqa: F811
+    """Three fronts over PostgreSQL and the object store (blobs in Ceph RGW). Searchers, a fetcher
+    and an uploader on every front's address at once; kill -9 one front, then another, then
+    restart both: no call fails after the client's retry, every acknowledged item is stored once,
+    and every front answers exactly as brute force when it is back."""
     import threading
     import time
 
     rng = np.random.default_rng(4)
-    with Fronts(tmp_path, store_url) as fronts:
+    bucket = "k" + secrets.token_hex(6)
+    s3_engine.make_bucket(bucket)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_engine.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_engine.secret_key)
+    with Fronts(tmp_path, store_url, blobs_url=f"s3://{bucket}?endpoint={s3_engine.endpoint}") as fronts:
         a, b, c = fronts.start("a"), fronts.start("b"), fronts.start("c")
         addresses = f"{a.address},{b.address},{c.address}"
         with CloudClient(a.address) as admin:
