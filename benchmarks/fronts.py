@@ -12,7 +12,9 @@ PostgreSQL):
   ``--seconds``, spread over the running fronts; queries/s, p50/p99 and queries per CPU-second
   of the fronts (on a machine with few cores the total cannot grow past the cores: the CPU
   figure shows what each front costs);
-* **the cost of the rule**: one front with ``--consistency-wait 0`` under the same load.
+* **the cost of the rule**: one front with it and one with ``--consistency-wait 0``, the same
+  load on each in turns (twice each), with one client (the latency a call gains) and with
+  ``--clients`` (the queries/s it costs when the machine is saturated).
 
 Writes ``OUT_DIR/bench_fronts.json``.
 """
@@ -168,15 +170,24 @@ def run(args: argparse.Namespace) -> int:
                     server = start(f"front{len(running) + 1}-{count}")
                     print(f"front {len(running)} ready in {server.start_s:.1f} s (index of {args.items} items built "
                           f"from the store)", flush=True)
-                rows.append({"setting": "consistency wait 5 s (default)", **_load(running[:count], reader_token,
+                rows.append({"setting": "consistency wait (default)", **_load(running[:count], reader_token,
                                                                                   args, seed=count)})
                 print(f"{count} front(s): {rows[-1]['queries_per_s']:,.0f} queries/s, p50 {rows[-1]['p50_ms']:.2f} ms, "
                       f"p99 {rows[-1]['p99_ms']:.2f} ms", flush=True)
-            for server in running:
+            # the rule's cost: one front with it and one without, measured in turns (A, B, A, B) so that
+            # a change of load on this shared machine falls on both
+            for server in running[1:]:
                 server.stop()
-            running.clear()
+            del running[1:]
             plain = start("front-no-wait", "--consistency-wait", "0")
-            rows.append({"setting": "no consistency wait", **_load([plain], reader_token, args, seed=99)})
+            # with one client (the machine not saturated: the added latency of a call) and with
+            # --clients (saturated: the queries/s it costs)
+            one = argparse.Namespace(**{**vars(args), "clients": 1})
+            for turn in (1, 2):
+                for load_args in (one, args):
+                    for server, setting in ((running[0], "with the consistency wait"), (plain, "no consistency wait")):
+                        rows.append({"setting": f"{setting}, {load_args.clients} client(s), turn {turn}",
+                                     **_load([server], reader_token, load_args, seed=100 + turn)})
         finally:
             for server in running:
                 server.stop()
