@@ -38,7 +38,7 @@ import faiss
 import numpy as np
 
 from dlheir.contract import rank
-from dlheir.server.mih import MultiIndexHash
+from dlheir.server.mih import MultiIndexHash, to_uint64
 
 log = logging.getLogger("dlheir.server.index")
 
@@ -330,23 +330,23 @@ class BinaryIndex:
                 return False
         with self.lock.read():  # snapshot; the build below runs without the lock
             generation = self._generation
-            ids, codes = [], []
+            ids, codes64 = [], []  # the parts, as the build takes them: no byte-code round trip
             loaded = _items is not None and self.sealed is None and len(_items[0]) == self._n
             if loaded:
-                ids, codes = [_items[0]], [_items[1]]
+                ids, codes64 = [_items[0]], [to_uint64(_items[1])]
             else:
                 if self.sealed is not None:
-                    ids.append(self.sealed.live_ids())
-                    codes.append(self.sealed.codes_bytes(self.sealed.alive, self.code_len))
+                    alive = self.sealed.alive
+                    ids.append(self.sealed.ids[alive].astype(np.int64, copy=False))
+                    codes64.append(self.sealed.codes[alive])
                 flat_ids, flat_codes = self._flat_parts()
                 ids += flat_ids
-                codes += flat_codes
+                codes64 += [to_uint64(c) for c in flat_codes]
+                del flat_ids, flat_codes
         started = time.perf_counter()
-        # the parts are dropped before the build (at 10M codes ~150 MB less at the re-seal's peak)
-        all_ids, all_codes = (ids[0], codes[0]) if loaded else (np.concatenate(ids), np.concatenate(codes))
-        del ids, codes
-        sealed = MultiIndexHash(all_ids, all_codes, self.bits)
-        del all_ids, all_codes
+        # the build empties the two lists once it has joined them: at the peak, beside the live
+        # structure, only the new one and its sort's scratch arrays are held
+        sealed = MultiIndexHash.from_parts(ids, codes64, self.bits)
         built_s = time.perf_counter() - started
         if self.sealed is None and self.choose == "auto" and not self._hashing_pays_off(sealed):
             self._flat_until = 2 * self._n  # keep the flat scan; ask again when the collection has doubled
