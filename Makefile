@@ -18,6 +18,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dlheir demo --quick
 
+# the quick demo with the cloud server on PostgreSQL and Ceph RGW (both started for the run, then stopped)
+.PHONY: demo-engines
+demo-engines: $(STAMP) engines
+	$(PY) tests/engines.py run -- $(VENV)/bin/dlheir demo --quick --work-dir runs/demo-engines \
+		--store {store} --blobs {blobs}
+
 .PHONY: demo-full
 demo-full: $(STAMP)
 	$(VENV)/bin/dlheir demo

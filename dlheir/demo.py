@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"a first run in a few minutes: the same pipeline with {QUICK['image_size']} px images and "
                         f"{QUICK['epochs']} epochs (flags given still win); the full run is the default")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="run the cloud server on PostgreSQL (postgresql://..., an empty database) instead of its "
+                        "embedded store; make demo-engines starts a throwaway PostgreSQL and Ceph RGW for this")
+    p.add_argument("--blobs", default=None, metavar="URL",
+                   help="with --store: the blobs in an S3-compatible object store (s3://BUCKET?endpoint=URL)")
     p.set_defaults(func=run_demo)
     needs(p, "train")
 
@@ -166,7 +171,7 @@ def run_demo(args: argparse.Namespace) -> int:
         (work / f).unlink(missing_ok=True)
     triton = TritonServer(served.path, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                           state_dir=work / "triton")
-    cloud_proc = CloudServerProcess(cloud_dir)
+    cloud_proc = CloudServerProcess(cloud_dir, store_url=args.store, blobs_url=args.blobs)
     connect_triton = lambda: TritonHasher(triton.grpc_url, model=args.model)  # noqa: E731 - the model --model names
     try:
         print("== 4. start Triton and the cloud server on loopback")

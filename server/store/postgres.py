@@ -914,10 +914,16 @@ class ChangeSnapshot:
     def collection_names(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT name FROM collections")]
 
-    def changes_after(self, seq: int, limit: int = 10_000) -> list[tuple[int, str, str, list[int] | None]]:
-        """(seq, collection, kind, ids) of the changes after ``seq``, in commit order."""
-        return self.conn.execute("SELECT seq, collection, kind, ids FROM change_log WHERE seq > %s ORDER BY seq "
-                                 "LIMIT %s", (seq, limit)).fetchall()
+    def changes_after(self, seq: int, limit: int = 10_000,
+                      max_ids: int = 200_000) -> list[tuple[int, str, str, list[int] | None]]:
+        """(seq, collection, kind, ids) of the changes after ``seq``, in commit order: at most
+        ``limit`` of them and, past the first, no more than ``max_ids`` ids in all (a catch-up
+        holds a bounded batch of ids in memory however far behind it is)."""
+        return self.conn.execute(
+            "SELECT seq, collection, kind, ids FROM (SELECT seq, collection, kind, ids, SUM(COALESCE(cardinality(ids), "
+            "0)) OVER (ORDER BY seq) - COALESCE(cardinality(ids), 0) AS before FROM (SELECT * FROM change_log "
+            "WHERE seq > %s ORDER BY seq LIMIT %s) AS next) AS counted WHERE before < %s ORDER BY seq",
+            (seq, limit, max_ids)).fetchall()
 
     def item_codes(self, collection: str, ids: list[int]) -> tuple[list[int], list[bytes]]:
         """(ids, codes) of those of ``ids`` stored with a code, ascending."""
