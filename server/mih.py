@@ -11,8 +11,8 @@ been found. The search stops once it holds k live candidates and the k-th smalle
 is within that bound: the result is then the exact top k by (distance, id), ties included, as
 the flat index gives.
 
-Memory (what the server holds per item): the rows are stored sorted by the first substring
-(then id), so table 0 needs no row list: a bucket is a range of the rows themselves. Every
+Memory (what the server holds per item): the rows are stored sorted by the first substring,
+so table 0 needs no row list: a bucket is a range of the rows themselves. Every
 other table has a row list (int32). Each table's bucket starts are an int64 per block of
 2^b buckets plus a uint16 offset per bucket (b = 8, or smaller where a block holds 65,536 rows
 or more; b = 0 is one start per bucket). Ids are held as uint32 when they all fit, else int64;

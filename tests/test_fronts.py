@@ -392,3 +392,35 @@ def test_a_front_behind_a_pruned_change_log_reloads_everything(tmp_path, store_u
         keep = np.arange(10, 300, dtype=np.int64)
         exact(CloudClient(b.address, owner_token), random_codes(rng, 5), codes[keep], keep, 10)
         assert "reloading every collection" in (tmp_path / "b" / "server.log").read_text()
+
+
+def test_object_store_restarted_under_fronts_is_unavailable_then_recovers(tmp_path, store_url, s3_engine,  # noqa: F811
+                                                                          monkeypatch):
+    """The object store's gateway killed under two fronts: fetches answer UNAVAILABLE in one line
+    naming it, searches go on (codes live in PostgreSQL and memory); once it is back, both fronts
+    fetch again without a restart."""
+    rng = np.random.default_rng(8)
+    bucket = "g" + secrets.token_hex(6)
+    s3_engine.make_bucket(bucket)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_engine.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_engine.secret_key)
+    with Fronts(tmp_path, store_url, blobs_url=f"s3://{bucket}?endpoint={s3_engine.endpoint}") as fronts:
+        a, b = fronts.start("a"), fronts.start("b")
+        with CloudClient(a.address) as admin:
+            owner_token, reader_token = admin.create_collection("c", BITS, fronts.admin_token)
+        codes = random_codes(rng, 30)
+        list(CloudClient(a.address, owner_token).upload("c", [(i, c.tobytes(), bytes([i]) * 64, {})
+                                                              for i, c in enumerate(codes)]))
+        both = CloudClient(f"{a.address},{b.address}", reader_token)
+        s3_engine.kill_gateway()
+        try:
+            with pytest.raises(CloudError) as down:
+                list(both.fetch("c", [1, 2]))
+            assert down.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "object store" in str(down.value) and "\n" not in str(down.value), str(down.value)
+            assert all(found_at_zero(both, codes[:4], range(4)))
+        finally:
+            s3_engine.start_gateway()
+        for address in (a.address, b.address):
+            got = list(CloudClient(address, reader_token).fetch("c", [3, 7]))
+            assert [(i, blob) for i, blob, _ in got] == [(3, bytes([3]) * 64), (7, bytes([7]) * 64)]
