@@ -225,7 +225,10 @@ class BinaryIndex:
         self.choose = choose  # auto: a timing on the collection's own codes; flat / mih: forced
         self.mih_min = MIH_MIN_ITEMS if mih_min is None else mih_min
         self.sealed: MultiIndexHash | None = None
-        self._generation = 0  # bumped by every change: a seal built from an older snapshot is dropped
+        self._generation = 0  # bumped by every change
+        # bumped by every removal (deletes, replaces): a seal built before one is dropped; one built
+        # while only adds came keeps them as the new flat delta
+        self._removals = 0
         self.seals = 0  # multi-index hash builds swapped in so far
         self._flat_until = 0  # a timing chose the flat scan: stay flat below this size
         self.choice: dict | None = None  # the last flat-vs-hashing timing (per query, ms)
@@ -287,6 +290,7 @@ class BinaryIndex:
             n += self.sealed.remove(ids)
         self._n -= n
         self._generation += 1
+        self._removals += 1
         return n
 
     def remove(self, ids) -> int:
@@ -329,7 +333,8 @@ class BinaryIndex:
             if delta <= fraction * size and size - self.sealed.n_alive <= size // 4:
                 return False
         with self.lock.read():  # snapshot; the build below runs without the lock
-            generation = self._generation
+            generation, removals = self._generation, self._removals
+            marks = [s.n for s in self.shards]  # rows a concurrent add appends come after these
             ids, codes64 = [], []  # the parts, as the build takes them: no byte-code round trip
             loaded = _items is not None and self.sealed is None and len(_items[0]) == self._n
             if loaded:
@@ -357,10 +362,15 @@ class BinaryIndex:
                  built_s, f" ({self.choice['mih_ms']:.2f} ms per query vs {self.choice['flat_ms']:.2f} ms flat)"
                  if self.choice and self.sealed is None else "")
         with self.lock.write():
-            if generation != self._generation:  # changed meanwhile (callers should serialise writes)
+            if removals != self._removals:  # a delete or replace meanwhile: built from a stale state
                 return False
+            shards = [_Shard(self.nbytes) for _ in self.shards]
+            if generation != self._generation:  # only adds meanwhile: their rows stay in the flat delta
+                for new, old, mark in zip(shards, self.shards, marks):
+                    if old.n > mark:
+                        new.add(old.ids[mark:].copy(), old.codes()[mark:])
             self.sealed = sealed
-            self.shards = [_Shard(self.nbytes) for _ in self.shards]
+            self.shards = shards
             self.seals += 1
         return True
 

@@ -204,10 +204,11 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         if rebuilt:
             self._snapshot_in_background(rebuilt)
 
-    # a re-seal overtaken by a concurrent write is dropped by the index; after this many such
-    # builds in a row the next one holds the write lock, so writers that keep coming cannot
-    # starve it (each try costs a whole build: seconds at 10M codes). Deletes do not overtake a
-    # build: they wait for it (Delete)
+    # a re-seal overtaken by a concurrent replace is dropped by the index (uploads of new items
+    # during it stay in the flat delta beside the new structure: the build is kept); after this
+    # many dropped builds in a row the next one holds the write lock, so writers that keep coming
+    # cannot starve it (each try costs a whole build: 1.7 s at 10M codes). Deletes do not overtake
+    # a build: they wait for it (Delete)
     RESEAL_TRIES_UNLOCKED = 1
 
     def _reseal(self, col: Collection, fraction: float = RESEAL_FRACTION, snapshot: bool = True) -> bool:

@@ -195,3 +195,52 @@ def test_snapshot_arrays_that_would_read_out_of_bounds_are_refused():
     bad_starts["fine"][3] = 60_000
     with pytest.raises(ValueError, match="bucket starts out of order or range"):
         MultiIndexHash.from_arrays(bad_starts)
+
+
+@pytest.mark.parametrize("meanwhile", ["adds", "a delete"])
+def test_a_re_seal_overtaken_by_adds_keeps_them_and_one_overtaken_by_a_delete_is_dropped(monkeypatch, meanwhile):
+    """A re-seal builds outside the index's lock. Items added during the build stay in the flat
+    delta beside the new structure (nothing is lost, the build is kept); a delete during it makes
+    the build stale, so it is dropped. Either way the index answers exactly."""
+    import dlheir.server.index as index_module
+
+    rng = np.random.default_rng(11)
+    codes = _codes(rng, 4_000, 48, "tie-heavy")
+    ids = np.arange(4_000, dtype=np.int64) * 7
+    index = BinaryIndex(48, n_shards=2, mih_min=1_000, choose="mih")
+    index.add(ids[:3_000], codes[:3_000], seal=False)
+
+    done = []
+
+    def during_the_build():
+        if done:  # once: a delete re-checks the index, which would build (and get here) again
+            return
+        done.append(True)
+        if meanwhile == "adds":
+            index.add(ids[3_000:3_500], codes[3_000:3_500], seal=False)
+            index.add(ids[3_500:], codes[3_500:], seal=False)
+        else:
+            index.remove(ids[:10])
+
+    class Interrupted(MultiIndexHash):
+        @classmethod
+        def from_parts(cls, *args, **kwargs):
+            sealed = MultiIndexHash.from_parts(*args, **kwargs)
+            during_the_build()
+            return sealed
+
+    monkeypatch.setattr(index_module, "MultiIndexHash", Interrupted)
+    sealed = index.maybe_seal()
+    monkeypatch.undo()
+    if meanwhile == "adds":
+        assert sealed and index.seals == 1 and index.kind == "mih+flat"
+        assert len(index) == 4_000 and sum(s.n for s in index.shards) == 1_000  # the adds, in the flat delta
+        live = np.ones(4_000, bool)
+    else:
+        # dropped (the delete's own re-check built one from the state after it, which stands)
+        assert not sealed and index.seals <= 1
+        live = np.r_[np.zeros(10, bool), np.ones(2_990, bool), np.zeros(1_000, bool)]
+        assert len(index) == 2_990
+    for q in codes[rng.integers(0, 4_000, 5)]:
+        got = index.search(q[None], 30)[0]
+        assert (list(got[0]), list(got[1])) == _brute_force(ids[live], codes[live], q, 30)
