@@ -95,7 +95,7 @@ class CloudStoreService(CodePagesMixin, pb_grpc.CloudStoreServicer):
         models = store.models()
         # a snapshot is used only while nothing was written since it was taken: the store's write
         # counter says so, or, over a shared store, its last change (what this front had applied)
-        generation = store.generation() if self.follower is None else self.follower.applied
+        generation = self._snapshot_mark()
         uids = store.uids()
         snapshot.clear_leftovers(self.data_dir)
         rebuilt = []

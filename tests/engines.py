@@ -258,6 +258,15 @@ class PostgresEngine:
     def _url(self, db: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
 
+    def new_database(self, prefix: str = "t") -> tuple[str, str]:
+        """(name, URL) of a new empty database with a random name starting with ``prefix``."""
+        import psycopg
+
+        name = prefix + os.urandom(8).hex()
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return name, self._url(name)
+
     def _wait_ready(self, db: str, timeout: float = 60.0) -> None:
         import psycopg
 
@@ -623,14 +632,11 @@ def run_with_engines(argv: list[str]) -> int:
     """``python tests/engines.py run -- CMD ...``: start PostgreSQL and Ceph RGW, make a database and
     a bucket, run CMD with ``{store}`` and ``{blobs}`` replaced by their URLs (and the S3
     credentials in the AWS environment variables), stop both. For benchmarks on the engines."""
-    import psycopg
 
     with PostgresEngine() as pg, S3Engine() as s3e:
-        name = "bench" + os.urandom(4).hex()
-        with psycopg.connect(pg.dsn, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+        name, store = pg.new_database("bench")
         s3e.make_bucket(name)
-        urls = {"store": pg.dsn.rsplit("/", 1)[0] + "/" + name, "blobs": f"s3://{name}?endpoint={s3e.endpoint}"}
+        urls = {"store": store, "blobs": f"s3://{name}?endpoint={s3e.endpoint}"}
         env = {**os.environ, "AWS_ACCESS_KEY_ID": s3e.access_key, "AWS_SECRET_ACCESS_KEY": s3e.secret_key}
         cmd = [a.format(**urls) for a in argv]
         print(f"engines up: PostgreSQL {urls['store']}, Ceph RGW {s3e.endpoint}; running: {' '.join(cmd)}", flush=True)

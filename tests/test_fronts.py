@@ -24,12 +24,7 @@ BITS = 32
 @pytest.fixture
 def store_url(postgres_engine):  # noqa: F811
     """A fresh PostgreSQL database for one test."""
-    import psycopg
-
-    name = "f" + secrets.token_hex(8)
-    with psycopg.connect(postgres_engine.dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return postgres_engine.dsn.rsplit("/", 1)[0] + "/" + name
+    return postgres_engine.new_database("f")[1]
 
 
 class Fronts:
@@ -49,6 +44,11 @@ class Fronts:
                                     extra_args=["--admin-token-file", str(self.token_file), *self.extra_args])
         self.all.append(server)
         return server.start()
+
+    def create_collection(self, front: CloudServerProcess, name: str = "c") -> tuple[str, str]:
+        """(owner token, reader token) of a new collection, created through ``front``."""
+        with CloudClient(front.address) as admin:
+            return admin.create_collection(name, BITS, self.admin_token)
 
     def __enter__(self) -> "Fronts":
         return self
@@ -80,8 +80,7 @@ def test_a_search_on_any_front_sees_every_write_acknowledged_on_another(tmp_path
     rng = np.random.default_rng(1)
     with Fronts(tmp_path, store_url) as fronts:
         a, b, c = fronts.start("a"), fronts.start("b"), fronts.start("c")
-        with CloudClient(b.address) as admin:  # created on b: a and c learn it from the change log
-            owner_token, reader_token = admin.create_collection("c", BITS, fronts.admin_token)
+        owner_token, reader_token = fronts.create_collection(b)  # on b: a and c learn it from the change log
         owner_a = CloudClient(a.address, owner_token)
         readers = [CloudClient(b.address, reader_token), CloudClient(c.address, reader_token)]
         next_id, stored = 0, {}
@@ -121,8 +120,7 @@ def test_collections_readers_and_rekeys_follow_across_fronts(tmp_path, store_url
     rng = np.random.default_rng(2)
     with Fronts(tmp_path, store_url) as fronts:
         a, b = fronts.start("a"), fronts.start("b")
-        with CloudClient(a.address) as admin:
-            owner_token, _ = admin.create_collection("c", BITS, fronts.admin_token)
+        owner_token, _ = fronts.create_collection(a)
         owner_a, owner_b = CloudClient(a.address, owner_token), CloudClient(b.address, owner_token)
         codes = random_codes(rng, 50)
         list(owner_a.upload("c", [(i, c.tobytes(), b"x", {}) for i, c in enumerate(codes)]))
@@ -142,8 +140,7 @@ def test_collections_readers_and_rekeys_follow_across_fronts(tmp_path, store_url
         # deleted on b, re-created on a under its name: the old token opens nothing on b, the new one an empty one
         with CloudClient(b.address) as admin:
             admin.delete_collection("c", fronts.admin_token)
-        with CloudClient(a.address) as admin:
-            new_owner, _ = admin.create_collection("c", BITS, fronts.admin_token)
+        new_owner, _ = fronts.create_collection(a)
         with pytest.raises(CloudError) as refused:
             owner_b.search("c", codes[:1], k=1)
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
@@ -155,8 +152,7 @@ def test_a_front_killed_and_restarted_rejoins_exact(tmp_path, store_url):
     rng = np.random.default_rng(3)
     with Fronts(tmp_path, store_url) as fronts:
         a, b = fronts.start("a"), fronts.start("b")
-        with CloudClient(a.address) as admin:
-            owner_token, _ = admin.create_collection("c", BITS, fronts.admin_token)
+        owner_token, _ = fronts.create_collection(a)
         owner = CloudClient(a.address, owner_token)
         codes = random_codes(rng, 3000)
         list(owner.upload("c", [(i, c.tobytes(), b"", {}) for i, c in enumerate(codes[:1000])], batch_size=500))
@@ -182,8 +178,7 @@ def test_status_lists_every_front_with_what_it_has_applied(tmp_path, store_url):
 
     with Fronts(tmp_path, store_url, ["--metrics-port", "0"]) as fronts:
         a, b = fronts.start("a"), fronts.start("b")
-        with CloudClient(a.address) as admin:
-            owner_token, _ = admin.create_collection("c", BITS, fronts.admin_token)
+        owner_token, _ = fronts.create_collection(a)
         list(CloudClient(b.address, owner_token).upload("c", [(1, b"\0" * (BITS // 8), b"", {})]))
         CloudClient(a.address, owner_token).stats("c")  # a call on a: it has applied b's upload
         port = json.loads((a.data_dir / READY_FILE).read_text())["metrics_port"]
@@ -221,8 +216,7 @@ def test_fronts_killed_and_restarted_under_load_lose_nothing(tmp_path, store_url
     with Fronts(tmp_path, store_url, blobs_url=f"s3://{bucket}?endpoint={s3_engine.endpoint}") as fronts:
         a, b, c = fronts.start("a"), fronts.start("b"), fronts.start("c")
         addresses = f"{a.address},{b.address},{c.address}"
-        with CloudClient(a.address) as admin:
-            owner_token, reader_token = admin.create_collection("c", BITS, fronts.admin_token)
+        owner_token, reader_token = fronts.create_collection(a)
         codes = random_codes(rng, 5000)
         blob = lambda i: i.to_bytes(4, "big") * 8  # noqa: E731
         list(CloudClient(a.address, owner_token).upload("c", [(i, codes[i].tobytes(), blob(i), {})
@@ -300,8 +294,7 @@ def test_postgresql_restarted_under_fronts_is_unavailable_then_recovers(tmp_path
     rng = np.random.default_rng(5)
     with Fronts(tmp_path, store_url) as fronts:
         a, b = fronts.start("a"), fronts.start("b")
-        with CloudClient(a.address) as admin:
-            owner_token, reader_token = admin.create_collection("c", BITS, fronts.admin_token)
+        owner_token, reader_token = fronts.create_collection(a)
         codes = random_codes(rng, 40)
         list(CloudClient(a.address, owner_token).upload("c", [(i, c.tobytes(), b"", {}) for i, c in enumerate(codes[:20])]))
         postgres_engine.kill()
@@ -371,8 +364,7 @@ def test_a_front_behind_a_pruned_change_log_reloads_everything(tmp_path, store_u
     rng = np.random.default_rng(6)
     with Fronts(tmp_path, store_url) as fronts:
         a, b = fronts.start("a"), fronts.start("b")
-        with CloudClient(a.address) as admin:
-            owner_token, _ = admin.create_collection("c", BITS, fronts.admin_token)
+        owner_token, _ = fronts.create_collection(a)
         owner = CloudClient(a.address, owner_token)
         codes = random_codes(rng, 300)
         list(owner.upload("c", [(i, c.tobytes(), b"", {}) for i, c in enumerate(codes[:100])]))
@@ -406,8 +398,7 @@ def test_object_store_restarted_under_fronts_is_unavailable_then_recovers(tmp_pa
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_engine.secret_key)
     with Fronts(tmp_path, store_url, blobs_url=f"s3://{bucket}?endpoint={s3_engine.endpoint}") as fronts:
         a, b = fronts.start("a"), fronts.start("b")
-        with CloudClient(a.address) as admin:
-            owner_token, reader_token = admin.create_collection("c", BITS, fronts.admin_token)
+        owner_token, reader_token = fronts.create_collection(a)
         codes = random_codes(rng, 30)
         list(CloudClient(a.address, owner_token).upload("c", [(i, c.tobytes(), bytes([i]) * 64, {})
                                                               for i, c in enumerate(codes)]))

@@ -5,7 +5,6 @@ migration resumes; --verify-only catches a blob changed in the target; refusals 
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 import subprocess
 import sys
@@ -27,17 +26,14 @@ BITS, N = 48, 2000
 def fresh(postgres_engine, s3_engine, monkeypatch):  # noqa: F811
     """A factory of fresh (database URL, bucket URL, bucket) triples; the AWS credentials in the
     environment (servers and the migrate subprocess read them there)."""
-    import psycopg
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_engine.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_engine.secret_key)
 
     def make() -> dict:
-        name = "m" + secrets.token_hex(8)
-        with psycopg.connect(postgres_engine.dsn, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+        name, store = postgres_engine.new_database("m")
         s3_engine.make_bucket(name)
-        return {"store": postgres_engine.dsn.rsplit("/", 1)[0] + "/" + name,
+        return {"store": store,
                 "blobs": f"s3://{name}?endpoint={s3_engine.endpoint}", "bucket": name, "s3": s3_engine}
 
     return make

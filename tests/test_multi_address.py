@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 import urllib.request
 
@@ -31,12 +30,7 @@ BITS = 48
 @pytest.fixture
 def store(postgres_engine):  # noqa: F811
     """A fresh PostgreSQL database for one test (the fronts' shared store)."""
-    import psycopg
-
-    name = "t" + secrets.token_hex(8)
-    with psycopg.connect(postgres_engine.dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return postgres_engine.dsn.rsplit("/", 1)[0] + "/" + name
+    return postgres_engine.new_database()[1]
 
 
 @pytest.fixture

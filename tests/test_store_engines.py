@@ -6,7 +6,6 @@ and of the gateway in the middle of uploads: nothing acknowledged is lost."""
 from __future__ import annotations
 
 import os
-import secrets
 import threading
 import time
 
@@ -24,15 +23,10 @@ from engines import postgres_engine, s3_engine  # noqa: F401 (fixtures)
 def engines(postgres_engine, s3_engine, monkeypatch):  # noqa: F811
     """A fresh database and bucket for one test; the server reads the S3 credentials from the
     usual AWS environment variables."""
-    import psycopg
-
-    name = "t" + secrets.token_hex(8)
-    with psycopg.connect(postgres_engine.dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    name, store = postgres_engine.new_database()
     s3_engine.make_bucket(name)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_engine.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_engine.secret_key)
-    store = postgres_engine.dsn.rsplit("/", 1)[0] + "/" + name
     return {"store": store, "blobs": f"s3://{name}?endpoint={s3_engine.endpoint}", "bucket": name,
             "pg": postgres_engine, "s3": s3_engine}
 

@@ -174,14 +174,8 @@ def test_store_made_before_the_delta_opens_with_its_data(tmp_path, small_delta):
 
 @pytest.fixture
 def pg_url(postgres_engine):  # noqa: F811
-    import secrets
 
-    import psycopg
-
-    name = "g" + secrets.token_hex(6)
-    with psycopg.connect(postgres_engine.dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return postgres_engine.dsn.rsplit("/", 1)[0] + "/" + name
+    return postgres_engine.new_database("g")[1]
 
 
 def test_postgres_random_ids_and_bulk_codes_read(tmp_path, pg_url):
